@@ -1,0 +1,122 @@
+"""Idempotent set-up: block types, the two source connector blocks, concurrency limits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector, SyncDriver
+from pydantic import SecretStr
+
+from blocks.usage_cursor import UsageCursor
+
+BILLING_BLOCK = "billing-db"
+V3_BLOCK = "v3-db"
+ENV_PREFIXES = {BILLING_BLOCK: "BILLING_CDRS_DB", V3_BLOCK: "V3_DB"}
+ENV_FIELDS = ("HOST", "PORT", "USER", "PASSWORD", "DATABASE")
+DEMO_SOURCE_DIR = Path("demo-source")
+DEMO_FILES = {BILLING_BLOCK: "billing.sqlite", V3_BLOCK: "v3.sqlite"}
+CONNECT_TIMEOUT_SECONDS = 10
+
+PARTITIONS_LIMIT = "usage-partitions"
+DETECTION_LIMIT = "usage-change-detection"
+DEFAULT_MAX_CONCURRENT_PARTITIONS = 8
+
+
+class SetupError(ValueError):
+    """Configuration that cannot work; the message names the variable to fix."""
+
+
+def max_concurrent_partitions() -> int:
+    raw = os.environ.get("USAGE_MAX_CONCURRENT_PARTITIONS", str(DEFAULT_MAX_CONCURRENT_PARTITIONS))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SetupError(f"USAGE_MAX_CONCURRENT_PARTITIONS must be a positive integer, got {raw!r}")
+    return value
+
+
+def partner_limit(partner_uuid: str) -> str:
+    """Name of the one-slot limit that serializes a partner's runs (same text as its tag)."""
+    return f"partner:{partner_uuid}"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    block: str
+    connector: SqlAlchemyConnector
+    description: str  # for printing: never includes the password
+
+
+def source_configs(environ: dict[str, str] | None = None) -> list[SourceConfig]:
+    """Connector blocks from the contract's environment variables, or the embedded SQLite default."""
+    env = os.environ if environ is None else environ
+    given = {block: {f: env.get(f"{prefix}_{f}") for f in ENV_FIELDS} for block, prefix in ENV_PREFIXES.items()}
+    if not any(v for values in given.values() for v in values.values()):
+        return [_embedded(block) for block in ENV_PREFIXES]
+    return [_mysql(block, ENV_PREFIXES[block], values) for block, values in given.items()]
+
+
+def _embedded(block: str) -> SourceConfig:
+    path = (DEMO_SOURCE_DIR / DEMO_FILES[block]).resolve()
+    connector = SqlAlchemyConnector(
+        connection_info=ConnectionComponents(driver=SyncDriver.SQLITE_PYSQLITE, database=str(path))
+    )
+    return SourceConfig(block, connector, f"embedded SQLite {path}")
+
+
+def _mysql(block: str, prefix: str, values: dict[str, str | None]) -> SourceConfig:
+    missing = [f"{prefix}_{f}" for f in ("HOST", "USER", "DATABASE") if not values[f]]
+    if missing:
+        raise SetupError(f"{block}: set {', '.join(missing)} (or none of the source variables for the demo source)")
+    port = values["PORT"] or "3306"
+    if not port.isdigit():
+        raise SetupError(f"{prefix}_PORT must be a port number, got {port!r}")
+    connector = SqlAlchemyConnector(
+        connection_info=ConnectionComponents(
+            driver=SyncDriver.MYSQL_PYMYSQL,
+            host=values["HOST"],
+            port=int(port),
+            username=values["USER"],
+            password=SecretStr(values["PASSWORD"] or ""),
+            database=values["DATABASE"],
+        ),
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, "read_timeout": 600},
+    )
+    return SourceConfig(block, connector, f"mysql {values['USER']}@{values['HOST']}:{port}/{values['DATABASE']}")
+
+
+def ensure_limit(name: str, limit: int, update: bool = False) -> None:
+    """Create a global concurrency limit if missing (a missing limit would be silently skipped)."""
+    with get_client(sync_client=True) as client:
+        if update:
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+            return
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except ObjectAlreadyExists:
+                pass  # created concurrently by another run
+
+
+def run_setup(environ: dict[str, str] | None = None) -> list[str]:
+    """Register block types, save connector blocks and limits; return what was done, for printing."""
+    configs = source_configs(environ)
+    UsageCursor.register_type_and_schema()
+    SqlAlchemyConnector.register_type_and_schema()
+    done = []
+    for config in configs:
+        config.connector.save(config.block, overwrite=True)
+        done.append(f"block {config.block}: {config.description}")
+    ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions(), update=True)
+    ensure_limit(DETECTION_LIMIT, 1, update=True)
+    done.append(f"concurrency limits: {PARTITIONS_LIMIT}={max_concurrent_partitions()}, {DETECTION_LIMIT}=1")
+    return done

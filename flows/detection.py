@@ -1,0 +1,268 @@
+"""Change detection as plain values: snapshot -> changes -> plan -> outcomes -> new cursor.
+
+Nothing here talks to a database or to Prefect, so every rule of CONTRACT.md
+sections 4 and 5 is tested as a pure function (tests/test_detection.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from flows.cursor import Cursor, DealerSeen, PartitionStatus
+
+
+@dataclass(frozen=True)
+class DealerStats:
+    """Relevant rows of one dealer: MAX(usage_modified) and a cheap fingerprint of the rows."""
+
+    last_modified: datetime | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class SourceSnapshot:
+    """What the source said this tick, complete for every dealer.
+
+    `raw_max` comes from the cheap index probe (every dealer with any usage
+    row). `relevant` holds the dealers with relevant rows: queried for the
+    dealers in `checked`, carried over from the cursor for the others (the
+    probe proved them untouched). `reconciled` marks a tick that checked all.
+    """
+
+    raw_max: dict[int, datetime | None]
+    checked: frozenset[int]
+    relevant: dict[int, DealerStats]
+    partners: dict[int, str | None]  # v3 directory, already validated; None = not mapped
+    reconciled: bool = False
+
+
+def assemble_snapshot(
+    cursor: Cursor,
+    raw_max: dict[int, datetime | None],
+    checked: frozenset[int],
+    queried: dict[int, DealerStats],
+    partners: dict[int, str | None],
+    reconciled: bool,
+) -> SourceSnapshot:
+    """Fill in the dealers that were not queried from what the cursor says was written."""
+    relevant = {
+        dealer: DealerStats(ts, cursor.fingerprints.get(dealer, ""))
+        for dealer, ts in cursor.dealer_last_modified.items()
+        if dealer not in checked
+    }
+    relevant.update(queried)
+    return SourceSnapshot(raw_max, checked, relevant, partners, reconciled)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a tick will run. `bronze_dealers` None means a full bronze refresh."""
+
+    first_run: bool
+    dealer_changes: dict[int, str]  # dealer -> reason
+    dealer_partitions: dict[int, frozenset[str]]  # changed dealer -> partitions it affects
+    partitions: dict[str, list[str]]  # partner -> reasons, sorted by partner
+    bronze_dealers: list[int] | None
+    unmapped_dealers: list[int] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.partitions and not self.dealer_changes
+
+    def describe(self) -> str:
+        return f"{len(self.dealer_changes)} dealer(s) -> {len(self.partitions)} partition(s)"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The final state of one child flow run."""
+
+    name: str
+    state: str
+    ok: bool
+    message: str | None = None
+    flow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PartitionOutcome:
+    partner: str
+    silver: RunOutcome
+    gold: RunOutcome | None  # None: not run because silver failed
+
+    @property
+    def ok(self) -> bool:
+        return self.silver.ok and self.gold is not None and self.gold.ok
+
+    @property
+    def error(self) -> str | None:
+        failed = self.silver if not self.silver.ok else self.gold
+        if failed is None or failed.ok:
+            return None
+        return f"{failed.name} {failed.state}: {failed.message or 'no message'}"
+
+
+def probe_candidates(cursor: Cursor, raw_max: dict[int, datetime | None]) -> set[int] | None:
+    """Dealers whose relevant MAX must be queried; None means all of them (first run or no memory).
+
+    A dealer is skipped only when the index probe shows its rows untouched and
+    its cursor entry is exactly what the pipeline wrote, so operator edits and
+    deletions are always re-checked.
+    """
+    if cursor.is_first_run or cursor.dealer_seen is None:
+        return None
+    seen_all = cursor.dealer_seen
+    written = cursor.dealer_last_modified
+    candidates = {dealer for dealer in written if dealer not in raw_max}
+    for dealer, raw in raw_max.items():
+        seen = seen_all.get(dealer)
+        if seen is None or seen.raw_max != raw or (dealer in written) != seen.relevant:
+            candidates.add(dealer)
+        elif dealer in written and written[dealer] != seen.last_modified:
+            candidates.add(dealer)
+    return candidates
+
+
+def dealer_change(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str | None:
+    """Why one checked dealer's relevant rows differ from what was materialized, or None."""
+    now = snapshot.relevant.get(dealer)
+    was_present = dealer in cursor.dealer_last_modified
+    if now is not None and not was_present:
+        return "appeared"
+    if now is None:
+        return "relevant rows disappeared" if was_present else None
+    if now.last_modified != cursor.dealer_last_modified[dealer]:
+        return "MAX(usage_modified) changed"
+    if now.fingerprint != cursor.fingerprints.get(dealer):
+        return "rows changed without a newer usage_modified"
+    return None
+
+
+def plan_tick(cursor: Cursor, snapshot: SourceSnapshot) -> Plan:
+    """Decide which dealers changed and which partitions must rematerialize (CONTRACT.md section 5)."""
+    partners = snapshot.partners
+    seen_all = cursor.dealer_seen or {}
+    first_run = cursor.is_first_run
+
+    changes: dict[int, str] = {}
+    reasons: dict[str, list[str]] = {}
+    if first_run:
+        changes = {dealer: "first run" for dealer in snapshot.relevant}
+        reasons = {partner: ["first run"] for partner in sorted({p for p in partners.values() if p})}
+    else:
+        for dealer in snapshot.checked:
+            reason = dealer_change(cursor, snapshot, dealer)
+            if reason:
+                changes[dealer] = reason
+        for dealer in set(snapshot.relevant) | set(cursor.dealer_last_modified):
+            seen = seen_all.get(dealer)
+            if dealer in changes:
+                continue
+            if seen is None:
+                changes[dealer] = "no record of its partition"
+            elif seen.partner != partners.get(dealer):
+                changes[dealer] = f"moved from partner {seen.partner} to {partners.get(dealer)}"
+
+    dealer_partitions: dict[int, frozenset[str]] = {}
+    for dealer, reason in sorted(changes.items()):
+        seen = seen_all.get(dealer)
+        affected = frozenset(p for p in (partners.get(dealer), seen.partner if seen else None) if p)
+        dealer_partitions[dealer] = affected
+        if not first_run:
+            for partner in sorted(affected):
+                reasons.setdefault(partner, []).append(f"dealer {dealer}: {reason}")
+    for partner in sorted(cursor.retry_partitions):
+        status = cursor.partitions[partner]
+        reasons.setdefault(partner, []).append(f"retry after {status.failures} failed tick(s)")
+
+    if first_run:
+        bronze_dealers = None
+    else:
+        retried = {d for d, p in partners.items() if p in cursor.retry_partitions}
+        bronze_dealers = sorted(set(changes) | retried) if reasons else []
+    return Plan(
+        first_run=first_run,
+        dealer_changes=dict(sorted(changes.items())),
+        dealer_partitions=dealer_partitions,
+        partitions=dict(sorted(reasons.items())),
+        bronze_dealers=bronze_dealers,
+        unmapped_dealers=sorted(d for d in changes if partners.get(d) is None),
+    )
+
+
+def advance_cursor(
+    cursor: Cursor,
+    snapshot: SourceSnapshot,
+    plan: Plan,
+    bronze: RunOutcome | None,
+    partitions: dict[str, PartitionOutcome],
+    now: datetime,
+) -> Cursor:
+    """The cursor after a tick: a dealer advances only if every partition it affects succeeded.
+
+    A dealer that does not advance keeps its old entries, so the next tick sees
+    the same difference again and retries it; failed partitions are also
+    remembered in `partitions` so a partition without dealers is retried too.
+    """
+    bronze_ok = bronze is None or bronze.ok
+    succeeded = {p for p, outcome in partitions.items() if outcome.ok and bronze_ok}
+
+    written = dict(cursor.dealer_last_modified)
+    seen_all = dict(cursor.dealer_seen or {})
+    fingerprints = dict(cursor.fingerprints)
+    dealers = set(snapshot.raw_max) | set(snapshot.relevant) | set(written) | set(seen_all)
+    for dealer in dealers:
+        affected = plan.dealer_partitions.get(dealer)
+        if affected is not None and not (bronze_ok and affected <= succeeded):
+            continue
+        stats = snapshot.relevant.get(dealer)
+        if stats is None:
+            written.pop(dealer, None)
+            fingerprints.pop(dealer, None)
+        else:
+            written[dealer] = stats.last_modified
+            fingerprints[dealer] = stats.fingerprint
+        if dealer in snapshot.raw_max:
+            seen_all[dealer] = DealerSeen(
+                raw_max=snapshot.raw_max[dealer],
+                relevant=stats is not None,
+                last_modified=stats.last_modified if stats else None,
+                partner=snapshot.partners.get(dealer),
+            )
+        else:
+            seen_all.pop(dealer, None)
+
+    statuses = dict(cursor.partitions)
+    for partner in plan.partitions:
+        old = statuses.get(partner, PartitionStatus())
+        if partner in succeeded:
+            marks = [
+                written[d] for d, p in snapshot.partners.items() if p == partner and written.get(d) is not None
+            ]
+            statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None))
+            continue
+        if not bronze_ok:
+            error = f"bronze {bronze.state}: {bronze.message or 'no message'}"  # type: ignore[union-attr]
+        elif partner in partitions:
+            error = partitions[partner].error
+        else:
+            error = "not run"
+        statuses[partner] = PartitionStatus(
+            materialized_at=old.materialized_at,
+            source_watermark=old.source_watermark,
+            failures=old.failures + 1,
+            last_error=error,
+        )
+    live = {p for p in snapshot.partners.values() if p}
+    statuses = {p: s for p, s in statuses.items() if p in live or s.failures > 0}
+
+    marks = [ts for ts in written.values() if ts is not None]
+    return cursor.with_changes(
+        global_last_modified=max(marks, default=None),
+        dealer_last_modified=written,
+        dealer_seen=seen_all,
+        partitions=statuses,
+        fingerprints=fingerprints,
+        reconciled_at=now if snapshot.reconciled else cursor.reconciled_at,
+    )

@@ -1,0 +1,68 @@
+"""The lake: paths of CONTRACT.md section 6 and atomic Parquet replacement.
+
+A reader sees the old file or the new one, never a partial file: data is
+written to a hidden temporary file beside the target, fsynced, then renamed
+over it (rename is atomic on POSIX file systems).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import polars as pl
+
+from flows.partners import parse_partner_uuid
+
+BRONZE_TABLE = "billing_usage_raw"
+SILVER_TABLES = ("billing_usage_aggregated", "billing_monthly_usage_by_service")
+GOLD_TABLES = ("usage_report", "active_services")
+DATA_FILE = "data.parquet"
+ROW_GROUP_SIZE = 64_000  # small enough that a partner's dealers map to few row groups
+STALE_TEMP_SECONDS = 3600
+
+
+def lake_root() -> Path:
+    return Path(os.environ.get("USAGE_LAKE_ROOT") or "lake").resolve()
+
+
+def bronze_path(root: Path) -> Path:
+    return root / "bronze" / BRONZE_TABLE / DATA_FILE
+
+
+def partition_path(root: Path, layer: str, table: str, partner_uuid: str) -> Path:
+    """Path of one partner's file; the UUID is validated so nothing escapes the root."""
+    return root / layer / table / f"partner={parse_partner_uuid(partner_uuid)}" / DATA_FILE
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+    """Replace `path` with `frame` so that concurrent readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            frame.write_parquet(handle, statistics=True, row_group_size=ROW_GROUP_SIZE)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Temporary files left by a killed writer; never read (hidden names), removed when old."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if temp.stat().st_mtime < cutoff:
+                temp.unlink()
+        except FileNotFoundError:
+            pass

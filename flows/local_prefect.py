@@ -1,0 +1,79 @@
+"""A local Prefect server and a serve process, for the demo and the integration tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+
+DEPLOYMENT_NAMES = (
+    "usage-change-detection/usage-change-detection",
+    "billing-usage-raw/billing-usage-raw",
+    "partner-silver/partner-silver",
+    "partner-gold/partner-gold",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, what: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with code {process.returncode}")
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite database inside)."""
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, "prefect server", 90, process)
+    return process, url
+
+
+def start_serve(log: Path, extra_args: Iterable[str] = ("--no-schedule",), env: dict | None = None) -> subprocess.Popen:
+    """`usage-pipeline serve` in the background; returns once its four deployments exist."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", *extra_args],
+        env=env or dict(os.environ), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+    )
+    api = (env or os.environ)["PREFECT_API_URL"]
+
+    def deployments_exist() -> bool:
+        return all(httpx.get(f"{api}/deployments/name/{name}", timeout=2).status_code == 200 for name in DEPLOYMENT_NAMES)
+
+    wait_until(deployments_exist, "usage-pipeline serve", 90, process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

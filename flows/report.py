@@ -1,0 +1,66 @@
+"""What a tick shows operators in the Prefect UI: its runs and every partition's freshness."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prefect.artifacts import create_table_artifact
+
+from flows.cursor import format_timestamp
+
+if TYPE_CHECKING:
+    from flows.usage_change_detection import TickReport
+
+
+def tick_rows(report: TickReport) -> list[dict[str, object]]:
+    """One row per triggered partition: why, and how its runs ended."""
+    if report.plan is None:
+        return []
+    dealers_of: dict[str, list[int]] = {}
+    for dealer, partners in report.plan.dealer_partitions.items():
+        for partner in partners:
+            dealers_of.setdefault(partner, []).append(dealer)
+    rows = []
+    for partner, reasons in report.plan.partitions.items():
+        outcome = report.partitions.get(partner)
+        rows.append(
+            {
+                "partner": partner,
+                "dealers": ", ".join(map(str, sorted(dealers_of.get(partner, [])))) or "-",
+                "why": "; ".join(reasons),
+                "silver": outcome.silver.state if outcome else ("dry run" if report.dry_run else "not run"),
+                "gold": outcome.gold.state if outcome and outcome.gold else "not run",
+            }
+        )
+    return rows
+
+
+def freshness_rows(report: TickReport) -> list[dict[str, object]]:
+    """One row per known partition: last success, the source watermark it reflects, stale or fresh."""
+    if report.cursor is None:
+        return []
+    pending = set(report.plan.partitions) if report.plan and report.dry_run else set()
+    rows = []
+    for partner, status in sorted(report.cursor.partitions.items()):
+        stale = status.failures > 0 or partner in pending
+        rows.append(
+            {
+                "partner": partner,
+                "state": "stale" if stale else "fresh",
+                "last_success": format_timestamp(status.materialized_at) or "never",
+                "source_watermark": format_timestamp(status.source_watermark) or "-",
+                "failed_ticks": status.failures,
+                "last_error": status.last_error or "",
+            }
+        )
+    return rows
+
+
+def publish_tick_artifacts(report: TickReport) -> None:
+    summary = report.summary()
+    create_table_artifact(
+        key="usage-tick-runs", table=tick_rows(report) or [{"partner": "-", "why": summary}], description=summary
+    )
+    rows = freshness_rows(report)
+    if rows:
+        create_table_artifact(key="usage-partition-freshness", table=rows, description="Partition freshness")

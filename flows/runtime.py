@@ -1,0 +1,136 @@
+"""Prefect glue the four flows share: source connections, the cursor block, slots, child runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run as current_flow_run
+from prefect_sqlalchemy import SqlAlchemyConnector
+from sqlalchemy.engine import Engine
+
+from blocks.setup import PARTITIONS_LIMIT, ensure_limit, max_concurrent_partitions, partner_limit
+from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
+from flows.detection import RunOutcome
+from flows.partners import layer_tag, partner_tag
+
+# Leases are renewed while a run holds a slot; a crashed holder frees it after this long.
+SLOT_LEASE_SECONDS = 120
+CHILD_POLL_SECONDS = 1.0
+
+
+class SourceError(RuntimeError):
+    """A source database failed; the message names it and never carries the password."""
+
+
+@dataclass
+class Source:
+    """An engine for one connector block, plus what is needed to describe its errors safely."""
+
+    block: str
+    engine: Engine
+    connectorx_uri: str | None  # Arrow-native bulk reads; None for SQLite
+    password: str | None
+
+    def error(self, exc: BaseException) -> SourceError:
+        text = f"{type(exc).__name__}: {exc}"
+        if self.password:
+            text = text.replace(self.password, "***")
+        if len(text) > 500:
+            text = text[:500] + "..."
+        return SourceError(f"{self.block}: {text}")
+
+
+def load_source(block: str) -> Source:
+    try:
+        connector = SqlAlchemyConnector.load(block)
+    except (ValueError, ObjectNotFound) as exc:
+        raise SourceError(f"{block}: connector block not found; run `usage-pipeline setup` ({exc})") from None
+    url = connector._rendered_url  # the block's own parsed URL, secrets included
+    engine = connector.get_engine(pool_pre_ping=True)
+    connectorx_uri = None
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        connectorx_uri = url.set(drivername="mysql").render_as_string(hide_password=False)
+    return Source(block, engine, connectorx_uri, url.password)
+
+
+def read_cursor_value() -> Any:
+    """The raw `value` of the cursor block, or None when the block does not exist."""
+    with get_client(sync_client=True) as client:
+        try:
+            document = client.read_block_document_by_name(CURSOR_DOCUMENT, UsageCursor.get_block_type_slug())
+        except ObjectNotFound:
+            return None
+    return document.data.get("value")
+
+
+def write_cursor_value(value: dict[str, Any], read_at_start: Any) -> bool:
+    """Save the cursor unless an operator edited it during the tick (their edit wins).
+
+    Skipping the write is safe: the next tick redoes the work this tick did.
+    """
+    if read_cursor_value() != read_at_start:
+        get_run_logger().warning(
+            "The cursor block was edited during this tick; keeping the operator's edit and not saving this tick's"
+            " progress (the next tick will redo it)"
+        )
+        return False
+    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    return True
+
+
+def tag_current_run(partner_uuid: str, layer: str) -> None:
+    """Make sure a partition run carries its tags even when started by hand from the CLI or UI."""
+    wanted = {partner_tag(partner_uuid), layer_tag(layer)}
+    tags = set(current_flow_run.tags or [])
+    if wanted <= tags or current_flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(current_flow_run.id, tags=sorted(tags | wanted))
+
+
+@contextmanager
+def partner_slot(partner_uuid: str) -> Iterator[None]:
+    """Hold one slot of the partner's limit (one run per partner) and of the global partition limit."""
+    name = partner_limit(partner_uuid)
+    ensure_limit(name, 1)
+    ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions())
+    get_run_logger().info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
+    with concurrency([name, PARTITIONS_LIMIT], occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS):
+        yield
+
+
+def child_run_timeout() -> float:
+    return float(os.environ.get("USAGE_CHILD_RUN_TIMEOUT_SECONDS", "3600"))
+
+
+def run_child(deployment: str, parameters: dict[str, Any], run_name: str, tags: list[str]) -> RunOutcome:
+    """Run a deployment as a subflow of the current run and wait for its final state.
+
+    `run_deployment` does not raise when the child fails, so the state is checked here;
+    a child that does not finish in time counts as failed and is retried on a later tick.
+    """
+    try:
+        flow_run = run_deployment(
+            f"{deployment}/{deployment}",
+            parameters=parameters,
+            flow_run_name=run_name,
+            tags=tags,
+            timeout=child_run_timeout(),
+            poll_interval=CHILD_POLL_SECONDS,
+        )
+    except Exception as exc:  # the API refused the run: report it as this child's failure
+        return RunOutcome(run_name, "NotSubmitted", False, f"{type(exc).__name__}: {exc}")
+    state = flow_run.state
+    if state is None or not state.is_final():
+        message = f"not finished after {child_run_timeout():.0f}s (state {state.name if state else 'unknown'})"
+        return RunOutcome(run_name, state.name if state else "Unknown", False, message, str(flow_run.id))
+    return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(flow_run.id))

@@ -1,0 +1,196 @@
+"""Source schema and queries (CONTRACT.md section 1), written once with SQLAlchemy Core.
+
+SQLAlchemy quotes `usage` (a reserved word in MariaDB) and renders the same
+statements for MySQL/MariaDB and the embedded SQLite source. The pipeline only
+reads; `metadata.create_all` is used by the demo and the tests to build sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Engine
+
+from flows.detection import DealerStats
+from flows.partners import is_partner_uuid
+
+billing_metadata = sa.MetaData()
+v3_metadata = sa.MetaData()
+
+MODIFIED_TYPE = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+usage = sa.Table(
+    "usage",
+    billing_metadata,
+    sa.Column("usage_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("usage_FK_customer_id", sa.Integer, nullable=False),
+    sa.Column("usage_FK_service_id", sa.Integer, nullable=False),
+    sa.Column("usage_FK_dealer_id", sa.Integer, nullable=False),
+    sa.Column("usage_date", sa.Date, nullable=False),
+    sa.Column("usage_quantity", sa.Numeric(18, 4, asdecimal=True), nullable=False),
+    sa.Column("usage_amount", sa.Numeric(18, 4, asdecimal=True), nullable=False),
+    sa.Column("usage_modified", MODIFIED_TYPE, nullable=True),
+    sa.Index("idx_usage_dealer_modified", "usage_FK_dealer_id", "usage_modified"),
+    sa.Index("idx_usage_customer_service", "usage_FK_customer_id", "usage_FK_service_id"),
+)
+
+service_data = sa.Table(
+    "v4_wh_service_data",
+    billing_metadata,
+    sa.Column("service_data_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("service_data_FK_customer_id", sa.Integer, nullable=False),
+    sa.Column("service_data_FK_service_id", sa.Integer, nullable=False),
+    sa.Column("service_data_FK_service_status_id", sa.Integer, nullable=False),
+    sa.Column("service_data_csa_category_id", sa.Integer, nullable=False),
+    sa.Column("service_data_system_id", sa.Integer, nullable=False),
+    sa.Column("service_data_service_name", sa.String(100), nullable=True),
+    sa.UniqueConstraint(
+        "service_data_FK_customer_id", "service_data_FK_service_id", name="uq_service_data_customer_service"
+    ),
+)
+
+dealer = sa.Table(
+    "dealer",
+    v3_metadata,
+    sa.Column("dealer_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("dealer_name", sa.String(100), nullable=False),
+    sa.Column("dealer_partner_uuid", sa.CHAR(36), nullable=True),
+)
+
+RELEVANT_SYSTEM_ID = 3
+RELEVANT_STATUS_IDS = (-3, 3, 10, 11)
+RELEVANT_CSA_CATEGORY_IDS = (1, 2, 3)
+DEALER_BATCH = 500  # dealers per IN (...) list
+
+# The rule of "relevant usage": the join every detection and extract query uses.
+relevant_usage = usage.join(
+    service_data,
+    sa.and_(
+        service_data.c.service_data_FK_customer_id == usage.c.usage_FK_customer_id,
+        service_data.c.service_data_FK_service_id == usage.c.usage_FK_service_id,
+        service_data.c.service_data_system_id == RELEVANT_SYSTEM_ID,
+        service_data.c.service_data_FK_service_status_id.in_(RELEVANT_STATUS_IDS),
+        service_data.c.service_data_csa_category_id.in_(RELEVANT_CSA_CATEGORY_IDS),
+    ),
+)
+
+INDEX_ADVICE = (
+    "CREATE INDEX idx_usage_dealer_modified ON `usage` (usage_FK_dealer_id, usage_modified);"
+)
+
+
+def _batches(dealers: Iterable[int]) -> list[list[int]]:
+    ordered = sorted(dealers)
+    return [ordered[i : i + DEALER_BATCH] for i in range(0, len(ordered), DEALER_BATCH)]
+
+
+def _as_datetime(value: object) -> datetime | None:
+    """SQLite returns DATETIME aggregates as text; MySQL as datetime."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def probe_raw_max(conn: Connection) -> dict[int, datetime | None]:
+    """MAX(usage_modified) per dealer over all rows: a loose index scan, no join.
+
+    Cheap enough for every tick; a dealer whose value did not move since the
+    last tick has no new or newer rows (NULL timestamps and deletes below the
+    max are caught by the fingerprint on reconciliation ticks).
+    """
+    stmt = sa.select(usage.c.usage_FK_dealer_id, sa.func.max(usage.c.usage_modified)).group_by(
+        usage.c.usage_FK_dealer_id
+    )
+    return {int(d): _as_datetime(ts) for d, ts in conn.execute(stmt)}
+
+
+def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int, DealerStats]:
+    """MAX(usage_modified) and a fingerprint of the relevant rows, for `dealers` (None: all).
+
+    The fingerprint (row count and sums of ids, quantities and amounts) catches
+    deletes and edits that leave MAX unchanged, and rows that move in or out of
+    the filters through service-data changes.
+    """
+    columns = (
+        usage.c.usage_FK_dealer_id,
+        sa.func.max(usage.c.usage_modified),
+        sa.func.count(),
+        sa.func.sum(usage.c.usage_id),
+        sa.func.sum(usage.c.usage_quantity),
+        sa.func.sum(usage.c.usage_amount),
+    )
+    base = sa.select(*columns).select_from(relevant_usage).group_by(usage.c.usage_FK_dealer_id)
+    statements = (
+        [base]
+        if dealers is None
+        else [base.where(usage.c.usage_FK_dealer_id.in_(batch)) for batch in _batches(dealers)]
+    )
+    stats: dict[int, DealerStats] = {}
+    for stmt in statements:
+        for dealer_id, last_modified, rows, id_sum, qty_sum, amount_sum in conn.execute(stmt):
+            fingerprint = f"{rows}:{id_sum}:{_money(qty_sum)}:{_money(amount_sum)}"
+            stats[int(dealer_id)] = DealerStats(_as_datetime(last_modified), fingerprint)
+    return stats
+
+
+def _money(value: object) -> str:
+    """Render a DECIMAL(18,4) sum identically whatever numeric type the driver returned."""
+    return f"{float(value):.4f}" if value is not None else "0"
+
+
+def dealer_directory(conn: Connection) -> tuple[dict[int, str | None], list[str]]:
+    """v3 dealer -> partner UUID (lower case); malformed UUIDs count as unmapped, with a warning."""
+    warnings: list[str] = []
+    directory: dict[int, str | None] = {}
+    for dealer_id, partner in conn.execute(sa.select(dealer.c.dealer_id, dealer.c.dealer_partner_uuid)):
+        if partner is not None and not is_partner_uuid(partner.strip()):
+            warnings.append(f"dealer {dealer_id} has a malformed partner UUID {partner!r}; treated as unmapped")
+            partner = None
+        directory[int(dealer_id)] = partner.strip().lower() if partner else None
+    return directory, warnings
+
+
+def has_dealer_modified_index(engine: Engine) -> bool:
+    """Whether `usage` has an index starting with (usage_FK_dealer_id, usage_modified)."""
+    wanted = ["usage_FK_dealer_id", "usage_modified"]
+    indexes = sa.inspect(engine).get_indexes("usage")
+    return any([c.lower() for c in (ix["column_names"] or [])][:2] == [w.lower() for w in wanted] for ix in indexes)
+
+
+BRONZE_COLUMNS = (
+    usage.c.usage_id.label("usage_id"),
+    usage.c.usage_FK_dealer_id.label("dealer_id"),
+    usage.c.usage_FK_customer_id.label("customer_id"),
+    usage.c.usage_FK_service_id.label("service_id"),
+    usage.c.usage_date.label("usage_date"),
+    usage.c.usage_quantity.label("quantity"),
+    usage.c.usage_amount.label("amount"),
+    usage.c.usage_modified.label("usage_modified"),
+    service_data.c.service_data_FK_service_status_id.label("service_status_id"),
+    service_data.c.service_data_service_name.label("service_name"),
+)
+
+
+def bronze_statements(dealers: list[int] | None) -> list[sa.Select]:
+    """The relevant-usage extract, whole (None) or for some dealers, ordered for pruning."""
+    base = sa.select(*BRONZE_COLUMNS).select_from(relevant_usage)
+    if dealers is None:
+        return [base]
+    return [base.where(usage.c.usage_FK_dealer_id.in_(batch)) for batch in _batches(dealers)]
+
+
+def render_sql(stmt: sa.Select, engine: Engine) -> str:
+    """Literal SQL for engines that take text (connectorx); values are ints from our own code."""
+    return str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+
+
+def read_frame(engine: Engine, stmt: sa.Select, connectorx_uri: str | None) -> pl.DataFrame:
+    """Run a bulk read: Arrow-native through connectorx where the source supports it."""
+    if connectorx_uri is not None:
+        return pl.read_database_uri(render_sql(stmt, engine), connectorx_uri, engine="connectorx")
+    with engine.connect() as conn:
+        return pl.read_database(stmt, conn, infer_schema_length=None)

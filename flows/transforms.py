@@ -1,0 +1,176 @@
+"""Polars transforms from bronze to silver to gold, with the lake schemas (CONTRACT.md section 6).
+
+Every output is cast to its declared schema, so an empty partition still
+writes a file with the full schema.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+MONEY = pl.Decimal(18, 4)
+MONEY_SUM = pl.Decimal(38, 4)
+
+BRONZE_SCHEMA = {
+    "usage_id": pl.Int64,
+    "dealer_id": pl.Int64,
+    "customer_id": pl.Int64,
+    "service_id": pl.Int64,
+    "usage_date": pl.Date,
+    "quantity": MONEY,
+    "amount": MONEY,
+    "usage_modified": pl.Datetime("us"),
+    "service_status_id": pl.Int64,
+    "service_name": pl.String,
+}
+BRONZE_REQUIRED = ("usage_id", "dealer_id", "customer_id", "service_id", "usage_date", "quantity", "amount")
+
+AGGREGATED_SCHEMA = {
+    "partner_uuid": pl.String,
+    "dealer_id": pl.Int64,
+    "customer_id": pl.Int64,
+    "service_id": pl.Int64,
+    "usage_date": pl.Date,
+    "quantity": MONEY_SUM,
+    "amount": MONEY_SUM,
+    "usage_rows": pl.Int64,
+    "last_modified": pl.Datetime("us"),
+    "service_name": pl.String,
+    "service_status_id": pl.Int64,
+}
+MONTHLY_BY_SERVICE_SCHEMA = {
+    "partner_uuid": pl.String,
+    "month": pl.Date,
+    "service_id": pl.Int64,
+    "service_name": pl.String,
+    "quantity": MONEY_SUM,
+    "amount": MONEY_SUM,
+    "usage_rows": pl.Int64,
+    "customers": pl.Int64,
+}
+USAGE_REPORT_SCHEMA = {
+    "partner_uuid": pl.String,
+    "month": pl.Date,
+    "dealer_id": pl.Int64,
+    "quantity": MONEY_SUM,
+    "amount": MONEY_SUM,
+    "services": pl.Int64,
+    "customers": pl.Int64,
+}
+ACTIVE_SERVICES_SCHEMA = {
+    "partner_uuid": pl.String,
+    "dealer_id": pl.Int64,
+    "customer_id": pl.Int64,
+    "service_id": pl.Int64,
+    "service_name": pl.String,
+    "service_status_id": pl.Int64,
+    "first_usage_date": pl.Date,
+    "last_usage_date": pl.Date,
+    "amount": MONEY_SUM,
+}
+
+
+class BadSourceRows(ValueError):
+    """Source rows that break the contract's schema; nothing is written from them."""
+
+
+def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Select and cast exactly the schema's columns, in order."""
+    return frame.select([pl.col(name).cast(dtype, strict=True) for name, dtype in schema.items()])
+
+
+def empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+def normalize_bronze(raw: pl.DataFrame) -> pl.DataFrame:
+    """Cast an extract to the bronze schema, reject contract-breaking rows, sort by dealer.
+
+    Sorting by dealer gives each row group a narrow dealer range, so a silver
+    run reads only the row groups of its partner's dealers.
+    """
+    missing = [c for c in BRONZE_SCHEMA if c not in raw.columns]
+    if missing:
+        raise BadSourceRows(f"bronze extract lacks columns {missing}")
+    if raw.height == 0:
+        return empty(BRONZE_SCHEMA)
+    frame = raw.select(
+        [pl.col(c).str.to_datetime(time_unit="us") if c == "usage_modified" and raw[c].dtype == pl.String
+         else pl.col(c) for c in BRONZE_SCHEMA]
+    )
+    frame = conform(frame, BRONZE_SCHEMA)
+    nulls = {c: n for c in BRONZE_REQUIRED if (n := frame[c].null_count())}
+    if nulls:
+        raise BadSourceRows(f"bronze extract has NULLs in NOT NULL columns: {nulls}")
+    duplicates = frame.height - frame["usage_id"].n_unique()
+    if duplicates:
+        raise BadSourceRows(f"bronze extract has {duplicates} duplicate usage_id value(s)")
+    return frame.sort("dealer_id", "usage_id")
+
+
+def merge_bronze(current: pl.DataFrame, fresh: pl.DataFrame, dealers: list[int]) -> pl.DataFrame:
+    """Replace the slice of `dealers` in bronze by a fresh extract of just those dealers."""
+    kept = current.filter(~pl.col("dealer_id").is_in(dealers))
+    return pl.concat([kept, fresh]).sort("dealer_id", "usage_id")
+
+
+def billing_usage_aggregated(rows: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
+    """Silver: one row per dealer, customer, service and usage date of one partner's bronze rows."""
+    grouped = rows.group_by("dealer_id", "customer_id", "service_id", "usage_date").agg(
+        pl.col("quantity").sum(),
+        pl.col("amount").sum(),
+        pl.len().alias("usage_rows"),
+        pl.col("usage_modified").max().alias("last_modified"),
+        pl.col("service_name").drop_nulls().max(),
+        pl.col("service_status_id").max(),
+    )
+    frame = grouped.with_columns(pl.lit(partner_uuid).alias("partner_uuid"))
+    return conform(frame, AGGREGATED_SCHEMA).sort("dealer_id", "customer_id", "service_id", "usage_date")
+
+
+def _with_month(aggregated: pl.DataFrame) -> pl.DataFrame:
+    return aggregated.with_columns(pl.col("usage_date").dt.truncate("1mo").alias("month"))
+
+
+def billing_monthly_usage_by_service(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
+    """Silver: one row per month and service."""
+    grouped = _with_month(aggregated).group_by("month", "service_id").agg(
+        pl.col("service_name").drop_nulls().max(),
+        pl.col("quantity").sum(),
+        pl.col("amount").sum(),
+        pl.col("usage_rows").sum(),
+        pl.col("customer_id").n_unique().alias("customers"),
+    )
+    frame = grouped.with_columns(pl.lit(partner_uuid).alias("partner_uuid"))
+    return conform(frame, MONTHLY_BY_SERVICE_SCHEMA).sort("month", "service_id")
+
+
+def usage_report(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
+    """Gold: one row per month and dealer."""
+    grouped = _with_month(aggregated).group_by("month", "dealer_id").agg(
+        pl.col("quantity").sum(),
+        pl.col("amount").sum(),
+        pl.col("service_id").n_unique().alias("services"),
+        pl.col("customer_id").n_unique().alias("customers"),
+    )
+    frame = grouped.with_columns(pl.lit(partner_uuid).alias("partner_uuid"))
+    return conform(frame, USAGE_REPORT_SCHEMA).sort("month", "dealer_id")
+
+
+def active_services(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
+    """Gold: dealer, customer and service with usage in the partner's latest month, over that month."""
+    monthly = _with_month(aggregated)
+    latest = monthly["month"].max()
+    grouped = (
+        monthly.filter(pl.col("month") == latest)
+        .group_by("dealer_id", "customer_id", "service_id")
+        .agg(
+            pl.col("service_name").drop_nulls().max(),
+            pl.col("service_status_id").max(),
+            pl.col("usage_date").min().alias("first_usage_date"),
+            pl.col("usage_date").max().alias("last_usage_date"),
+            pl.col("amount").sum(),
+        )
+    )
+    frame = grouped.with_columns(pl.lit(partner_uuid).alias("partner_uuid"))
+    return conform(frame, ACTIVE_SERVICES_SCHEMA).sort("dealer_id", "customer_id", "service_id")

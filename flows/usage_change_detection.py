@@ -1,0 +1,223 @@
+"""Detection tick: find changed dealers, rematerialize their partners, advance the cursor.
+
+Each step yields a plain value (cursor, snapshot, plan, outcomes, new cursor);
+the rules live in flows/detection.py, this module only wires them to Prefect.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.concurrency.sync import concurrency
+from prefect.states import Completed, Failed, State
+
+from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, V3_BLOCK, ensure_limit, max_concurrent_partitions
+from flows.cursor import Cursor, parse_cursor
+from flows.detection import (
+    PartitionOutcome,
+    Plan,
+    RunOutcome,
+    SourceSnapshot,
+    advance_cursor,
+    assemble_snapshot,
+    plan_tick,
+    probe_candidates,
+)
+from flows.partners import layer_tag, partner_tag
+from flows.report import publish_tick_artifacts
+from flows.runtime import SourceError, load_source, read_cursor_value, run_child, write_cursor_value
+from flows.source import INDEX_ADVICE, dealer_directory, has_dealer_modified_index, probe_raw_max, relevant_stats
+
+RECONCILE_SECONDS_DEFAULT = 3600
+SLOW_PROBE_SECONDS = 1.0
+REPORT_FAILURES_AFTER = 3  # consecutive failed ticks before a partition is reported as an ERROR
+
+
+@dataclass
+class TickReport:
+    """Everything one tick decided and did; returned as the flow's result and shown in the UI."""
+
+    dry_run: bool
+    plan: Plan | None = None
+    bronze: RunOutcome | None = None
+    partitions: dict[str, PartitionOutcome] = field(default_factory=dict)
+    cursor: Cursor | None = None
+    cursor_saved: bool = False
+    skipped: str | None = None  # why the tick did nothing (source down, another tick running)
+
+    @property
+    def ok(self) -> bool:
+        return (self.bronze is None or self.bronze.ok) and all(o.ok for o in self.partitions.values())
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"skipped: {self.skipped}"
+        assert self.plan is not None
+        text = self.plan.describe()
+        if self.dry_run:
+            return f"dry run: {text} would run" + (" (with bronze)" if self.plan.partitions else "")
+        if self.bronze is not None and not self.bronze.ok:
+            return f"{text}, bronze failed: {self.bronze.state}"
+        good = sum(o.ok for o in self.partitions.values())
+        return f"{text}, {good}/{len(self.partitions)} ok"
+
+
+def reconcile_due(cursor: Cursor, now: datetime) -> bool:
+    every = float(os.environ.get("USAGE_RECONCILE_SECONDS", RECONCILE_SECONDS_DEFAULT))
+    return cursor.reconciled_at is None or (now - cursor.reconciled_at).total_seconds() >= every
+
+
+def take_snapshot(cursor: Cursor, now: datetime) -> SourceSnapshot:
+    """Probe the billing DB cheaply, query only the candidates, read the v3 directory."""
+    logger = get_run_logger()
+    billing = load_source(BILLING_BLOCK)
+    try:
+        started = time.perf_counter()
+        with billing.engine.connect() as conn:
+            raw_max = probe_raw_max(conn)
+            probe_seconds = time.perf_counter() - started
+            candidates = probe_candidates(cursor, raw_max)
+            reconciled = candidates is None or reconcile_due(cursor, now)
+            checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified) if reconciled else candidates
+            queried = relevant_stats(conn, None if reconciled else checked)
+        if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
+            logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
+    except Exception as exc:
+        raise billing.error(exc) from None
+    finally:
+        billing.engine.dispose()
+    logger.info(
+        "Found usage data for %d dealer(s); checked %d under the billing filters%s",
+        len(raw_max), len(checked), " (full reconciliation)" if reconciled else "",
+    )
+
+    v3 = load_source(V3_BLOCK)
+    try:
+        with v3.engine.connect() as conn:
+            partners, warnings = dealer_directory(conn)
+    except Exception as exc:
+        raise v3.error(exc) from None
+    finally:
+        v3.engine.dispose()
+    for warning in warnings:
+        logger.warning(warning)
+    return assemble_snapshot(cursor, raw_max, frozenset(checked), queried, partners, reconciled)
+
+
+def log_plan(plan: Plan) -> None:
+    logger = get_run_logger()
+    if plan.is_empty:
+        logger.debug("No usage changes detected")
+        return
+    if plan.dealer_changes:
+        logger.info("Detected changes for %d dealer(s): %s", len(plan.dealer_changes), sorted(plan.dealer_changes))
+    if plan.unmapped_dealers:
+        logger.warning(
+            "Dealer(s) %s changed but map to no partner in v3; their usage is not in any partition",
+            plan.unmapped_dealers,
+        )
+    logger.info("Mapped to %d affected partner partition(s)", len(plan.partitions))
+    for partner, reasons in plan.partitions.items():
+        logger.info("Partition %s: %s", partner, "; ".join(reasons))
+    if plan.partitions:
+        logger.info(
+            "Creating %d run request(s): 1 bronze (billing-usage-raw) + %d silver/gold partition(s)",
+            1 + len(plan.partitions), len(plan.partitions),
+        )
+
+
+def materialize_partition(partner: str) -> PartitionOutcome:
+    """Silver, then gold if silver succeeded: the two subflow runs of one partner."""
+    silver = run_child(
+        "partner-silver", {"partner_uuid": partner}, f"silver-{partner}", [partner_tag(partner), layer_tag("silver")]
+    )
+    if not silver.ok:
+        return PartitionOutcome(partner, silver, None)
+    gold = run_child(
+        "partner-gold", {"partner_uuid": partner}, f"gold-{partner}", [partner_tag(partner), layer_tag("gold")]
+    )
+    return PartitionOutcome(partner, silver, gold)
+
+
+def materialize_partitions(partners: list[str]) -> dict[str, PartitionOutcome]:
+    """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS chains in flight.
+
+    Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
+    """
+    with ThreadPoolExecutor(max_workers=max_concurrent_partitions(), thread_name_prefix="partition") as pool:
+        futures = {
+            partner: pool.submit(contextvars.copy_context().run, materialize_partition, partner)
+            for partner in partners
+        }
+        return {partner: future.result() for partner, future in futures.items()}
+
+
+def run_tick(dry_run: bool) -> TickReport:
+    logger = get_run_logger()
+    report = TickReport(dry_run=dry_run)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    raw_cursor = read_cursor_value()
+    cursor, warnings = parse_cursor(raw_cursor)
+    for warning in warnings:
+        logger.warning(warning)
+    report.cursor = cursor
+
+    logger.info("Checking dealer timestamps for usage changes")
+    try:
+        snapshot = take_snapshot(cursor, now)
+    except SourceError as exc:
+        logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
+        report.skipped = str(exc)
+        return report
+
+    plan = report.plan = plan_tick(cursor, snapshot)
+    log_plan(plan)
+    if dry_run:
+        logger.info("Dry run: nothing submitted, cursor unchanged")
+        return report
+
+    if plan.partitions:
+        bronze_name = "bronze-full" if plan.bronze_dealers is None else f"bronze-{len(plan.bronze_dealers)}-dealers"
+        report.bronze = run_child("billing-usage-raw", {"dealer_ids": plan.bronze_dealers}, bronze_name, ["layer:bronze"])
+        if report.bronze.ok:
+            report.partitions = materialize_partitions(list(plan.partitions))
+        else:
+            logger.error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
+
+    new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
+    for partner, status in new_cursor.partitions.items():
+        if status.failures >= REPORT_FAILURES_AFTER:
+            logger.error(
+                "Partition %s has failed %d ticks in a row (last error: %s); it is retried every tick",
+                partner, status.failures, status.last_error,
+            )
+    if new_cursor.to_json() != cursor.to_json() or raw_cursor is None:
+        report.cursor_saved = write_cursor_value(new_cursor.to_json(), raw_cursor)
+    report.cursor = new_cursor
+    return report
+
+
+@flow(name="usage-change-detection")
+def usage_change_detection(dry_run: bool = False) -> State:
+    """One tick. Never overlaps another: a second tick ends at once as Skipped."""
+    logger = get_run_logger()
+    ensure_limit(DETECTION_LIMIT, 1)
+    try:
+        with concurrency(DETECTION_LIMIT, occupy=1, timeout_seconds=2, max_retries=0, strict=True):
+            report = run_tick(dry_run)
+    except TimeoutError:
+        logger.warning("Another detection tick is running; this one does nothing")
+        report = TickReport(dry_run=dry_run, skipped="another detection tick is running")
+    publish_tick_artifacts(report)
+    if report.skipped:
+        return Completed(name="Skipped", message=report.summary(), data=report)
+    if not report.ok:
+        return Failed(message=report.summary(), data=report)
+    return Completed(message=report.summary(), data=report)
