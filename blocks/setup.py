@@ -10,6 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector, SyncDriver
+import sqlalchemy as sa
 from pydantic import SecretStr
 
 from blocks.usage_cursor import UsageCursor
@@ -76,7 +77,7 @@ def _mysql(block: str, prefix: str, values: dict[str, str | None]) -> SourceConf
     if missing:
         raise SetupError(f"{block}: set {', '.join(missing)} (or none of the source variables for the demo source)")
     port = values["PORT"] or "3306"
-    if not port.isdigit():
+    if not port.isdecimal() or not 1 <= int(port) <= 65535:
         raise SetupError(f"{prefix}_PORT must be a port number, got {port!r}")
     connector = SqlAlchemyConnector(
         connection_info=ConnectionComponents(
@@ -107,6 +108,21 @@ def ensure_limit(name: str, limit: int, update: bool = False) -> None:
                 pass  # created concurrently by another run
 
 
+def index_check(billing: SqlAlchemyConnector) -> str:
+    """Say whether detection's index exists; the pipeline never creates it (read-only source)."""
+    from flows.source import INDEX_ADVICE, has_dealer_modified_index
+
+    engine = sa.create_engine(billing._rendered_url, connect_args=billing.connect_args or {})
+    try:
+        if has_dealer_modified_index(engine):
+            return "index (usage_FK_dealer_id, usage_modified): present"
+        return f"WARNING: index (usage_FK_dealer_id, usage_modified) is missing; ask the DBA for: {INDEX_ADVICE}"
+    except sa.exc.SQLAlchemyError as exc:
+        return f"WARNING: could not check the usage index ({type(exc).__name__}); is the billing database reachable?"
+    finally:
+        engine.dispose()
+
+
 def run_setup(environ: dict[str, str] | None = None) -> list[str]:
     """Register block types, save connector blocks and limits; return what was done, for printing."""
     configs = source_configs(environ)
@@ -116,6 +132,7 @@ def run_setup(environ: dict[str, str] | None = None) -> list[str]:
     for config in configs:
         config.connector.save(config.block, overwrite=True)
         done.append(f"block {config.block}: {config.description}")
+    done.append(index_check(configs[0].connector))
     ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions(), update=True)
     ensure_limit(DETECTION_LIMIT, 1, update=True)
     done.append(f"concurrency limits: {PARTITIONS_LIMIT}={max_concurrent_partitions()}, {DETECTION_LIMIT}=1")

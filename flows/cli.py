@@ -110,6 +110,9 @@ def cmd_demo(_: argparse.Namespace) -> int:
             print(f"   {path.relative_to(root)}")
         return 0
     finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # send this process's logs before the server goes away
         for process in reversed(processes):
             local_prefect.stop(process)
 

@@ -86,14 +86,16 @@ class Cursor:
             "dealer_last_modified": {
                 str(dealer): format_timestamp(ts) for dealer, ts in sorted(self.dealer_last_modified.items())
             },
-            "dealer_seen": {
+            "dealer_seen": None
+            if self.dealer_seen is None
+            else {
                 str(dealer): {
                     "raw_max": format_timestamp(seen.raw_max),
                     "relevant": seen.relevant,
                     "last_modified": format_timestamp(seen.last_modified),
                     "partner": seen.partner,
                 }
-                for dealer, seen in sorted((self.dealer_seen or {}).items())
+                for dealer, seen in sorted(self.dealer_seen.items())
             },
             "partitions": {
                 uuid: {
@@ -204,7 +206,9 @@ def parse_cursor(raw: object) -> tuple[Cursor, list[str]]:
     fingerprints: dict[int, str] = {}
     for key, value in (mapping("fingerprints") or {}).items():
         dealer = dealer_id(key, "fingerprints")
-        if dealer is not None and isinstance(value, str):
+        if not isinstance(value, str):
+            warnings.append(f"cursor fingerprints[{key!r}] must be a string, got {value!r}; treated as absent")
+        elif dealer is not None:
             fingerprints[dealer] = value
 
     cursor = Cursor(

@@ -169,8 +169,10 @@ def plan_tick(cursor: Cursor, snapshot: SourceSnapshot) -> Plan:
         seen = seen_all.get(dealer)
         affected = frozenset(p for p in (partners.get(dealer), seen.partner if seen else None) if p)
         dealer_partitions[dealer] = affected
-        if not first_run:
-            for partner in sorted(affected):
+        for partner in sorted(affected):
+            if first_run:  # includes a partner the dealer left: it must be emptied too
+                reasons.setdefault(partner, ["first run"])
+            else:
                 reasons.setdefault(partner, []).append(f"dealer {dealer}: {reason}")
     for partner in sorted(cursor.retry_partitions):
         status = cursor.partitions[partner]

@@ -15,6 +15,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 from prefect_sqlalchemy import SqlAlchemyConnector
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from blocks.setup import PARTITIONS_LIMIT, ensure_limit, max_concurrent_partitions, partner_limit
@@ -55,7 +56,7 @@ def load_source(block: str) -> Source:
     except (ValueError, ObjectNotFound) as exc:
         raise SourceError(f"{block}: connector block not found; run `usage-pipeline setup` ({exc})") from None
     url = connector._rendered_url  # the block's own parsed URL, secrets included
-    engine = connector.get_engine(pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args=connector.connect_args or {}, pool_pre_ping=True)
     connectorx_uri = None
     if url.get_backend_name() in ("mysql", "mariadb"):
         connectorx_uri = url.set(drivername="mysql").render_as_string(hide_password=False)
@@ -103,9 +104,12 @@ def partner_slot(partner_uuid: str) -> Iterator[None]:
     name = partner_limit(partner_uuid)
     ensure_limit(name, 1)
     ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions())
-    get_run_logger().info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
+    logger = get_run_logger()
+    logger.info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
     with concurrency([name, PARTITIONS_LIMIT], occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS):
+        logger.info("Holding slot %s", name)
         yield
+    logger.info("Released slot %s", name)
 
 
 def child_run_timeout() -> float:

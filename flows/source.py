@@ -7,6 +7,7 @@ reads; `metadata.create_all` is used by the demo and the tests to build sources.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -15,8 +16,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
-from flows.detection import DealerStats
+from flows.cursor import Cursor
+from flows.detection import DealerStats, SourceSnapshot, assemble_snapshot, probe_candidates
 from flows.partners import is_partner_uuid
+from flows.transforms import BRONZE_SCHEMA, normalize_bronze
 
 billing_metadata = sa.MetaData()
 v3_metadata = sa.MetaData()
@@ -194,3 +197,36 @@ def read_frame(engine: Engine, stmt: sa.Select, connectorx_uri: str | None) -> p
         return pl.read_database_uri(render_sql(stmt, engine), connectorx_uri, engine="connectorx")
     with engine.connect() as conn:
         return pl.read_database(stmt, conn, infer_schema_length=None)
+
+
+def extract_relevant_usage(
+    engine: Engine, connectorx_uri: str | None, dealers: list[int] | None, on_progress=None
+) -> pl.DataFrame:
+    """The bronze extract (all relevant usage, or some dealers'), cast to the bronze schema."""
+    statements = bronze_statements(dealers)
+    frames = []
+    for done, stmt in enumerate(statements, start=1):
+        frames.append(read_frame(engine, stmt, connectorx_uri))
+        if on_progress is not None:
+            on_progress(done, len(statements))
+    if not frames:
+        return pl.DataFrame(schema=BRONZE_SCHEMA)
+    return normalize_bronze(pl.concat(frames, how="diagonal_relaxed"))
+
+
+def read_snapshot(
+    billing: Connection, cursor: Cursor, reconcile: bool, partners: dict[int, str | None]
+) -> tuple[SourceSnapshot, float]:
+    """Probe, then query only the candidates (all of them when reconciling).
+
+    `partners` is the v3 directory (`dealer_directory`). Returns the snapshot
+    and the probe's duration in seconds (slow means the index is missing).
+    """
+    started = time.perf_counter()
+    raw_max = probe_raw_max(billing)
+    probe_seconds = time.perf_counter() - started
+    candidates = probe_candidates(cursor, raw_max)
+    reconciled = candidates is None or reconcile
+    checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified) if reconciled else frozenset(candidates)
+    queried = relevant_stats(billing, None if reconciled else checked)
+    return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciled), probe_seconds

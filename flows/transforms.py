@@ -162,7 +162,7 @@ def active_services(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame
     monthly = _with_month(aggregated)
     latest = monthly["month"].max()
     grouped = (
-        monthly.filter(pl.col("month") == latest)
+        monthly.filter(pl.col("month") == latest if latest is not None else pl.lit(False))
         .group_by("dealer_id", "customer_id", "service_id")
         .agg(
             pl.col("service_name").drop_nulls().max(),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextvars
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import httpx
 from prefect import flow, get_run_logger
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed, Failed, State
 
@@ -25,14 +26,12 @@ from flows.detection import (
     RunOutcome,
     SourceSnapshot,
     advance_cursor,
-    assemble_snapshot,
     plan_tick,
-    probe_candidates,
 )
 from flows.partners import layer_tag, partner_tag
 from flows.report import publish_tick_artifacts
-from flows.runtime import SourceError, load_source, read_cursor_value, run_child, write_cursor_value
-from flows.source import INDEX_ADVICE, dealer_directory, has_dealer_modified_index, probe_raw_max, relevant_stats
+from flows.runtime import SLOT_LEASE_SECONDS, SourceError, load_source, read_cursor_value, run_child, write_cursor_value
+from flows.source import INDEX_ADVICE, dealer_directory, has_dealer_modified_index, read_snapshot
 
 RECONCILE_SECONDS_DEFAULT = 3600
 SLOW_PROBE_SECONDS = 1.0
@@ -59,6 +58,8 @@ class TickReport:
         if self.skipped:
             return f"skipped: {self.skipped}"
         assert self.plan is not None
+        if self.plan.is_empty:
+            return "no changes"
         text = self.plan.describe()
         if self.dry_run:
             return f"dry run: {text} would run" + (" (with bronze)" if self.plan.partitions else "")
@@ -74,29 +75,8 @@ def reconcile_due(cursor: Cursor, now: datetime) -> bool:
 
 
 def take_snapshot(cursor: Cursor, now: datetime) -> SourceSnapshot:
-    """Probe the billing DB cheaply, query only the candidates, read the v3 directory."""
+    """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
-    billing = load_source(BILLING_BLOCK)
-    try:
-        started = time.perf_counter()
-        with billing.engine.connect() as conn:
-            raw_max = probe_raw_max(conn)
-            probe_seconds = time.perf_counter() - started
-            candidates = probe_candidates(cursor, raw_max)
-            reconciled = candidates is None or reconcile_due(cursor, now)
-            checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified) if reconciled else candidates
-            queried = relevant_stats(conn, None if reconciled else checked)
-        if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
-            logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
-    except Exception as exc:
-        raise billing.error(exc) from None
-    finally:
-        billing.engine.dispose()
-    logger.info(
-        "Found usage data for %d dealer(s); checked %d under the billing filters%s",
-        len(raw_max), len(checked), " (full reconciliation)" if reconciled else "",
-    )
-
     v3 = load_source(V3_BLOCK)
     try:
         with v3.engine.connect() as conn:
@@ -107,7 +87,22 @@ def take_snapshot(cursor: Cursor, now: datetime) -> SourceSnapshot:
         v3.engine.dispose()
     for warning in warnings:
         logger.warning(warning)
-    return assemble_snapshot(cursor, raw_max, frozenset(checked), queried, partners, reconciled)
+
+    billing = load_source(BILLING_BLOCK)
+    try:
+        with billing.engine.connect() as conn:
+            snapshot, probe_seconds = read_snapshot(conn, cursor, reconcile_due(cursor, now), partners)
+        if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
+            logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
+    except Exception as exc:
+        raise billing.error(exc) from None
+    finally:
+        billing.engine.dispose()
+    logger.info(
+        "Found usage data for %d dealer(s); checked %d under the billing filters%s",
+        len(snapshot.raw_max), len(snapshot.checked), " (full reconciliation)" if snapshot.reconciled else "",
+    )
+    return snapshot
 
 
 def log_plan(plan: Plan) -> None:
@@ -204,15 +199,24 @@ def run_tick(dry_run: bool) -> TickReport:
     return report
 
 
+def slot_taken(exc: ConcurrencySlotAcquisitionError) -> bool:
+    """Whether acquisition failed because the slot is held (HTTP 423), not for another reason."""
+    cause = exc.__cause__
+    return isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423
+
+
 @flow(name="usage-change-detection")
 def usage_change_detection(dry_run: bool = False) -> State:
     """One tick. Never overlaps another: a second tick ends at once as Skipped."""
     logger = get_run_logger()
     ensure_limit(DETECTION_LIMIT, 1)
     try:
-        with concurrency(DETECTION_LIMIT, occupy=1, timeout_seconds=2, max_retries=0, strict=True):
+        # No timeout: a timed-out request can still be granted later, leaving an orphaned lease.
+        with concurrency(DETECTION_LIMIT, occupy=1, max_retries=0, strict=True, lease_duration=SLOT_LEASE_SECONDS):
             report = run_tick(dry_run)
-    except TimeoutError:
+    except ConcurrencySlotAcquisitionError as exc:
+        if not slot_taken(exc):
+            raise
         logger.warning("Another detection tick is running; this one does nothing")
         report = TickReport(dry_run=dry_run, skipped="another detection tick is running")
     publish_tick_artifacts(report)

@@ -1,0 +1,63 @@
+"""Building each layer's files, without Prefect: the flows wrap these, the tests call them too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from flows.lake import GOLD_TABLES, SILVER_TABLES, bronze_path, partition_path, write_parquet_atomic
+from flows.transforms import (
+    BRONZE_SCHEMA,
+    active_services,
+    billing_monthly_usage_by_service,
+    billing_usage_aggregated,
+    merge_bronze,
+    usage_report,
+)
+
+Extract = Callable[[list[int] | None], pl.DataFrame]
+
+
+def refresh_bronze(root: Path, extract: Extract, dealer_ids: list[int] | None) -> dict[str, object]:
+    """Full refresh (no dealers, or no bronze yet), else replace only the dealers' slice."""
+    path = bronze_path(root)
+    dealers = None if dealer_ids is None or not path.exists() else sorted(set(dealer_ids))
+    fresh = extract(dealers)
+    frame = fresh if dealers is None else merge_bronze(pl.read_parquet(path), fresh, dealers)
+    write_parquet_atomic(frame, path)
+    mode = "full" if dealers is None else f"{len(dealers)} dealer(s)"
+    return {"mode": mode, "extracted_rows": fresh.height, "rows": frame.height, "path": str(path)}
+
+
+def read_bronze_rows(root: Path, dealers: list[int]) -> pl.DataFrame:
+    """The dealers' bronze rows; row-group statistics on dealer_id let the scan skip the rest."""
+    path = bronze_path(root)
+    if not path.exists():
+        raise FileNotFoundError(f"bronze file {path} is missing; run billing-usage-raw first")
+    if not dealers:
+        return pl.DataFrame(schema=BRONZE_SCHEMA)
+    return pl.scan_parquet(path).filter(pl.col("dealer_id").is_in(dealers)).collect()
+
+
+def build_silver(root: Path, partner: str, dealers: list[int]) -> dict[str, object]:
+    rows = read_bronze_rows(root, dealers)
+    aggregated = billing_usage_aggregated(rows, partner)
+    monthly = billing_monthly_usage_by_service(aggregated, partner)
+    for table, frame in zip(SILVER_TABLES, (aggregated, monthly)):
+        write_parquet_atomic(frame, partition_path(root, "silver", table, partner))
+    return {"partner": partner, "dealers": dealers, "bronze_rows": rows.height,
+            "aggregated_rows": aggregated.height, "monthly_rows": monthly.height}
+
+
+def build_gold(root: Path, partner: str) -> dict[str, object]:
+    silver = partition_path(root, "silver", SILVER_TABLES[0], partner)
+    if not silver.exists():
+        raise FileNotFoundError(f"silver file {silver} is missing; run partner-silver for {partner} first")
+    aggregated = pl.read_parquet(silver)
+    report = usage_report(aggregated, partner)
+    active = active_services(aggregated, partner)
+    for table, frame in zip(GOLD_TABLES, (report, active)):
+        write_parquet_atomic(frame, partition_path(root, "gold", table, partner))
+    return {"partner": partner, "usage_report_rows": report.height, "active_services_rows": active.height}

@@ -1,0 +1,140 @@
+"""Integration fixtures: the real MariaDB and a real Prefect server with `usage-pipeline serve`.
+
+One Prefect server and one serve process per test session (starting them is
+the slow part); every test gets fresh source tables, an empty lake and no
+cursor block. The pipeline connects as a read-only MariaDB user with a
+password, so tests also prove it never writes to the source and never leaks
+the password.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+MARIADB_ADMIN_URL = os.environ.get("USAGE_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306")
+# Per-session names, so that two test sessions on one machine do not share source tables.
+BILLING_DB = f"usage_it_billing_{os.getpid()}"
+V3_DB = f"usage_it_v3_{os.getpid()}"
+PIPELINE_USER = "usage_pipeline_it"
+PIPELINE_PASSWORD = "Pw-it-9f3b7c1e"  # asserted absent from every log and artifact
+
+
+def pipeline_environ() -> dict[str, str]:
+    env = {}
+    for prefix, database in (("BILLING_CDRS_DB", BILLING_DB), ("V3_DB", V3_DB)):
+        env.update(
+            {
+                f"{prefix}_HOST": "127.0.0.1",
+                f"{prefix}_PORT": "3306",
+                f"{prefix}_USER": PIPELINE_USER,
+                f"{prefix}_PASSWORD": PIPELINE_PASSWORD,
+                f"{prefix}_DATABASE": database,
+            }
+        )
+    return env
+
+
+@pytest.fixture(scope="session")
+def mariadb_admin() -> Iterator[sa.Engine]:
+    """Root engine on the real MariaDB; creates the test databases and the read-only pipeline user."""
+    engine = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"MariaDB is not reachable at {MARIADB_ADMIN_URL} (start it, see .ci/run): {exc}")
+    with engine.connect() as conn:
+        for database in (BILLING_DB, V3_DB):
+            conn.exec_driver_sql(f"CREATE DATABASE IF NOT EXISTS {database}")
+        conn.exec_driver_sql(f"CREATE USER IF NOT EXISTS '{PIPELINE_USER}'@'%%' IDENTIFIED BY '{PIPELINE_PASSWORD}'")
+        conn.exec_driver_sql(f"ALTER USER '{PIPELINE_USER}'@'%%' IDENTIFIED BY '{PIPELINE_PASSWORD}'")
+        for database in (BILLING_DB, V3_DB):
+            conn.exec_driver_sql(f"GRANT SELECT ON {database}.* TO '{PIPELINE_USER}'@'%%'")
+    yield engine
+    with engine.connect() as conn:
+        for database in (BILLING_DB, V3_DB):
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {database}")
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def source_engines(mariadb_admin) -> Iterator[tuple[sa.Engine, sa.Engine]]:
+    """Writable (root) engines on the two test databases, for building and changing the source."""
+    billing = sa.create_engine(f"{MARIADB_ADMIN_URL}/{BILLING_DB}")
+    v3 = sa.create_engine(f"{MARIADB_ADMIN_URL}/{V3_DB}")
+    yield billing, v3
+    billing.dispose()
+    v3.dispose()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[str]:
+    """A real `prefect server start` on a free port, with its own SQLite database."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import local_prefect
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    process, url = local_prefect.start_server(home, home / "server.log")
+    os.environ["PREFECT_API_URL"] = url
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+    local_prefect.stop(process)
+
+
+@pytest.fixture(scope="session")
+def lake_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lake")
+    os.environ["USAGE_LAKE_ROOT"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pipeline(prefect_server, source_engines, lake_root, tmp_path_factory) -> Iterator[subprocess.Popen]:
+    """`usage-pipeline setup` against MariaDB, then `usage-pipeline serve` running the deployments."""
+    from blocks.setup import run_setup
+    from flows import local_prefect
+
+    env = dict(os.environ, **pipeline_environ())
+    result = subprocess.run(
+        [os.sys.executable, "-m", "flows.cli", "setup"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert PIPELINE_PASSWORD not in result.stdout + result.stderr
+    logs = tmp_path_factory.mktemp("serve")
+    process = local_prefect.start_serve(logs / "serve.log", env=env)
+    yield process
+    local_prefect.stop(process)
+    assert PIPELINE_PASSWORD not in (logs / "serve.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def fresh(pipeline, source_engines, lake_root, mariadb_admin):
+    """Empty source tables, an empty lake and no cursor block, before each integration test."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from blocks.usage_cursor import CURSOR_DOCUMENT
+    from flows.source import billing_metadata, v3_metadata
+
+    billing, v3 = source_engines
+    billing_metadata.drop_all(billing)
+    v3_metadata.drop_all(v3)
+    billing_metadata.create_all(billing)
+    v3_metadata.create_all(v3)
+    shutil.rmtree(lake_root, ignore_errors=True)
+    lake_root.mkdir()
+    with get_client(sync_client=True) as client:
+        try:
+            document = client.read_block_document_by_name(CURSOR_DOCUMENT, "usage-cursor")
+            client.delete_block_document(document.id)
+        except ObjectNotFound:
+            pass
+    return billing, v3

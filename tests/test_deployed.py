@@ -1,0 +1,454 @@
+"""Issue 5 end to end: the production path of the README's "Deploying with workers", via the CLI.
+
+A `prefect server` on a fresh PostgreSQL database, `usage-pipeline setup`,
+`prefect work-pool create`, `prefect deploy --all` from the repository root and
+two `prefect worker start` processes, all as subprocesses with their own
+environment. Ticks are started with `prefect deployment run`, the cursor is
+reset the way the UI does it, and what the runs did is read back from the REST
+API, the workers' logs and the lake. Nothing here uses the session's SQLite
+server or `usage-pipeline serve` (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from flows.local_prefect import free_port
+from tests.conftest import PIPELINE_PASSWORD, pipeline_environ
+from tests.pipeline_helpers import BRONZE_FILE, file_ids, partition_files, rewritten
+from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POSTGRES_ADMIN_DSN = os.environ.get("USAGE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_DB = f"prefect_e2e_{os.getpid()}"
+POOL = "usage-pipeline"
+DETECTION = "usage-change-detection/usage-change-detection"
+WORKERS = ("e2e-worker-1", "e2e-worker-2")
+ALL_PARTNERS = (PARTNER_A, PARTNER_B, PARTNER_C)
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+RUN_TIMEOUT = 180  # seconds for one tick on a loaded 2-core machine
+# Variables this test sets itself: never inherit them from the pytest process (conftest sets some).
+OWN_PREFIXES = ("PREFECT_", "USAGE_", "BILLING_CDRS_DB_", "V3_DB_")
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_PREFIXES)}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        COLUMNS="200",  # keep the CLI's rich output on one line per item
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _postgres(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@dataclass
+class Stack:
+    """The running server and workers, their logs, and what the test measured."""
+
+    api: str
+    home: Path
+    logs: Path
+    lake: Path
+    cli_env: dict[str, str]
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+        """A background process in its own session, so that stopping it also stops its children."""
+        with open(self.logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.processes[name] = process
+        return process
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(process.pid, sig)  # the group this test created for this process
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def cli(self, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> str:
+        """One CLI command from the repository root; its output is kept in the logs and returned."""
+        result = subprocess.run(
+            list(args), env=env or self.cli_env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+        output = result.stdout + result.stderr
+        (self.logs / f"cli-{name}.log").write_text(output)
+        assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{output}"
+        return output
+
+    # REST API ------------------------------------------------------------------------------------
+
+    def get(self, path: str) -> object:
+        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict) -> object:
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def flow_run(self, run_id: str) -> dict:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def flow_runs(self, **filters: object) -> list[dict]:
+        runs: list[dict] = []
+        while True:
+            page = self.post("/flow_runs/filter", {"flow_runs": filters, "limit": 200, "offset": len(runs)})
+            runs.extend(page)
+            if len(page) < 200:
+                return runs
+
+    def children(self, run_id: str) -> list[dict]:
+        return self.flow_runs(parent_flow_run_id={"any_": [run_id]})
+
+    def wait_final(self, run_id: str, timeout: float = RUN_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(run_id)
+            if run["state_type"] in FINAL_STATES:
+                return run
+            for name, process in self.processes.items():
+                assert process.poll() is None, f"{name} exited with {process.returncode}; see {self.logs}"
+            time.sleep(0.5)
+        raise AssertionError(f"flow run {run_id} not final after {timeout}s: {self.flow_run(run_id)['state_name']}")
+
+    def deployment_run(self, name: str, *params: str) -> tuple[str, dict, float]:
+        """`prefect deployment run` and wait: the run id, its final state and the wall time."""
+        started = time.perf_counter()
+        args = [str(BIN / "prefect"), "deployment", "run", name]
+        for param in params:
+            args += ["-p", param]
+        output = self.cli(f"run-{len(list(self.logs.glob('cli-run-*')))}", *args)
+        match = re.search(r"UUID: ([0-9a-f-]{36})", output)
+        assert match, output
+        run = self.wait_final(match.group(1))
+        return match.group(1), run, time.perf_counter() - started
+
+    def tick(self) -> tuple[dict, list[dict], float]:
+        run_id, run, wall = self.deployment_run(DETECTION)
+        assert run["state_type"] == "COMPLETED", (run["state_name"], run["state"]["message"])
+        return run, self.children(run_id), wall
+
+
+def _times(run: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])
+
+
+def _partner_of(run: dict) -> str | None:
+    tags = sorted({t.removeprefix("partner:") for t in run["tags"] if t.startswith("partner:")})
+    assert len(tags) <= 1, run["tags"]
+    return tags[0] if tags else None
+
+
+def _layer_of(run: dict) -> str | None:
+    layers = sorted({t.removeprefix("layer:") for t in run["tags"] if t.startswith("layer:")})
+    assert len(layers) <= 1, run["tags"]
+    return layers[0] if layers else None
+
+
+def _partition_runs(children: list[dict]) -> dict[tuple[str, str], dict]:
+    """Silver and gold children of a tick by (partner, layer); fails on duplicates."""
+    runs: dict[tuple[str, str], dict] = {}
+    for run in children:
+        layer = _layer_of(run)
+        if layer in ("silver", "gold"):
+            key = (_partner_of(run), layer)
+            assert key not in runs, f"two {key} runs in one tick"
+            runs[key] = run
+    return runs
+
+
+def _assert_gold_matches_truth(lake: Path, billing, partners) -> None:
+    for partner in partners:
+        report = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
+        got = [
+            (r["month"], r["dealer_id"], r["quantity"], r["amount"], r["services"], r["customers"])
+            for r in report.iter_rows(named=True)
+        ]
+        assert got == usage_report_truth(billing, partner), partner
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    try:
+        import asyncpg  # noqa: F401  (the server's PostgreSQL driver)
+    except ImportError:
+        pytest.fail("asyncpg is not importable in the venv: add it to pyproject.toml dependencies")
+    try:
+        _postgres(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
+        _postgres(f"CREATE DATABASE {POSTGRES_DB}")
+    except OSError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_DSN} (start it, see .ci/run): {exc}")
+    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{POSTGRES_DB}"
+    _postgres(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def stack(postgres_url, tmp_path_factory):
+    """`prefect server start` on PostgreSQL; everything else the test starts is stopped here too."""
+    home = tmp_path_factory.mktemp("deployed")
+    logs, lake = home / "logs", home / "lake"
+    for path in (logs, lake, home / "server-home", home / "cli-home"):
+        path.mkdir()
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    cli_env = dict(_base_env(), PREFECT_HOME=str(home / "cli-home"), PREFECT_API_URL=api, PWD=str(REPO))
+    stack = Stack(api=api, home=home, logs=logs, lake=lake, cli_env=cli_env)
+    server_env = dict(
+        _base_env(),
+        PREFECT_HOME=str(home / "server-home"),
+        PREFECT_API_DATABASE_CONNECTION_URL=postgres_url,
+        # The 300 s schedule must not fire in the middle of the test: ticks are started by hand.
+        PREFECT_API_SERVICES_SCHEDULER_ENABLED="false",
+    )
+    try:
+        started = time.perf_counter()
+        server = stack.start(
+            "server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            server_env, home,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"prefect server exited: {(logs / 'server.log').read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "prefect server not healthy after 120s"
+            time.sleep(0.5)
+        stack.timings["server start (PostgreSQL, migrations)"] = time.perf_counter() - started
+        yield stack
+    finally:
+        for name in reversed(list(stack.processes)):
+            stack.stop(name)
+
+
+@pytest.fixture(scope="module")
+def source(source_engines) -> SourceBuilder:
+    """The standard source (partners A, B, C) in fresh MariaDB tables; `fresh` needs the serve fixture."""
+    from flows.source import billing_metadata, v3_metadata
+
+    billing, v3 = source_engines
+    for metadata, engine in ((billing_metadata, billing), (v3_metadata, v3)):
+        metadata.drop_all(engine)
+        metadata.create_all(engine)
+    builder = SourceBuilder(billing, v3)
+    builder.standard()
+    return builder
+
+
+def _touch(source: SourceBuilder, dealer: int, when: datetime, amount: str) -> None:
+    """Change one dealer's relevant usage the way the billing system would (amount and modified)."""
+    changed = source.execute(
+        "UPDATE `usage` SET usage_amount = %s, usage_modified = %s"
+        " WHERE usage_FK_dealer_id = %s AND usage_FK_customer_id = 501 AND usage_FK_service_id = 1",
+        amount, when, dealer,
+    )
+    assert changed == 1
+
+
+def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, source_engines):
+    billing, _ = source_engines
+    prefect = str(BIN / "prefect")
+    test_started = time.perf_counter()
+
+    # 2. The README's commands: setup, work pool, deploy --all from the repo root, two workers.
+    started = time.perf_counter()
+    setup_out = stack.cli("setup", str(BIN / "usage-pipeline"), "setup", env=dict(stack.cli_env, **pipeline_environ()))
+    assert "block billing-db: mysql" in setup_out and "index (usage_FK_dealer_id, usage_modified): present" in setup_out
+    stack.cli("work-pool", prefect, "work-pool", "create", POOL, "--type", "process")
+    prefect_yaml = (REPO / "prefect.yaml").read_bytes()
+    deploy_out = stack.cli("deploy", prefect, "--no-prompt", "deploy", "--all")
+    assert (REPO / "prefect.yaml").read_bytes() == prefect_yaml, "prefect deploy rewrote prefect.yaml"
+    stack.timings["setup + work-pool + deploy"] = time.perf_counter() - started
+
+    detection = stack.get(f"/deployments/name/{DETECTION}")
+    assert [s["schedule"].get("interval") for s in detection["schedules"]] == [300.0], detection["schedules"]
+    assert detection["global_concurrency_limit"]["limit"] == 1, detection
+    assert detection["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", detection
+    for name in ("billing-usage-raw", "partner-silver", "partner-gold", "usage-change-detection"):
+        deployment = stack.get(f"/deployments/name/{name}/{name}")
+        assert deployment["work_pool_name"] == POOL, deployment
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ], (deploy_out, deployment["pull_steps"])
+
+    for name in WORKERS:
+        worker_home = stack.home / f"{name}-home"
+        worker_home.mkdir()
+        env = dict(
+            _base_env(),
+            PREFECT_HOME=str(worker_home),
+            PREFECT_API_URL=stack.api,
+            PREFECT_WORKER_QUERY_SECONDS="2",
+            USAGE_LAKE_ROOT=str(stack.lake),
+        )
+        # Not started from the repository root: the deployments' pull step must get the runs there.
+        stack.start(name, [prefect, "worker", "start", "--pool", POOL, "--name", name], env, worker_home)
+    deadline = time.monotonic() + 90
+    while {w["name"] for w in stack.post(f"/work_pools/{POOL}/workers/filter", {})} != set(WORKERS):
+        for name in WORKERS:
+            assert stack.processes[name].poll() is None, (stack.logs / f"{name}.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "workers did not register"
+        time.sleep(1)
+
+    # 3. First tick: no cursor, bronze and every partition.
+    run1, children1, wall1 = stack.tick()
+    stack.timings["tick 1 (first run: bronze + 3 partitions)"] = wall1
+    assert {f"partner={p}" for p in ALL_PARTNERS} <= {p.parent.name for p in stack.lake.rglob("data.parquet")}
+    files = file_ids(stack.lake)
+    assert set(files) == {BRONZE_FILE} | set().union(*(partition_files(p) for p in ALL_PARTNERS)), sorted(files)
+    assert set(_partition_runs(children1)) == {(p, layer) for p in ALL_PARTNERS for layer in ("silver", "gold")}
+    _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+
+    # 4. One dealer of A (1) and one of B (3) change: exactly their silver and gold runs.
+    _touch(source, 1, datetime(2026, 10, 2, 8, 30, 0, 654321), "12.2500")
+    _touch(source, 3, datetime(2026, 10, 2, 9, 30, 0, 111111), "4.7500")
+    before = file_ids(stack.lake)
+    runs_before = {r["id"] for r in stack.flow_runs()}
+    run2, children2, wall2 = stack.tick()
+    stack.timings["tick 2 (2 workers, one dealer of A and of B)"] = wall2
+    new_runs = [r for r in stack.flow_runs() if r["id"] not in runs_before]
+    assert {r["id"] for r in new_runs} == {run2["id"]} | {c["id"] for c in children2}, "runs outside the tick"
+    partition_runs2 = _partition_runs(children2)
+    assert set(partition_runs2) == {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
+    assert [_layer_of(c) for c in children2].count("bronze") == 1 and len(children2) == 5, children2
+    for (partner, layer), run in partition_runs2.items():
+        assert run["state_type"] == "COMPLETED", (partner, layer, run["state_name"])
+        assert {f"partner:{partner}", f"layer:{layer}"} <= set(run["tags"]), run["tags"]
+        assert run["work_queue_name"] == "default" and run["work_pool_name"] == POOL, run
+    expected_files = {BRONZE_FILE} | partition_files(PARTNER_A) | partition_files(PARTNER_B)
+    assert rewritten(before, file_ids(stack.lake)) == expected_files
+    _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+    artifacts = stack.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run2["id"]]}}})
+    artifact_text = {a["key"]: {"description": a["description"], "data": a["data"]} for a in artifacts}
+    assert set(artifact_text) == {"usage-tick-runs", "usage-partition-freshness"}, artifact_text
+    print("ARTIFACTS of tick 2:", json.dumps(artifact_text, indent=1, default=str))
+    tick2_children = {c["name"]: c for c in children2}
+
+    # 5. Reset the cursor as the UI's block edit form does (PATCH, merge_existing_data false).
+    document = stack.get("/block_types/slug/usage-cursor/block_documents/name/usage-change-detection")
+    assert document["data"]["value"]["dealer_last_modified"], document["data"]
+    response = httpx.patch(
+        f"{stack.api}/block_documents/{document['id']}",
+        json={"data": {"value": {}}, "merge_existing_data": False},
+        timeout=30,
+    )
+    assert response.status_code == 204, response.text
+    assert stack.get(f"/block_documents/{document['id']}")["data"] == {"value": {}}
+    before = file_ids(stack.lake)
+    run3, children3, wall3 = stack.tick()
+    stack.timings["tick 3 (cursor reset: bronze + 3 partitions)"] = wall3
+    assert set(_partition_runs(children3)) == {(p, layer) for p in ALL_PARTNERS for layer in ("silver", "gold")}
+    assert all(c["state_type"] == "COMPLETED" for c in children3), [(c["name"], c["state_name"]) for c in children3]
+    assert rewritten(before, file_ids(stack.lake)) == set(before)
+    assert stack.get(f"/block_documents/{document['id']}")["data"]["value"]["dealer_last_modified"]
+
+    # 6. One partner's silver by hand from the CLI: only A's silver files, tagged by the flow itself.
+    before = file_ids(stack.lake)
+    silver_id, silver_run, wall = stack.deployment_run("partner-silver/partner-silver", f"partner_uuid={PARTNER_A}")
+    stack.timings["manual partner-silver run"] = wall
+    assert silver_run["state_type"] == "COMPLETED", silver_run["state"]["message"]
+    assert {f"partner:{PARTNER_A}", "layer:silver"} <= set(silver_run["tags"]), silver_run["tags"]
+    assert rewritten(before, file_ids(stack.lake)) == {
+        f"silver/{table}/partner={PARTNER_A}/data.parquet"
+        for table in ("billing_usage_aggregated", "billing_monthly_usage_by_service")
+    }
+
+    # Across the whole test: every run was submitted by exactly one worker, and both workers took work.
+    all_runs = stack.flow_runs()
+    worker_logs = {name: (stack.logs / f"{name}.log").read_text(errors="replace") for name in WORKERS}
+    submitted_by: dict[str, list[str]] = {name: [] for name in WORKERS}
+    for run in all_runs:
+        takers = [name for name, text in worker_logs.items() if f"submitting flow run '{run['id']}'" in text]
+        assert len(takers) == 1, (run["name"], takers)
+        submitted_by[takers[0]].append(run["name"])
+    assert all(submitted_by.values()), submitted_by
+
+    # A partner's runs never overlap (the partner:<uuid> limit), across every tick and the manual run.
+    for partner in ALL_PARTNERS:
+        intervals = sorted(_times(r) for r in all_runs if _partner_of(r) == partner)
+        assert len(intervals) >= 4, (partner, len(intervals))
+        for (_, end), (next_start, _) in zip(intervals, intervals[1:]):
+            assert end <= next_start, f"runs of {partner} overlap: one ends {end}, the next starts {next_start}"
+
+    # 7. Overhead with one worker: the same one-dealer-per-partner tick.
+    stack.stop(WORKERS[1])
+    _touch(source, 1, datetime(2026, 10, 3, 8, 30, 0, 222222), "13.2500")
+    _touch(source, 3, datetime(2026, 10, 3, 9, 30, 0, 333333), "5.7500")
+    run4, children4, wall4 = stack.tick()
+    stack.timings["tick 4 (1 worker, one dealer of A and of B)"] = wall4
+    assert set(_partition_runs(children4)) == {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
+    _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+
+    # 8. The pipeline password is in no log: server, workers (flow-run output), CLI, and the API's run logs.
+    for log in stack.logs.iterdir():
+        assert PIPELINE_PASSWORD not in log.read_text(errors="replace"), log.name
+    logs: list[dict] = []
+    while page := stack.post("/logs/filter", {"limit": 200, "offset": len(logs)}):
+        logs.extend(page)
+    assert logs and not [entry for entry in logs if PIPELINE_PASSWORD in entry["message"]]
+    for artifact in stack.post("/artifacts/filter", {}):
+        assert PIPELINE_PASSWORD not in json.dumps(artifact, default=str)
+
+    # Timings: wall time of a one-dealer-per-partner tick per partner, and where a tick's time goes.
+    for label, wall, children in (("2 workers", wall2, children2), ("1 worker", wall4, children4)):
+        stack.timings[f"overhead per partner, {label} (tick wall / 2 partners)"] = wall / 2
+        work = sum((_times(c)[1] - _times(c)[0]).total_seconds() for c in children)
+        starts = [
+            (datetime.fromisoformat(c["start_time"]) - datetime.fromisoformat(c["expected_start_time"])).total_seconds()
+            for c in children
+        ]
+        stack.timings[f"{label}: sum of child run times (Running..final)"] = work
+        stack.timings[f"{label}: mean child scheduled->running latency"] = sum(starts) / len(starts)
+    start, end = _times(run2)
+    stack.timings["tick 2 detection run Running..Completed"] = (end - start).total_seconds()
+    stack.timings["whole test body"] = time.perf_counter() - test_started
+    print("TIMINGS:", json.dumps({k: round(v, 1) for k, v in stack.timings.items()}, indent=1))
+    print("SUBMITTED BY:", json.dumps(submitted_by, indent=1))
+    print("TICK 2 CHILDREN:", {name: (c["state_name"], c["start_time"], c["end_time"]) for name, c in tick2_children.items()})

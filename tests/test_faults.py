@@ -1,0 +1,303 @@
+"""Issue 4: faults and bad input. The tick always completes, nothing is lost or half written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from datetime import date, datetime
+
+import polars as pl
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect_sqlalchemy import SqlAlchemyConnector
+
+from blocks.setup import PARTITIONS_LIMIT, partner_limit
+from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
+from flows.partner_silver import partner_silver
+from flows.partners import InvalidPartnerUUID
+from flows.runtime import read_cursor_value
+from tests.conftest import PIPELINE_PASSWORD
+from tests.pipeline_helpers import BRONZE_FILE, file_ids, partition_files, read, rewritten, tick
+from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def materialized(fresh, lake_root):
+    builder = SourceBuilder(*fresh)
+    builder.standard()
+    state, _ = tick()
+    assert state.is_completed(), state.message
+    return builder
+
+
+@pytest.fixture
+def broken_block(pipeline):
+    """Point a connector block at a closed port for one test, then restore it."""
+    saved = {}
+
+    def break_(block: str) -> None:
+        connector = SqlAlchemyConnector.load(block)
+        saved[block] = connector
+        broken = connector.model_copy(deep=True)
+        broken.connection_info.port = 1  # nothing listens there: connection refused
+        broken.save(block, overwrite=True)
+
+    yield break_
+    for block, connector in saved.items():
+        connector.save(block, overwrite=True)
+
+
+@pytest.mark.parametrize("block", ["billing-db", "v3-db"])
+def test_unreachable_source_skips_the_tick_and_keeps_the_cursor(materialized, broken_block, block, caplog, lake_root):
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-09 00:00:00' WHERE usage_FK_dealer_id = 1")
+    before_cursor, before_files = read_cursor_value(), file_ids(lake_root)
+    broken_block(block)
+
+    state, report = tick()
+
+    assert state.is_completed() and state.name == "Skipped", state
+    assert block in state.message and PIPELINE_PASSWORD not in state.message
+    assert report.bronze is None and not report.partitions
+    assert read_cursor_value() == before_cursor and file_ids(lake_root) == before_files
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(block in w for w in warnings) and not any(PIPELINE_PASSWORD in w for w in warnings)
+
+
+def test_next_tick_after_recovery_behaves_normally(materialized, broken_block):
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-09 00:00:00' WHERE usage_FK_dealer_id = 1")
+    broken_block("billing-db")
+    assert tick()[0].name == "Skipped"
+    connector = SqlAlchemyConnector.load("billing-db")
+    connector.connection_info.port = 3306
+    connector.save("billing-db", overwrite=True)
+    state, report = tick()
+    assert state.is_completed() and set(report.partitions) == {PARTNER_A}
+
+
+@pytest.mark.parametrize(
+    "value, expected_warning",
+    [
+        ("not json at all", "not valid JSON"),
+        ([1, 2, 3], "must be a JSON object"),
+        (42, "must be a JSON object"),
+        ({"dealer_last_modified": "yesterday"}, "dealer_last_modified must be an object"),
+    ],
+)
+def test_garbage_cursor_warns_and_rebuilds_everything(materialized, value, expected_warning, caplog):
+    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    state, report = tick()
+    assert state.is_completed(), state.message
+    assert any(expected_warning in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert report.plan.first_run and set(report.partitions) == {PARTNER_A, PARTNER_B, PARTNER_C}
+    assert isinstance(read_cursor_value(), dict)
+
+
+def test_one_bad_dealer_entry_is_treated_as_absent_and_others_kept(materialized, caplog):
+    value = read_cursor_value()
+    value["dealer_last_modified"]["3"] = "not-a-timestamp"
+    value["dealer_last_modified"]["abc"] = "2026-01-01T00:00:00.000000Z"
+    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    state, report = tick()
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'not-a-timestamp'" in m for m in messages) and any("'abc'" in m for m in messages)
+    assert set(report.partitions) == {PARTNER_B}  # only dealer 3's entry was unreadable
+    assert read_cursor_value()["dealer_last_modified"]["3"] == "2026-10-01T10:00:00.123456Z"
+
+
+def block_partition(lake_root, layer: str, table: str, partner: str):
+    """Make a partition's directory a file, so that run cannot write (a disk-level fault)."""
+    directory = lake_root / layer / table / f"partner={partner}"
+    (directory / "data.parquet").unlink()
+    directory.rmdir()
+    directory.write_text("blocked")
+    return directory
+
+
+def test_silver_and_gold_failures_are_retried_next_tick_and_others_land(materialized, lake_root, caplog):
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-10 00:00:00' WHERE usage_FK_dealer_id IN (1, 3, 4)")
+    silver_block = block_partition(lake_root, "silver", "billing_monthly_usage_by_service", PARTNER_A)
+    gold_block = block_partition(lake_root, "gold", "active_services", PARTNER_B)
+
+    state, report = tick()
+    assert state.is_failed() and "1/3 ok" in state.message
+    assert report.partitions[PARTNER_C].ok
+    assert not report.partitions[PARTNER_A].silver.ok and report.partitions[PARTNER_A].gold is None
+    assert report.partitions[PARTNER_B].silver.ok and not report.partitions[PARTNER_B].gold.ok
+    value = read_cursor_value()
+    assert value["dealer_last_modified"]["4"] == "2026-10-10T00:00:00.000000Z"
+    assert value["dealer_last_modified"]["1"] == "2026-10-01T09:00:00.123456Z"
+    assert value["dealer_last_modified"]["3"] == "2026-10-01T10:00:00.123456Z"
+
+    state, report = tick()  # still broken: retried, counted
+    assert set(report.partitions) == {PARTNER_A, PARTNER_B}
+    state, report = tick()
+    assert read_cursor_value()["partitions"][PARTNER_A]["failures"] == 3
+    assert any(
+        PARTNER_A in r.getMessage() and "3 ticks in a row" in r.getMessage()
+        for r in caplog.records if r.levelname == "ERROR"
+    )
+
+    silver_block.unlink()
+    gold_block.unlink()
+    state, report = tick()
+    assert state.is_completed(), state.message
+    assert set(report.partitions) == {PARTNER_A, PARTNER_B}
+    value = read_cursor_value()
+    assert value["dealer_last_modified"]["1"] == value["dealer_last_modified"]["3"] == "2026-10-10T00:00:00.000000Z"
+    assert value["partitions"][PARTNER_A]["failures"] == 0
+    assert tick()[0].message == "no changes"
+
+
+KILLED_WRITER = """
+import sys, polars as pl
+from pathlib import Path
+from flows.lake import write_parquet_atomic
+frame = pl.DataFrame({"x": range(30_000_000)})
+print("writing", flush=True)
+write_parquet_atomic(frame, Path(sys.argv[1]))
+"""
+
+
+def test_writer_killed_mid_write_leaves_the_old_file_and_next_tick_repairs(materialized, lake_root):
+    target = lake_root / "gold" / "usage_report" / f"partner={PARTNER_A}" / "data.parquet"
+    before = pl.read_parquet(target)
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE)
+    assert writer.stdout.readline().strip() == b"writing"
+    deadline = time.monotonic() + 60
+    while not list(target.parent.glob(".*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    writer.kill()
+    writer.wait()
+
+    assert list(target.parent.glob(".*.tmp")), "the writer was killed before it created its temp file"
+    assert pl.read_parquet(target).equals(before)  # old file intact
+    assert list(target.parent.glob("*.parquet")) == [target]  # temp files are hidden from readers
+    assert pl.scan_parquet(f"{target.parent}/*.parquet").collect().equals(before)  # the leftover is never read
+
+    value = read_cursor_value()
+    del value["dealer_last_modified"]["1"]
+    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    state, report = tick()
+    assert state.is_completed() and set(report.partitions) == {PARTNER_A}
+    assert read(lake_root, "gold", "usage_report", PARTNER_A).equals(before)
+
+
+def test_two_ticks_at_once_only_one_works(materialized, lake_root):
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-11 00:00:00' WHERE usage_FK_dealer_id = 3")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(tick())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    names = sorted(state.name for state, _ in results)
+    assert names == ["Completed", "Skipped"], names
+    worked = [report for state, report in results if state.name == "Completed"]
+    assert set(worked[0].partitions) == {PARTNER_B}
+    skipped = [state for state, _ in results if state.name == "Skipped"]
+    assert "another detection tick is running" in skipped[0].message
+
+
+def slot_periods(flow_run_ids) -> list[tuple]:
+    """(held, released) log times of each run's partner slot, from the runs' own logs."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))))
+    periods = []
+    for run_id in flow_run_ids:
+        mine = {log.message.split(" ")[0]: log.timestamp for log in logs if log.flow_run_id == run_id}
+        periods.append((mine["Holding"], mine["Released"]))
+    return sorted(periods)
+
+
+def test_same_partner_triggered_twice_runs_serialize(materialized, lake_root):
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("partner-silver/partner-silver")
+        runs = [
+            client.create_flow_run_from_deployment(deployment.id, parameters={"partner_uuid": PARTNER_B})
+            for _ in range(2)
+        ]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            runs = [client.read_flow_run(run.id) for run in runs]
+            if all(run.state.is_final() for run in runs):
+                break
+            time.sleep(1)
+    assert all(run.state.is_completed() for run in runs), [run.state for run in runs]
+    (held1, released1), (held2, released2) = slot_periods([run.id for run in runs])
+    assert released1 <= held2, "the two runs of one partner held its slot at the same time"
+    assert read(lake_root, "silver", "billing_usage_aggregated", PARTNER_B).height > 0
+
+
+def test_slot_held_by_a_crashed_run_is_released_by_lease_expiry(materialized, lake_root):
+    with get_client(sync_client=True) as client:
+        lease = client.increment_concurrency_slots_with_lease(
+            names=[partner_limit(PARTNER_C)], slots=1, mode="concurrency", lease_duration=60
+        )
+        assert lease.status_code == 200  # the "crashed" holder never releases it
+    started = time.monotonic()
+    flow_run = run_deployment(
+        "partner-silver/partner-silver", parameters={"partner_uuid": PARTNER_C}, timeout=300, poll_interval=2
+    )
+    waited = time.monotonic() - started
+    assert flow_run.state.is_completed(), flow_run.state
+    assert 40 < waited < 200, waited
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "x' OR '1'='1", "", "a" * 10_000, "AAAAAAAA-0000-4000-8000-00000000000G"])
+def test_bad_partner_uuid_is_rejected_before_any_io(pipeline, lake_root, bad):
+    before = sorted(lake_root.parent.rglob("*"))
+    with pytest.raises(Exception) as refused:
+        run_deployment("partner-silver/partner-silver", parameters={"partner_uuid": bad}, timeout=0)
+    assert "partner_uuid" in str(refused.value) or "pattern" in str(refused.value)
+    with pytest.raises(Exception):
+        partner_silver(partner_uuid=bad)
+    with pytest.raises(InvalidPartnerUUID):
+        from flows.partners import parse_partner_uuid
+
+        parse_partner_uuid(bad)
+    assert sorted(lake_root.parent.rglob("*")) == before
+
+
+def test_bad_source_data_warns_and_outputs_stay_correct(fresh, lake_root, caplog):
+    builder = SourceBuilder(*fresh)
+    builder.dealer(1, PARTNER_A)
+    builder.dealer(2, "not-a-uuid")
+    builder.dealer(3, None)
+    builder.service(600, 1, name=None)
+    builder.usage(1, 600, 1, date(2026, 10, 1), "-12.5000", None)
+    builder.usage(2, 600, 1, date(2026, 10, 1), "4.0000", datetime(2026, 10, 1))
+    builder.usage(3, 600, 1, date(2026, 10, 1), "4.0000", datetime(2026, 10, 1))
+
+    state, report = tick()
+
+    assert state.is_completed(), state.message
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("malformed partner UUID 'not-a-uuid'" in w for w in warnings)
+    assert any("map to no partner" in w and "2" in w and "3" in w for w in warnings)
+    assert set(report.partitions) == {PARTNER_A}
+    report_a = read(lake_root, "gold", "usage_report", PARTNER_A)
+    assert report_a["dealer_id"].to_list() == [1] and str(report_a["amount"][0]) == "-12.5000"
+    assert read(lake_root, "gold", "active_services", PARTNER_A)["service_name"].to_list() == [None]
+
+
+def test_no_password_in_logs_artifacts_or_parameters(materialized):
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs()
+        runs = client.read_flow_runs()
+        artifacts = client.read_artifacts()
+        blocks_yaml = open("prefect.yaml").read()
+    haystack = "\n".join(
+        [log.message for log in logs]
+        + [str(run.parameters) + str(run.state.message if run.state else "") for run in runs]
+        + [str(artifact.data) + str(artifact.description) for artifact in artifacts]
+        + [blocks_yaml]
+    )
+    assert len(logs) > 10 and runs and artifacts
+    assert PIPELINE_PASSWORD not in haystack

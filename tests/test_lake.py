@@ -1,0 +1,235 @@
+"""Unit tests for flows/lake.py: paths, UUID validation, atomic Parquet replacement."""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows import lake
+from flows.lake import (
+    DATA_FILE,
+    STALE_TEMP_SECONDS,
+    bronze_path,
+    lake_root,
+    partition_path,
+    write_parquet_atomic,
+)
+from flows.partners import InvalidPartnerUUID
+
+P = "aaaaaaaa-0000-4000-8000-000000000001"
+
+
+def frame(n: int, tag: str = "v") -> pl.DataFrame:
+    return pl.DataFrame({"id": list(range(n)), "tag": [tag] * n})
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(".tmp"))
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+
+def test_paths_follow_the_contract(tmp_path):
+    assert bronze_path(tmp_path) == tmp_path / "bronze" / "billing_usage_raw" / "data.parquet"
+    assert partition_path(tmp_path, "silver", "billing_usage_aggregated", P) == (
+        tmp_path / "silver" / "billing_usage_aggregated" / f"partner={P}" / "data.parquet"
+    )
+    assert partition_path(tmp_path, "gold", "active_services", P) == (
+        tmp_path / "gold" / "active_services" / f"partner={P}" / DATA_FILE
+    )
+
+
+def test_upper_case_uuid_is_lower_cased_in_the_path(tmp_path):
+    path = partition_path(tmp_path, "gold", "usage_report", P.upper())
+    assert path == tmp_path / "gold" / "usage_report" / f"partner={P}" / "data.parquet"
+    assert P.upper() not in str(path)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../etc",
+        "x' OR '1'='1",
+        "",
+        "a" * 10240,
+        P + "/../../../etc",
+        "../" + P,
+        P + "\n",
+        " " + P,
+        P.replace("-", ""),
+        "{" + P + "}",
+        "urn:uuid:" + P,
+        "gggggggg-0000-4000-8000-000000000001",
+        P[:-1],
+        P + "0",
+        None,
+        123,
+    ],
+)
+def test_partition_path_rejects_bad_uuids_before_touching_the_filesystem(tmp_path, bad):
+    root = tmp_path / "lake"
+    with pytest.raises(InvalidPartnerUUID) as caught:
+        partition_path(root, "silver", "billing_usage_aggregated", bad)
+    assert "partner_uuid must be a canonical" in str(caught.value)
+    assert len(str(caught.value)) < 200  # a 10 KB value is not echoed in full
+    assert not root.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_partner_uuid_is_a_value_error():
+    assert issubclass(InvalidPartnerUUID, ValueError)
+
+
+def test_lake_root_from_environment_or_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("USAGE_LAKE_ROOT", str(tmp_path / "elsewhere"))
+    assert lake_root() == (tmp_path / "elsewhere").resolve()
+    monkeypatch.delenv("USAGE_LAKE_ROOT")
+    monkeypatch.chdir(tmp_path)
+    assert lake_root() == (tmp_path / "lake").resolve()
+    assert lake_root().is_absolute()
+
+
+# --- atomic writes ---------------------------------------------------------------------------------
+
+
+def test_write_creates_directories_and_a_readable_file(tmp_path):
+    path = partition_path(tmp_path, "gold", "usage_report", P)
+    write_parquet_atomic(frame(3), path)
+    assert pl.read_parquet(path).equals(frame(3))
+    assert os.listdir(path.parent) == ["data.parquet"]
+
+
+def test_write_replaces_the_file_with_a_new_inode_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "t" / "data.parquet"
+    write_parquet_atomic(frame(3, "old"), path)
+    old_inode = path.stat().st_ino
+    with open(path, "rb") as reader:  # a reader that opened the old version
+        write_parquet_atomic(frame(5, "new"), path)
+        assert pl.read_parquet(reader).equals(frame(3, "old"))  # still sees the complete old file
+    assert path.stat().st_ino != old_inode
+    assert pl.read_parquet(path).equals(frame(5, "new"))
+    assert os.listdir(path.parent) == ["data.parquet"]
+
+
+def test_temp_file_is_hidden_beside_the_target_and_never_matches_parquet_globs(tmp_path, monkeypatch):
+    path = tmp_path / "t" / "data.parquet"
+    write_parquet_atomic(frame(2, "old"), path)
+    real_replace = os.replace
+    seen = {}
+
+    def checking_replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        seen["temp"] = src.name
+        assert src.parent == dst.parent == path.parent  # same file system: rename is atomic
+        assert src.name.startswith(".")
+        assert src.exists()
+        assert pl.read_parquet(src).equals(frame(4, "new"))  # fully written before the rename
+        # readers globbing for Parquet files see only the complete old file
+        assert glob.glob(str(path.parent / "*.parquet")) == [str(path)]
+        assert [p.name for p in path.parent.glob("*.parquet")] == ["data.parquet"]
+        assert not fnmatch.fnmatch(src.name, "*.parquet")
+        assert pl.read_parquet(str(path.parent / "*.parquet")).equals(frame(2, "old"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", checking_replace)
+    write_parquet_atomic(frame(4, "new"), path)
+    assert seen["temp"].startswith(".data.parquet.") and seen["temp"].endswith(".tmp")
+    assert pl.read_parquet(path).equals(frame(4, "new"))
+    assert temp_files(path.parent) == []
+
+
+class ExplodingFrame:
+    """Writes half a Parquet file, then fails, like a writer killed by an error mid-way."""
+
+    def write_parquet(self, handle, **kwargs):
+        handle.write(b"PAR1 partial garbage")
+        raise RuntimeError("disk full")
+
+
+def test_failed_write_keeps_the_old_file_and_removes_its_temp_file(tmp_path):
+    path = tmp_path / "t" / "data.parquet"
+    write_parquet_atomic(frame(3, "old"), path)
+    before = path.read_bytes()
+    inode = path.stat().st_ino
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_parquet_atomic(ExplodingFrame(), path)
+    assert path.read_bytes() == before
+    assert path.stat().st_ino == inode
+    assert pl.read_parquet(path).equals(frame(3, "old"))
+    assert temp_files(path.parent) == []
+
+
+def test_failed_first_write_leaves_no_file_at_all(tmp_path):
+    path = tmp_path / "t" / "data.parquet"
+    with pytest.raises(RuntimeError):
+        write_parquet_atomic(ExplodingFrame(), path)
+    assert os.listdir(path.parent) == []
+
+
+def test_stale_temp_files_are_removed_and_young_ones_kept(tmp_path):
+    path = tmp_path / "t" / "data.parquet"
+    path.parent.mkdir(parents=True)
+    now = time.time()
+    stale = path.parent / ".data.parquet.0123abcd.tmp"
+    young = path.parent / ".data.parquet.4567ef01.tmp"  # may belong to a concurrent writer
+    almost = path.parent / ".data.parquet.89abcdef.tmp"
+    other_target = path.parent / ".other.parquet.0123abcd.tmp"
+    unrelated = path.parent / "notes.tmp"
+    for file in (stale, young, almost, other_target, unrelated):
+        file.write_bytes(b"partial")
+    os.utime(stale, (now - STALE_TEMP_SECONDS - 60, now - STALE_TEMP_SECONDS - 60))
+    os.utime(almost, (now - STALE_TEMP_SECONDS + 300, now - STALE_TEMP_SECONDS + 300))
+    os.utime(other_target, (now - 10 * STALE_TEMP_SECONDS,) * 2)
+    os.utime(unrelated, (now - 10 * STALE_TEMP_SECONDS,) * 2)
+
+    write_parquet_atomic(frame(1), path)
+
+    assert not stale.exists()
+    assert young.exists()
+    assert almost.exists()
+    assert other_target.exists()  # another file's temp files are not this writer's business
+    assert unrelated.exists()
+    assert pl.read_parquet(path).equals(frame(1))
+
+
+def test_stale_temp_cleanup_tolerates_a_file_removed_concurrently(tmp_path, monkeypatch):
+    path = tmp_path / "t" / "data.parquet"
+    path.parent.mkdir(parents=True)
+    stale = path.parent / ".data.parquet.deadbeef.tmp"
+    stale.write_bytes(b"x")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    real_stat = Path.stat
+
+    def vanishing_stat(self, *args, **kwargs):
+        if self.name == stale.name and os.path.exists(self):
+            os.unlink(self)  # another writer removed it between glob and stat
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing_stat)
+    write_parquet_atomic(frame(2), path)
+    monkeypatch.undo()
+    assert not stale.exists()
+    assert pl.read_parquet(path).equals(frame(2))
+
+
+def test_empty_frame_keeps_its_schema_on_disk(tmp_path):
+    path = tmp_path / "t" / "data.parquet"
+    empty = pl.DataFrame(schema={"partner_uuid": pl.String, "amount": pl.Decimal(38, 4), "month": pl.Date})
+    write_parquet_atomic(frame(3), path)
+    write_parquet_atomic(empty, path)
+    back = pl.read_parquet(path)
+    assert back.height == 0
+    assert dict(back.schema) == dict(empty.schema)
+
+
+def test_module_constants():
+    assert lake.STALE_TEMP_SECONDS >= 600  # long enough never to remove a live writer's file
+    assert lake.DATA_FILE == "data.parquet"
