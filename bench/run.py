@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from load_data import FULL_ROWS, BenchSet, ensure_loaded  # noqa: E402
+from load_data import ADMIN_URL, FULL_ROWS, BenchSet, ensure_loaded  # noqa: E402
 from flows.cursor import Cursor  # noqa: E402
 from flows.detection import (  # noqa: E402
     DealerStats,
@@ -412,10 +412,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-reps", type=int, default=3, help="one-dealer and no-change ticks (default 3)")
     parser.add_argument("--no-e2e", action="store_true", help="skip (c), the end-to-end ticks")
     parser.add_argument("--keep", action="store_true", help="keep the e2e temp dir (logs, lake)")
+    parser.add_argument(
+        "--buffer-pool-mib", type=int, default=0,
+        help="raise MariaDB's innodb_buffer_pool_size to this many MiB for the run (SET GLOBAL, restored at the end;"
+             " needs SUPER). 0 (default) leaves the server as it is",
+    )
     args = parser.parse_args(argv)
     os.chdir(ROOT)
 
     bench = ensure_loaded(args.rows)
+    restore = set_buffer_pool(args.buffer_pool_mib) if args.buffer_pool_mib else None
+    try:
+        return run(args, bench)
+    finally:
+        if restore is not None:
+            set_buffer_pool(restore, wait=False)
+            say(f"(innodb_buffer_pool_size set back to {restore} MiB)")
+
+
+def set_buffer_pool(mib: int, wait: bool = True) -> int:
+    """SET GLOBAL innodb_buffer_pool_size (online in MariaDB 10.11); return the previous size in MiB."""
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            before = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+            if before != mib:
+                conn.exec_driver_sql(f"SET GLOBAL innodb_buffer_pool_size = {int(mib) * 1048576}")
+                deadline = time.monotonic() + 120
+                while wait and time.monotonic() < deadline:
+                    status = conn.exec_driver_sql("SHOW STATUS LIKE 'Innodb_buffer_pool_resize_status'").one()[1]
+                    size = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+                    if size == mib and ("Completed" in status or not status):
+                        break
+                    time.sleep(1)
+                if wait:
+                    say(f"innodb_buffer_pool_size: {before} MiB -> {mib} MiB for this run")
+        return before
+    finally:
+        admin.dispose()
+
+
+def run(args: argparse.Namespace, bench: BenchSet) -> int:
     engine = sa.create_engine(bench.billing_url(), connect_args={"connect_timeout": 10, "read_timeout": 600})
     v3 = sa.create_engine(bench.v3_url())
     started = time.perf_counter()

@@ -67,6 +67,11 @@ class Plan:
     unmapped_dealers: list[int] = field(default_factory=list)
 
     @property
+    def runs_bronze(self) -> bool:
+        """Bronze holds every relevant row, unmapped dealers' too, so any change refreshes it."""
+        return bool(self.partitions or self.dealer_changes)
+
+    @property
     def is_empty(self) -> bool:
         return not self.partitions and not self.dealer_changes
 
@@ -166,8 +171,13 @@ def plan_tick(cursor: Cursor, snapshot: SourceSnapshot) -> Plan:
 
     dealer_partitions: dict[int, frozenset[str]] = {}
     for dealer, reason in sorted(changes.items()):
+        # Its rows leave the partner that held them and join the one it maps to now.
         seen = seen_all.get(dealer)
-        affected = frozenset(p for p in (partners.get(dealer), seen.partner if seen else None) if p)
+        holder = seen.partner if seen else partners.get(dealer)
+        gains = partners.get(dealer) if dealer in snapshot.relevant else None
+        had_rows = dealer in cursor.dealer_last_modified or (seen is not None and seen.relevant)
+        loses = holder if had_rows else None
+        affected = frozenset(p for p in (gains, loses) if p)
         dealer_partitions[dealer] = affected
         for partner in sorted(affected):
             if first_run:  # includes a partner the dealer left: it must be emptied too
@@ -182,7 +192,7 @@ def plan_tick(cursor: Cursor, snapshot: SourceSnapshot) -> Plan:
         bronze_dealers = None
     else:
         retried = {d for d, p in partners.items() if p in cursor.retry_partitions}
-        bronze_dealers = sorted(set(changes) | retried) if reasons else []
+        bronze_dealers = sorted(set(changes) | retried) if reasons or changes else []
     return Plan(
         first_run=first_run,
         dealer_changes=dict(sorted(changes.items())),

@@ -114,9 +114,10 @@ def probe_raw_max(conn: Connection) -> dict[int, datetime | None]:
 def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int, DealerStats]:
     """MAX(usage_modified) and a fingerprint of the relevant rows, for `dealers` (None: all).
 
-    The fingerprint (row count and sums of ids, quantities and amounts) catches
-    deletes and edits that leave MAX unchanged, and rows that move in or out of
-    the filters through service-data changes.
+    The fingerprint (row count; sums of ids, quantities, amounts, service
+    statuses and service-name lengths) catches deletes and edits that leave MAX
+    unchanged, rows that move in or out of the filters through service-data
+    changes, and status or name changes of their services.
     """
     columns = (
         usage.c.usage_FK_dealer_id,
@@ -125,6 +126,8 @@ def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int,
         sa.func.sum(usage.c.usage_id),
         sa.func.sum(usage.c.usage_quantity),
         sa.func.sum(usage.c.usage_amount),
+        sa.func.sum(service_data.c.service_data_FK_service_status_id),
+        sa.func.sum(sa.func.length(sa.func.coalesce(service_data.c.service_data_service_name, ""))),
     )
     base = sa.select(*columns).select_from(relevant_usage).group_by(usage.c.usage_FK_dealer_id)
     statements = (
@@ -134,8 +137,8 @@ def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int,
     )
     stats: dict[int, DealerStats] = {}
     for stmt in statements:
-        for dealer_id, last_modified, rows, id_sum, qty_sum, amount_sum in conn.execute(stmt):
-            fingerprint = f"{rows}:{id_sum}:{_money(qty_sum)}:{_money(amount_sum)}"
+        for dealer_id, last_modified, rows, id_sum, qty_sum, amount_sum, status_sum, name_sum in conn.execute(stmt):
+            fingerprint = f"{rows}:{id_sum}:{_money(qty_sum)}:{_money(amount_sum)}:{status_sum}:{name_sum}"
             stats[int(dealer_id)] = DealerStats(_as_datetime(last_modified), fingerprint)
     return stats
 

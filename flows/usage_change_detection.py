@@ -120,7 +120,7 @@ def log_plan(plan: Plan) -> None:
     logger.info("Mapped to %d affected partner partition(s)", len(plan.partitions))
     for partner, reasons in plan.partitions.items():
         logger.info("Partition %s: %s", partner, "; ".join(reasons))
-    if plan.partitions:
+    if plan.runs_bronze:
         logger.info(
             "Creating %d run request(s): 1 bronze (billing-usage-raw) + %d silver/gold partition(s)",
             1 + len(plan.partitions), len(plan.partitions),
@@ -178,10 +178,10 @@ def run_tick(dry_run: bool) -> TickReport:
         logger.info("Dry run: nothing submitted, cursor unchanged")
         return report
 
-    if plan.partitions:
+    if plan.runs_bronze:
         bronze_name = "bronze-full" if plan.bronze_dealers is None else f"bronze-{len(plan.bronze_dealers)}-dealers"
         report.bronze = run_child("billing-usage-raw", {"dealer_ids": plan.bronze_dealers}, bronze_name, ["layer:bronze"])
-        if report.bronze.ok:
+        if report.bronze.ok and plan.partitions:
             report.partitions = materialize_partitions(list(plan.partitions))
         else:
             logger.error("Bronze failed (%s); no partition runs this tick", report.bronze.message)

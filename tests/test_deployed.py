@@ -235,6 +235,8 @@ def stack(postgres_url, tmp_path_factory):
         path.mkdir()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # PWD as a shell in the repository root would set it: prefect.yaml's pull step is "{{ $PWD }}",
+    # which `prefect deploy` reads from the environment variable, not from the working directory.
     cli_env = dict(_base_env(), PREFECT_HOME=str(home / "cli-home"), PREFECT_API_URL=api, PWD=str(REPO))
     stack = Stack(api=api, home=home, logs=logs, lake=lake, cli_env=cli_env)
     server_env = dict(
@@ -400,15 +402,21 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
         for table in ("billing_usage_aggregated", "billing_monthly_usage_by_service")
     }
 
-    # Across the whole test: every run was submitted by exactly one worker, and both workers took work.
+    # Across the whole test: every run was taken by exactly one worker, and both workers took work.
+    # Both workers may try to submit the same run; the server lets one move it to Pending and sends
+    # the other an abort ("Aborted submission of flow run '<id>'"), so that one did not take it.
     all_runs = stack.flow_runs()
     worker_logs = {name: (stack.logs / f"{name}.log").read_text(errors="replace") for name in WORKERS}
-    submitted_by: dict[str, list[str]] = {name: [] for name in WORKERS}
+    taken_by: dict[str, list[str]] = {name: [] for name in WORKERS}
+    aborted = 0
     for run in all_runs:
-        takers = [name for name, text in worker_logs.items() if f"submitting flow run '{run['id']}'" in text]
-        assert len(takers) == 1, (run["name"], takers)
-        submitted_by[takers[0]].append(run["name"])
-    assert all(submitted_by.values()), submitted_by
+        tried = [name for name, text in worker_logs.items() if f"submitting flow run '{run['id']}'" in text]
+        lost = [name for name, text in worker_logs.items() if f"Aborted submission of flow run '{run['id']}'" in text]
+        takers = [name for name in tried if name not in lost]
+        assert len(takers) == 1, (run["name"], tried, lost)
+        taken_by[takers[0]].append(run["name"])
+        aborted += len(lost)
+    assert all(taken_by.values()), taken_by
 
     # A partner's runs never overlap (the partner:<uuid> limit), across every tick and the manual run.
     for partner in ALL_PARTNERS:
@@ -417,14 +425,18 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
         for (_, end), (next_start, _) in zip(intervals, intervals[1:]):
             assert end <= next_start, f"runs of {partner} overlap: one ends {end}, the next starts {next_start}"
 
-    # 7. Overhead with one worker: the same one-dealer-per-partner tick.
-    stack.stop(WORKERS[1])
-    _touch(source, 1, datetime(2026, 10, 3, 8, 30, 0, 222222), "13.2500")
-    _touch(source, 3, datetime(2026, 10, 3, 9, 30, 0, 333333), "5.7500")
-    run4, children4, wall4 = stack.tick()
-    stack.timings["tick 4 (1 worker, one dealer of A and of B)"] = wall4
-    assert set(_partition_runs(children4)) == {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
-    _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+    # 7. Overhead with one worker: the same one-dealer-per-partner tick (about a minute more, so opt-in).
+    measured = [("2 workers", wall2, children2)]
+    if os.environ.get("USAGE_E2E_ONE_WORKER_TICK") == "1":
+        stack.stop(WORKERS[1])
+        _touch(source, 1, datetime(2026, 10, 3, 8, 30, 0, 222222), "13.2500")
+        _touch(source, 3, datetime(2026, 10, 3, 9, 30, 0, 333333), "5.7500")
+        run4, children4, wall4 = stack.tick()
+        stack.timings["tick 4 (1 worker, one dealer of A and of B)"] = wall4
+        expected = {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
+        assert set(_partition_runs(children4)) == expected
+        _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+        measured.append(("1 worker", wall4, children4))
 
     # 8. The pipeline password is in no log: server, workers (flow-run output), CLI, and the API's run logs.
     for log in stack.logs.iterdir():
@@ -437,7 +449,7 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
         assert PIPELINE_PASSWORD not in json.dumps(artifact, default=str)
 
     # Timings: wall time of a one-dealer-per-partner tick per partner, and where a tick's time goes.
-    for label, wall, children in (("2 workers", wall2, children2), ("1 worker", wall4, children4)):
+    for label, wall, children in measured:
         stack.timings[f"overhead per partner, {label} (tick wall / 2 partners)"] = wall / 2
         work = sum((_times(c)[1] - _times(c)[0]).total_seconds() for c in children)
         starts = [
@@ -450,5 +462,5 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     stack.timings["tick 2 detection run Running..Completed"] = (end - start).total_seconds()
     stack.timings["whole test body"] = time.perf_counter() - test_started
     print("TIMINGS:", json.dumps({k: round(v, 1) for k, v in stack.timings.items()}, indent=1))
-    print("SUBMITTED BY:", json.dumps(submitted_by, indent=1))
-    print("TICK 2 CHILDREN:", {name: (c["state_name"], c["start_time"], c["end_time"]) for name, c in tick2_children.items()})
+    print("TAKEN BY:", json.dumps(taken_by, indent=1), f"({aborted} aborted duplicate submission(s))")
+    print("TICK 2 CHILDREN:", json.dumps({n: [c["state_name"], c["expected_start_time"], c["start_time"], c["end_time"]] for n, c in tick2_children.items()}, indent=1))

@@ -106,7 +106,7 @@ def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_g
     )
     bronze = None
     outcomes: dict[str, PartitionOutcome] = {}
-    if plan.partitions:
+    if plan.runs_bronze:
         bronze = OK if bronze_ok else RunOutcome("bronze", "Failed", False, "db down")
         if bronze_ok:
             outcomes = {p: outcome(p, p in fail, p in fail_gold) for p in plan.partitions}
@@ -373,9 +373,9 @@ def test_new_unmapped_dealer_is_reported_runs_no_partition_and_advances(settled,
     assert plan.unmapped_dealers == [9]
     assert plan.partitions == {}
     assert plan.dealer_partitions == {9: frozenset()}
-    assert plan.bronze_dealers == []
+    assert plan.bronze_dealers == [9]  # bronze holds unmapped dealers' rows too
     assert not plan.is_empty
-    assert result.bronze is None  # no partition, so no bronze run
+    assert result.bronze is OK
     assert result.cursor.dealer_last_modified[9] == t(70)
     assert result.cursor.dealer_seen[9] == DealerSeen(t(70), True, t(70), None)
     assert tick(result.cursor, source).plan.is_empty

@@ -115,14 +115,14 @@ def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: st
         snapshot, _ = read_snapshot(conn, cursor, reconcile, partners)
     plan = plan_tick(cursor, snapshot)
     outcomes = {}
-    if plan.partitions:
+    if plan.runs_bronze:
         refresh_bronze(root, lambda dealers: extract_relevant_usage(billing, cx_uri, dealers), plan.bronze_dealers)
         for partner in plan.partitions:
             build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner))
             build_gold(root, partner)
             outcomes[partner] = PartitionOutcome(partner, OK, OK)
     now = datetime(2030, 1, 1)
-    return advance_cursor(cursor, snapshot, plan, OK if plan.partitions else None, outcomes, now), plan
+    return advance_cursor(cursor, snapshot, plan, OK if plan.runs_bronze else None, outcomes, now), plan
 
 
 def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admin, tmp_path):
