@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 DETECTION_INTERVAL_SECONDS = 300
-RUNNER_POLL_SECONDS = 2.0
+RUNNER_POLL_SECONDS = 1.0
 
 
 def cmd_setup(_: argparse.Namespace) -> int:

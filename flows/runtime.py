@@ -25,7 +25,7 @@ from flows.partners import layer_tag, partner_tag
 
 # Leases are renewed while a run holds a slot; a crashed holder frees it after this long.
 SLOT_LEASE_SECONDS = 120
-CHILD_POLL_SECONDS = 1.0
+CHILD_POLL_SECONDS = 0.5
 
 
 class SourceError(RuntimeError):

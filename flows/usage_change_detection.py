@@ -181,10 +181,10 @@ def run_tick(dry_run: bool) -> TickReport:
     if plan.runs_bronze:
         bronze_name = "bronze-full" if plan.bronze_dealers is None else f"bronze-{len(plan.bronze_dealers)}-dealers"
         report.bronze = run_child("billing-usage-raw", {"dealer_ids": plan.bronze_dealers}, bronze_name, ["layer:bronze"])
-        if report.bronze.ok and plan.partitions:
-            report.partitions = materialize_partitions(list(plan.partitions))
-        else:
+        if not report.bronze.ok:
             logger.error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
+        elif plan.partitions:
+            report.partitions = materialize_partitions(list(plan.partitions))
 
     new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
     for partner, status in new_cursor.partitions.items():

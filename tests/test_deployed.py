@@ -235,9 +235,7 @@ def stack(postgres_url, tmp_path_factory):
         path.mkdir()
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    # PWD as a shell in the repository root would set it: prefect.yaml's pull step is "{{ $PWD }}",
-    # which `prefect deploy` reads from the environment variable, not from the working directory.
-    cli_env = dict(_base_env(), PREFECT_HOME=str(home / "cli-home"), PREFECT_API_URL=api, PWD=str(REPO))
+    cli_env = dict(_base_env(), PREFECT_HOME=str(home / "cli-home"), PREFECT_API_URL=api)
     stack = Stack(api=api, home=home, logs=logs, lake=lake, cli_env=cli_env)
     server_env = dict(
         _base_env(),
