@@ -8,12 +8,10 @@ from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
-from blocks.setup import V3_BLOCK
 from flows.lake import lake_root
 from flows.materialize import build_silver
 from flows.partners import PARTNER_UUID_PATTERN, parse_partner_uuid
-from flows.runtime import load_source, partner_slot, tag_current_run
-from flows.source import dealer_directory
+from flows.runtime import partner_slot, read_dealer_directory, tag_current_run
 
 PartnerUUID = Annotated[str, Field(pattern=PARTNER_UUID_PATTERN, description="Partner UUID (8-4-4-4-12 hex)")]
 
@@ -21,17 +19,7 @@ PartnerUUID = Annotated[str, Field(pattern=PARTNER_UUID_PATTERN, description="Pa
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 def partner_dealers(partner_uuid: str) -> list[int]:
     """The partner's dealers, read from v3 now (not from the tick), so manual runs are right too."""
-    source = load_source(V3_BLOCK)
-    try:
-        with source.engine.connect() as conn:
-            directory, warnings = dealer_directory(conn)
-    except Exception as exc:
-        raise source.error(exc) from None
-    finally:
-        source.engine.dispose()
-    for warning in warnings:
-        get_run_logger().warning(warning)
-    return sorted(d for d, p in directory.items() if p == partner_uuid)
+    return sorted(d for d, p in read_dealer_directory().items() if p == partner_uuid)
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")

@@ -18,10 +18,11 @@ from prefect_sqlalchemy import SqlAlchemyConnector
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from blocks.setup import PARTITIONS_LIMIT, ensure_limit, max_concurrent_partitions, partner_limit
+from blocks.setup import V3_BLOCK, PARTITIONS_LIMIT, ensure_limit, max_concurrent_partitions, partner_limit
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from flows.detection import RunOutcome
 from flows.partners import layer_tag, partner_tag
+from flows.source import dealer_directory
 
 # Leases are renewed while a run holds a slot; a crashed holder frees it after this long.
 SLOT_LEASE_SECONDS = 120
@@ -61,6 +62,21 @@ def load_source(block: str) -> Source:
     if url.get_backend_name() in ("mysql", "mariadb"):
         connectorx_uri = url.set(drivername="mysql").render_as_string(hide_password=False)
     return Source(block, engine, connectorx_uri, url.password)
+
+
+def read_dealer_directory() -> dict[int, str | None]:
+    """The v3 dealer -> partner map; malformed rows are logged as warnings and count as unmapped."""
+    v3 = load_source(V3_BLOCK)
+    try:
+        with v3.engine.connect() as conn:
+            partners, warnings = dealer_directory(conn)
+    except Exception as exc:
+        raise v3.error(exc) from None
+    finally:
+        v3.engine.dispose()
+    for warning in warnings:
+        get_run_logger().warning(warning)
+    return partners
 
 
 def read_cursor_value() -> Any:

@@ -18,7 +18,7 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed, Failed, State
 
-from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, V3_BLOCK, ensure_limit, max_concurrent_partitions
+from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, ensure_limit, max_concurrent_partitions
 from flows.cursor import Cursor, parse_cursor
 from flows.detection import (
     PartitionOutcome,
@@ -30,8 +30,8 @@ from flows.detection import (
 )
 from flows.partners import layer_tag, partner_tag
 from flows.report import publish_tick_artifacts
-from flows.runtime import SLOT_LEASE_SECONDS, SourceError, load_source, read_cursor_value, run_child, write_cursor_value
-from flows.source import INDEX_ADVICE, dealer_directory, has_dealer_modified_index, read_snapshot
+from flows.runtime import SLOT_LEASE_SECONDS, SourceError, load_source, read_cursor_value, read_dealer_directory, run_child, write_cursor_value
+from flows.source import INDEX_ADVICE, has_dealer_modified_index, read_snapshot
 
 RECONCILE_SECONDS_DEFAULT = 3600
 SLOW_PROBE_SECONDS = 1.0
@@ -77,17 +77,7 @@ def reconcile_due(cursor: Cursor, now: datetime) -> bool:
 def take_snapshot(cursor: Cursor, now: datetime) -> SourceSnapshot:
     """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
-    v3 = load_source(V3_BLOCK)
-    try:
-        with v3.engine.connect() as conn:
-            partners, warnings = dealer_directory(conn)
-    except Exception as exc:
-        raise v3.error(exc) from None
-    finally:
-        v3.engine.dispose()
-    for warning in warnings:
-        logger.warning(warning)
-
+    partners = read_dealer_directory()
     billing = load_source(BILLING_BLOCK)
     try:
         with billing.engine.connect() as conn:

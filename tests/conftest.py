@@ -99,7 +99,6 @@ def lake_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline(prefect_server, source_engines, lake_root, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """`usage-pipeline setup` against MariaDB, then `usage-pipeline serve` running the deployments."""
-    from blocks.setup import run_setup
     from flows import local_prefect
 
     env = dict(os.environ, **pipeline_environ())

@@ -8,7 +8,7 @@ outcomes, and stores the new cursor through JSON as the block would.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import pytest

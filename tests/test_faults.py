@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import subprocess
 import sys
 import threading
@@ -14,13 +15,13 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect_sqlalchemy import SqlAlchemyConnector
 
-from blocks.setup import PARTITIONS_LIMIT, partner_limit
+from blocks.setup import partner_limit
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from flows.partner_silver import partner_silver
 from flows.partners import InvalidPartnerUUID
 from flows.runtime import read_cursor_value
 from tests.conftest import PIPELINE_PASSWORD
-from tests.pipeline_helpers import BRONZE_FILE, file_ids, partition_files, read, rewritten, tick
+from tests.pipeline_helpers import file_ids, read, tick
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
 
 pytestmark = pytest.mark.integration
@@ -190,7 +191,11 @@ def test_writer_killed_mid_write_leaves_the_old_file_and_next_tick_repairs(mater
 def test_two_ticks_at_once_only_one_works(materialized, lake_root):
     materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-11 00:00:00' WHERE usage_FK_dealer_id = 3")
     results = []
-    threads = [threading.Thread(target=lambda: results.append(tick())) for _ in range(2)]
+    # Each thread gets a copy of this context, which holds the Prefect settings (API URL).
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(lambda: results.append(tick()),))
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
