@@ -3,6 +3,7 @@
     .venv/bin/python bench/load_data.py          # once: the 5 M-row set (skipped if loaded)
     .venv/bin/python bench/run.py                # (a) detection, (b) bronze extract, (c) end to end
     .venv/bin/python bench/run.py --rows 100000 --no-e2e
+    .venv/bin/python bench/run.py --buffer-pool-mib 1024   # joins warm in memory; restored after the run
 
 (a) detection source cost: the seed's join + GROUP BY dealer vs the pipeline's
     index probe + candidate queries (no change; one changed dealer; the hourly
@@ -19,6 +20,7 @@ table shows the median (and min-max). The source is never written to.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import re
@@ -44,7 +46,6 @@ import sqlalchemy as sa  # noqa: E402
 from load_data import ADMIN_URL, FULL_ROWS, BenchSet, ensure_loaded  # noqa: E402
 from flows.cursor import Cursor  # noqa: E402
 from flows.detection import (  # noqa: E402
-    DealerStats,
     PartitionOutcome,
     RunOutcome,
     SourceSnapshot,
@@ -53,6 +54,11 @@ from flows.detection import (  # noqa: E402
     probe_candidates,
 )
 from flows.source import bronze_statements, dealer_directory, probe_raw_max, read_frame, relevant_stats  # noqa: E402
+
+try:  # the bronze flow's extract including the cast to the bronze schema (newer project versions)
+    from flows.source import extract_relevant_usage  # noqa: E402
+except ImportError:
+    extract_relevant_usage = None
 
 # The seed's detection query (usage-change-detection-sensor, "Query Filters"), verbatim
 # apart from the schema prefix: we are connected to the bench billing database.
@@ -258,7 +264,13 @@ def bench_bronze(engine: sa.Engine, bench: BenchSet, dealer: int, reps: int, sli
         project = measure(lambda: read_frame(engine, stmt, uri), n)
         a, b = baseline.result, project.result
         assert a.height == b.height and a["usage_id"].sum() == b["usage_id"].sum(), "extracts differ"
-        for name, t in (("pymysql `pl.read_database` (baseline)", baseline), ("connectorx `read_frame` (pipeline)", project)):
+        timings = [("pymysql `pl.read_database` (baseline)", baseline), ("connectorx `read_frame` (pipeline)", project)]
+        if extract_relevant_usage is not None:  # the bronze flow's whole extract: read_frame + normalize_bronze
+            dealers = None if "full" in label else [dealer]
+            full = measure(lambda: extract_relevant_usage(engine, uri, dealers), n)
+            assert full.result.height == a.height, "extract_relevant_usage differs"
+            timings.append(("connectorx + `normalize_bronze` (`extract_relevant_usage`)", full))
+        for name, t in timings:
             rows.append([
                 label, name, f"{t.result.height:,}", t.s(), f"{t.result.height / t.median:,.0f}",
                 "1.0x" if t is baseline else ratio(baseline.median, t.median),
@@ -336,8 +348,10 @@ def run_ticks(dealer: int, reps: int, serve_log: Path, lake: Path) -> str:
         return elapsed, report
 
     def bronze_seconds() -> str:
-        found = re.findall(r"Bronze (.+?) refresh: extracted (\d+) row\(s\) in ([\d.]+)s", serve_log.read_text(errors="replace"))
-        return f"{found[-1][2]} s for {int(found[-1][1]):,} rows" if found else "?"
+        text = serve_log.read_text(errors="replace")
+        found = re.findall(r"Bronze .+? refresh: extracted (\d+) row\(s\) in ([\d.]+)s", text)  # older log format
+        found += re.findall(r"Extracted (\d+) relevant usage row\(s\) in ([\d.]+)s", text)
+        return f"{found[-1][1]} s for {int(found[-1][0]):,} rows" if found else "?"
 
     def summary(report: Any) -> str:
         plan = report.plan
@@ -452,7 +466,17 @@ def set_buffer_pool(mib: int, wait: bool = True) -> int:
         admin.dispose()
 
 
+def code_state() -> str:
+    """Commit and a hash of the project's code, to tell whether it changed while the benchmark ran."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("flows/*.py"), *ROOT.glob("blocks/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return f"commit {head or '?'}, flows+blocks sha256 {digest.hexdigest()[:12]}"
+
+
 def run(args: argparse.Namespace, bench: BenchSet) -> int:
+    code = code_state()
     engine = sa.create_engine(bench.billing_url(), connect_args={"connect_timeout": 10, "read_timeout": 600})
     v3 = sa.create_engine(bench.v3_url())
     started = time.perf_counter()
@@ -468,6 +492,9 @@ def run(args: argparse.Namespace, bench: BenchSet) -> int:
         say("Running (c) end to end ...")
         sections += ["", bench_e2e(bench, dealer, args.e2e_reps, args.keep)]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    code_after = code_state()
+    sections[3:3] = [f"Project code: {code}" + ("" if code_after == code else
+                     f" -- **changed during the run** (now {code_after}): the numbers mix two versions")]
     sections += ["", f"Benchmark wall time: {time.perf_counter() - started:,.0f} s; load average at the end {load}."]
     say()
     say("\n".join(sections))

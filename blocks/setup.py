@@ -88,7 +88,7 @@ def _mysql(block: str, prefix: str, values: dict[str, str | None]) -> SourceConf
             password=SecretStr(values["PASSWORD"] or ""),
             database=values["DATABASE"],
         ),
-        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, "read_timeout": 600},
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, "read_timeout": 3600},
     )
     return SourceConfig(block, connector, f"mysql {values['USER']}@{values['HOST']}:{port}/{values['DATABASE']}")
 

@@ -112,7 +112,7 @@ def cmd_demo(_: argparse.Namespace) -> int:
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # send this process's logs before the server goes away
+        APILogHandler().flush()  # send this process's logs before the server goes away
         for process in reversed(processes):
             local_prefect.stop(process)
 

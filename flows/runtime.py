@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from flows.source import dealer_directory
 # Leases are renewed while a run holds a slot; a crashed holder frees it after this long.
 SLOT_LEASE_SECONDS = 120
 CHILD_POLL_SECONDS = 0.5
+SUBMIT_ATTEMPTS = 3
 
 
 class SourceError(RuntimeError):
@@ -138,17 +140,25 @@ def run_child(deployment: str, parameters: dict[str, Any], run_name: str, tags: 
     `run_deployment` does not raise when the child fails, so the state is checked here;
     a child that does not finish in time counts as failed and is retried on a later tick.
     """
-    try:
-        flow_run = run_deployment(
-            f"{deployment}/{deployment}",
-            parameters=parameters,
-            flow_run_name=run_name,
-            tags=tags,
-            timeout=child_run_timeout(),
-            poll_interval=CHILD_POLL_SECONDS,
-        )
-    except Exception as exc:  # the API refused the run: report it as this child's failure
-        return RunOutcome(run_name, "NotSubmitted", False, f"{type(exc).__name__}: {exc}")
+    # Same key on every attempt: a retry after a lost response finds the run instead of adding one.
+    key = f"{current_flow_run.id}:{run_name}"
+    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        try:
+            flow_run = run_deployment(
+                f"{deployment}/{deployment}",
+                parameters=parameters,
+                flow_run_name=run_name,
+                tags=tags,
+                idempotency_key=key,
+                timeout=child_run_timeout(),
+                poll_interval=CHILD_POLL_SECONDS,
+            )
+            break
+        except Exception as exc:  # e.g. a busy server (503); after the last attempt, this child failed
+            if attempt == SUBMIT_ATTEMPTS:
+                return RunOutcome(run_name, "NotSubmitted", False, f"{type(exc).__name__}: {exc}")
+            get_run_logger().warning("Submitting %s failed (%s); retrying", run_name, exc)
+            time.sleep(2**attempt)
     state = flow_run.state
     if state is None or not state.is_final():
         message = f"not finished after {child_run_timeout():.0f}s (state {state.name if state else 'unknown'})"
