@@ -62,7 +62,7 @@ class TickReport:
             return "no changes"
         text = self.plan.describe()
         if self.dry_run:
-            return f"dry run: {text} would run" + (" (with bronze)" if self.plan.partitions else "")
+            return f"dry run: {text} would run" + (" (with bronze)" if self.plan.runs_bronze else "")
         if self.bronze is not None and not self.bronze.ok:
             return f"{text}, bronze failed: {self.bronze.state}"
         good = sum(o.ok for o in self.partitions.values())
