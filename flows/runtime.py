@@ -126,8 +126,11 @@ def partner_slot(partner_uuid: str) -> Iterator[None]:
     logger.info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
     with concurrency([name, PARTITIONS_LIMIT], occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS):
         logger.info("Holding slot %s", name)
-        yield
-    logger.info("Released slot %s", name)
+        try:
+            yield
+        finally:
+            # Logged while still held: every log line of a holder precedes the next holder's "Holding".
+            logger.info("Releasing slot %s", name)
 
 
 def child_run_timeout() -> float:

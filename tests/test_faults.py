@@ -209,16 +209,22 @@ def test_two_ticks_at_once_only_one_works(materialized, lake_root):
 
 
 def slot_periods(flow_run_ids) -> list[tuple]:
-    """(held, released) log times of each run's partner slot, from the runs' own logs."""
+    """(held, releasing) log times of each run's partner slot, from the runs' own logs."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))))
-    periods = []
-    for run_id in flow_run_ids:
-        mine = {log.message.split(" ")[0]: log.timestamp for log in logs if log.flow_run_id == run_id}
-        periods.append((mine["Holding"], mine["Released"]))
-    return sorted(periods)
+    # Run logs reach the API in the background, possibly after the run is already final: wait for them.
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))))
+        marks = [
+            {log.message.split(" ")[0]: log.timestamp for log in logs if log.flow_run_id == run_id}
+            for run_id in flow_run_ids
+        ]
+        if all({"Holding", "Releasing"} <= set(mine) for mine in marks) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return sorted((mine["Holding"], mine["Releasing"]) for mine in marks)
 
 
 def test_same_partner_triggered_twice_runs_serialize(materialized, lake_root):
