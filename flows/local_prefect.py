@@ -20,6 +20,12 @@ DEPLOYMENT_NAMES = (
 )
 
 
+# Keep concurrency leases on disk (PREFECT_HOME/concurrency_leases) instead of in the server's memory:
+# with the default, a server restart forgets every lease while the limits still count their slots
+# as taken, so a partner whose run held its slot then waits forever.
+DURABLE_LEASES = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -40,10 +46,10 @@ def wait_until(check, what: str, timeout: float, process: subprocess.Popen | Non
     raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
 
 
-def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` on a free port with its own PREFECT_HOME (SQLite database inside)."""
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+def start_server(home: Path, log: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` (on a free port unless given) with its own PREFECT_HOME (SQLite database inside)."""
+    port = port or free_port()
+    env = dict(os.environ, **DURABLE_LEASES, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
