@@ -43,6 +43,18 @@ def max_concurrent_partitions() -> int:
     return value
 
 
+PARTITION_RUN_MODES = ("subflow", "deployment")
+
+
+def partition_run_mode() -> str:
+    """How a tick runs silver/gold: `subflow` in its own process (sub-second overhead, the default)
+    or `deployment`, one worker run each (spreads heavy partitions over the pool's machines)."""
+    value = os.environ.get("USAGE_PARTITION_RUNS", PARTITION_RUN_MODES[0])
+    if value not in PARTITION_RUN_MODES:
+        raise SetupError(f"USAGE_PARTITION_RUNS must be one of {', '.join(PARTITION_RUN_MODES)}, got {value!r}")
+    return value
+
+
 def partner_limit(partner_uuid: str) -> str:
     """Name of the one-slot limit that serializes a partner's runs (same text as its tag)."""
     return f"partner:{partner_uuid}"

@@ -106,7 +106,7 @@ def cmd_demo(_: argparse.Namespace) -> int:
 
         root = lake_root()
         print(f"\nLake files under {root}:")
-        for path in sorted(root.rglob("*.parquet")):
+        for path in sorted(root.rglob("*.parquet")) if isinstance(root, Path) else []:
             print(f"   {path.relative_to(root)}")
         return 0
     finally:

@@ -1,8 +1,11 @@
 """The lake: paths of CONTRACT.md section 6 and atomic Parquet replacement.
 
-A reader sees the old file or the new one, never a partial file: data is
-written to a hidden temporary file beside the target, fsynced, then renamed
-over it (rename is atomic on POSIX file systems).
+A reader sees the old file or the new one, never a partial file. On a local
+or shared file system, data is written to a hidden temporary file beside the
+target, fsynced, then renamed over it (rename is atomic on POSIX file
+systems). Under an object-storage root (`s3://…`, `gs://…`, `az://…`,
+`file://…`), polars writes the object itself: one upload replaces an object
+atomically.
 """
 
 from __future__ import annotations
@@ -24,21 +27,48 @@ ROW_GROUP_SIZE = 64_000  # small enough that a partner's dealers map to few row 
 STALE_TEMP_SECONDS = 3600
 
 
-def lake_root() -> Path:
-    return Path(os.environ.get("USAGE_LAKE_ROOT") or "lake").resolve()
+class ObjectPath(str):
+    """A URL in object storage, usable where the lake uses a Path (`/`, `exists`, polars I/O).
+
+    polars reads and writes such URLs natively; credentials come from the usual
+    environment (e.g. AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL).
+    """
+
+    def __truediv__(self, part: str) -> ObjectPath:
+        return ObjectPath(f"{self.rstrip('/')}/{part}")
+
+    def exists(self) -> bool:
+        try:
+            pl.scan_parquet(str(self)).collect_schema()
+        except FileNotFoundError:
+            return False
+        return True
 
 
-def bronze_path(root: Path) -> Path:
+LakePath = Path | ObjectPath
+
+
+def lake_root() -> LakePath:
+    raw = os.environ.get("USAGE_LAKE_ROOT") or "lake"
+    if "://" in raw:
+        return ObjectPath(raw.rstrip("/"))
+    return Path(raw).resolve()
+
+
+def bronze_path(root: LakePath) -> LakePath:
     return root / "bronze" / BRONZE_TABLE / DATA_FILE
 
 
-def partition_path(root: Path, layer: str, table: str, partner_uuid: str) -> Path:
+def partition_path(root: LakePath, layer: str, table: str, partner_uuid: str) -> LakePath:
     """Path of one partner's file; the UUID is validated so nothing escapes the root."""
     return root / layer / table / f"partner={parse_partner_uuid(partner_uuid)}" / DATA_FILE
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+def write_parquet_atomic(frame: pl.DataFrame, path: LakePath) -> None:
     """Replace `path` with `frame` so that concurrent readers never see a partial file."""
+    if isinstance(path, ObjectPath):
+        frame.write_parquet(str(path), statistics=True, row_group_size=ROW_GROUP_SIZE)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(path)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

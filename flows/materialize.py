@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-
 import polars as pl
 
-from flows.lake import GOLD_TABLES, SILVER_TABLES, bronze_path, partition_path, write_parquet_atomic
+from flows.lake import GOLD_TABLES, SILVER_TABLES, LakePath, bronze_path, partition_path, write_parquet_atomic
 from flows.transforms import (
     BRONZE_SCHEMA,
     active_services,
@@ -20,7 +18,7 @@ from flows.transforms import (
 Extract = Callable[[list[int] | None], pl.DataFrame]
 
 
-def refresh_bronze(root: Path, extract: Extract, dealer_ids: list[int] | None) -> dict[str, object]:
+def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None) -> dict[str, object]:
     """Full refresh (no dealers, or no bronze yet), else replace only the dealers' slice."""
     path = bronze_path(root)
     dealers = None if dealer_ids is None or not path.exists() else sorted(set(dealer_ids))
@@ -31,7 +29,7 @@ def refresh_bronze(root: Path, extract: Extract, dealer_ids: list[int] | None) -
     return {"mode": mode, "extracted_rows": fresh.height, "rows": frame.height, "path": str(path)}
 
 
-def read_bronze_rows(root: Path, dealers: list[int]) -> pl.DataFrame:
+def read_bronze_rows(root: LakePath, dealers: list[int]) -> pl.DataFrame:
     """The dealers' bronze rows; row-group statistics on dealer_id let the scan skip the rest."""
     path = bronze_path(root)
     if not path.exists():
@@ -41,7 +39,7 @@ def read_bronze_rows(root: Path, dealers: list[int]) -> pl.DataFrame:
     return pl.scan_parquet(path).filter(pl.col("dealer_id").is_in(dealers)).collect()
 
 
-def build_silver(root: Path, partner: str, dealers: list[int]) -> dict[str, object]:
+def build_silver(root: LakePath, partner: str, dealers: list[int]) -> dict[str, object]:
     rows = read_bronze_rows(root, dealers)
     aggregated = billing_usage_aggregated(rows, partner)
     monthly = billing_monthly_usage_by_service(aggregated, partner)
@@ -51,7 +49,7 @@ def build_silver(root: Path, partner: str, dealers: list[int]) -> dict[str, obje
             "aggregated_rows": aggregated.height, "monthly_rows": monthly.height}
 
 
-def build_gold(root: Path, partner: str) -> dict[str, object]:
+def build_gold(root: LakePath, partner: str) -> dict[str, object]:
     silver = partition_path(root, "silver", SILVER_TABLES[0], partner)
     if not silver.exists():
         raise FileNotFoundError(f"silver file {silver} is missing; run partner-silver for {partner} first")

@@ -9,12 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import Flow, get_run_logger, tags as run_tags
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect_sqlalchemy import SqlAlchemyConnector
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -131,6 +132,20 @@ def partner_slot(partner_uuid: str) -> Iterator[None]:
         finally:
             # Logged while still held: every log line of a holder precedes the next holder's "Holding".
             logger.info("Releasing slot %s", name)
+
+
+def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: list[str]) -> RunOutcome:
+    """Run a flow in this process as a subflow of the current run and return its final state.
+
+    The subflow gets no heartbeat thread of its own: the tick's heartbeat already shows this
+    process alive, and Prefect joins a run's heartbeat thread for up to a second at its end.
+    """
+    try:
+        with run_tags(*tags), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            state = flow.with_options(flow_run_name=run_name)(**parameters, return_state=True)
+    except Exception as exc:  # the engine itself failed (e.g. the API is gone): this child failed
+        return RunOutcome(run_name, "Crashed", False, f"{type(exc).__name__}: {exc}")
+    return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id))
 
 
 def child_run_timeout() -> float:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import httpx
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed, Failed, State
 
-from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, ensure_limit, max_concurrent_partitions
+from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, ensure_limit, max_concurrent_partitions, partition_run_mode
 from flows.cursor import Cursor, parse_cursor
 from flows.detection import (
     PartitionOutcome,
@@ -28,9 +28,11 @@ from flows.detection import (
     advance_cursor,
     plan_tick,
 )
+from flows.partner_gold import partner_gold
+from flows.partner_silver import partner_silver
 from flows.partners import layer_tag, partner_tag
 from flows.report import publish_tick_artifacts
-from flows.runtime import SLOT_LEASE_SECONDS, SourceError, load_source, read_cursor_value, read_dealer_directory, run_child, write_cursor_value
+from flows.runtime import SLOT_LEASE_SECONDS, SourceError, load_source, read_cursor_value, read_dealer_directory, run_child, run_subflow, write_cursor_value
 from flows.source import INDEX_ADVICE, has_dealer_modified_index, read_snapshot
 
 RECONCILE_SECONDS_DEFAULT = 3600
@@ -117,17 +119,20 @@ def log_plan(plan: Plan) -> None:
         )
 
 
-def materialize_partition(partner: str) -> PartitionOutcome:
+def run_layer(partner: str, layer: str, layer_flow: Flow, mode: str) -> RunOutcome:
+    """One partition run, named and tagged the same whichever way it runs (partition_run_mode)."""
+    name, tags, parameters = f"{layer}-{partner}", [partner_tag(partner), layer_tag(layer)], {"partner_uuid": partner}
+    if mode == "deployment":
+        return run_child(layer_flow.name, parameters, name, tags)
+    return run_subflow(layer_flow, parameters, name, tags)
+
+
+def materialize_partition(partner: str, mode: str) -> PartitionOutcome:
     """Silver, then gold if silver succeeded: the two subflow runs of one partner."""
-    silver = run_child(
-        "partner-silver", {"partner_uuid": partner}, f"silver-{partner}", [partner_tag(partner), layer_tag("silver")]
-    )
+    silver = run_layer(partner, "silver", partner_silver, mode)
     if not silver.ok:
         return PartitionOutcome(partner, silver, None)
-    gold = run_child(
-        "partner-gold", {"partner_uuid": partner}, f"gold-{partner}", [partner_tag(partner), layer_tag("gold")]
-    )
-    return PartitionOutcome(partner, silver, gold)
+    return PartitionOutcome(partner, silver, run_layer(partner, "gold", partner_gold, mode))
 
 
 def materialize_partitions(partners: list[str]) -> dict[str, PartitionOutcome]:
@@ -135,9 +140,10 @@ def materialize_partitions(partners: list[str]) -> dict[str, PartitionOutcome]:
 
     Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
     """
+    mode = partition_run_mode()
     with ThreadPoolExecutor(max_workers=max_concurrent_partitions(), thread_name_prefix="partition") as pool:
         futures = {
-            partner: pool.submit(contextvars.copy_context().run, materialize_partition, partner)
+            partner: pool.submit(contextvars.copy_context().run, materialize_partition, partner, mode)
             for partner in partners
         }
         return {partner: future.result() for partner, future in futures.items()}

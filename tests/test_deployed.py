@@ -155,20 +155,22 @@ class Stack:
             time.sleep(0.5)
         raise AssertionError(f"flow run {run_id} not final after {timeout}s: {self.flow_run(run_id)['state_name']}")
 
-    def deployment_run(self, name: str, *params: str) -> tuple[str, dict, float]:
-        """`prefect deployment run` and wait: the run id, its final state and the wall time."""
+    def deployment_run(self, name: str, *params: str, env: dict[str, str] | None = None) -> tuple[str, dict, float]:
+        """`prefect deployment run` (with extra run environment, if any) and wait: run id, final run, wall time."""
         started = time.perf_counter()
         args = [str(BIN / "prefect"), "deployment", "run", name]
         for param in params:
             args += ["-p", param]
+        if env:
+            args += ["--job-variable", f"env={json.dumps(env)}"]
         output = self.cli(f"run-{len(list(self.logs.glob('cli-run-*')))}", *args)
         match = re.search(r"UUID: ([0-9a-f-]{36})", output)
         assert match, output
         run = self.wait_final(match.group(1))
         return match.group(1), run, time.perf_counter() - started
 
-    def tick(self) -> tuple[dict, list[dict], float]:
-        run_id, run, wall = self.deployment_run(DETECTION)
+    def tick(self, env: dict[str, str] | None = None) -> tuple[dict, list[dict], float]:
+        run_id, run, wall = self.deployment_run(DETECTION, env=env)
         assert run["state_type"] == "COMPLETED", (run["state_name"], run["state"]["message"])
         return run, self.children(run_id), wall
 
@@ -293,6 +295,29 @@ def _touch(source: SourceBuilder, dealer: int, when: datetime, amount: str) -> N
     assert changed == 1
 
 
+def _one_dealer_per_partner_tick(
+    stack: Stack, source: SourceBuilder, billing, day: int, env: dict[str, str] | None = None
+) -> tuple[dict, list[dict], float]:
+    """Change dealer 1 (partner A) and 3 (B), tick: exactly A's and B's runs and files, correct gold."""
+    _touch(source, 1, datetime(2026, 10, day, 8, 30, 0, 654321), f"{10 + day}.2500")
+    _touch(source, 3, datetime(2026, 10, day, 9, 30, 0, 111111), f"{2 + day}.7500")
+    before = file_ids(stack.lake)
+    runs_before = {r["id"] for r in stack.flow_runs()}
+    run, children, wall = stack.tick(env)
+    new_runs = [r for r in stack.flow_runs() if r["id"] not in runs_before]
+    assert {r["id"] for r in new_runs} == {run["id"]} | {c["id"] for c in children}, "runs outside the tick"
+    partition_runs = _partition_runs(children)
+    assert set(partition_runs) == {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
+    assert [_layer_of(c) for c in children].count("bronze") == 1 and len(children) == 5, children
+    for (partner, layer), child in partition_runs.items():
+        assert child["state_type"] == "COMPLETED", (partner, layer, child["state_name"])
+        assert {f"partner:{partner}", f"layer:{layer}"} <= set(child["tags"]), child["tags"]
+    expected_files = {BRONZE_FILE} | partition_files(PARTNER_A) | partition_files(PARTNER_B)
+    assert rewritten(before, file_ids(stack.lake)) == expected_files
+    _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+    return run, children, wall
+
+
 def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, source_engines):
     billing, _ = source_engines
     prefect = str(BIN / "prefect")
@@ -347,30 +372,23 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     assert set(_partition_runs(children1)) == {(p, layer) for p in ALL_PARTNERS for layer in ("silver", "gold")}
     _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
 
-    # 4. One dealer of A (1) and one of B (3) change: exactly their silver and gold runs.
-    _touch(source, 1, datetime(2026, 10, 2, 8, 30, 0, 654321), "12.2500")
-    _touch(source, 3, datetime(2026, 10, 2, 9, 30, 0, 111111), "4.7500")
-    before = file_ids(stack.lake)
-    runs_before = {r["id"] for r in stack.flow_runs()}
-    run2, children2, wall2 = stack.tick()
-    stack.timings["tick 2 (2 workers, one dealer of A and of B)"] = wall2
-    new_runs = [r for r in stack.flow_runs() if r["id"] not in runs_before]
-    assert {r["id"] for r in new_runs} == {run2["id"]} | {c["id"] for c in children2}, "runs outside the tick"
-    partition_runs2 = _partition_runs(children2)
-    assert set(partition_runs2) == {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
-    assert [_layer_of(c) for c in children2].count("bronze") == 1 and len(children2) == 5, children2
-    for (partner, layer), run in partition_runs2.items():
-        assert run["state_type"] == "COMPLETED", (partner, layer, run["state_name"])
-        assert {f"partner:{partner}", f"layer:{layer}"} <= set(run["tags"]), run["tags"]
-        assert run["work_queue_name"] == "default" and run["work_pool_name"] == POOL, run
-    expected_files = {BRONZE_FILE} | partition_files(PARTNER_A) | partition_files(PARTNER_B)
-    assert rewritten(before, file_ids(stack.lake)) == expected_files
-    _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
+    # 4. One dealer of A (1) and one of B (3) change: exactly their silver and gold runs, as subflows
+    #    in the tick's own process (the default), then once more as worker runs (USAGE_PARTITION_RUNS).
+    run2, children2, wall2 = _one_dealer_per_partner_tick(stack, source, billing, day=2)
+    stack.timings["tick 2 (subflows, 2 workers, one dealer of A and of B)"] = wall2
+    for run in _partition_runs(children2).values():
+        assert run["deployment_id"] is None and run["work_pool_name"] is None, run
     artifacts = stack.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run2["id"]]}}})
     artifact_text = {a["key"]: {"description": a["description"], "data": a["data"]} for a in artifacts}
     assert set(artifact_text) == {"usage-tick-runs", "usage-partition-freshness"}, artifact_text
     print("ARTIFACTS of tick 2:", json.dumps(artifact_text, indent=1, default=str))
     tick2_children = {c["name"]: c for c in children2}
+
+    fan_out = {"USAGE_PARTITION_RUNS": "deployment"}
+    run2b, children2b, wall2b = _one_dealer_per_partner_tick(stack, source, billing, day=3, env=fan_out)
+    stack.timings["tick 2b (worker runs, 2 workers, one dealer of A and of B)"] = wall2b
+    for run in _partition_runs(children2b).values():
+        assert run["work_queue_name"] == "default" and run["work_pool_name"] == POOL, run
 
     # 5. Reset the cursor as the UI's block edit form does (PATCH, merge_existing_data false).
     document = stack.get("/block_types/slug/usage-cursor/block_documents/name/usage-change-detection")
@@ -401,21 +419,43 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
         for table in ("billing_usage_aggregated", "billing_monthly_usage_by_service")
     }
 
-    # Across the whole test: every run was taken by exactly one worker, and both workers took work.
-    # Both workers may try to submit the same run; the server lets one move it to Pending and sends
-    # the other an abort ("Aborted submission of flow run '<id>'"), so that one did not take it.
+    # 7. One worker: the same ticks again (the fan-out tick takes about a minute more, so it is opt-in).
+    stack.stop(WORKERS[1])
+    measured = [("subflows, 2 workers", wall2, children2), ("worker runs, 2 workers", wall2b, children2b)]
+    run4, children4, wall4 = _one_dealer_per_partner_tick(stack, source, billing, day=4)
+    stack.timings["tick 4 (subflows, 1 worker)"] = wall4
+    measured.append(("subflows, 1 worker", wall4, children4))
+    if os.environ.get("USAGE_E2E_ONE_WORKER_TICK") == "1":
+        run5, children5, wall5 = _one_dealer_per_partner_tick(stack, source, billing, day=5, env=fan_out)
+        stack.timings["tick 5 (worker runs, 1 worker)"] = wall5
+        measured.append(("worker runs, 1 worker", wall5, children5))
+
+    # Across the whole test: every deployment run was taken by exactly one worker, both workers took
+    # work, and every subflow ran in the process of the worker that took its parent run. Both workers
+    # may try to submit the same run; the server lets one move it to Pending and sends the other an
+    # abort ("Aborted submission of flow run '<id>'"), so that one did not take it.
     all_runs = stack.flow_runs()
     worker_logs = {name: (stack.logs / f"{name}.log").read_text(errors="replace") for name in WORKERS}
     taken_by: dict[str, list[str]] = {name: [] for name in WORKERS}
+    taker_of: dict[str, str] = {}
     aborted = 0
     for run in all_runs:
+        if run["deployment_id"] is None:
+            continue
         tried = [name for name, text in worker_logs.items() if f"submitting flow run '{run['id']}'" in text]
         lost = [name for name, text in worker_logs.items() if f"Aborted submission of flow run '{run['id']}'" in text]
         takers = [name for name in tried if name not in lost]
         assert len(takers) == 1, (run["name"], tried, lost)
         taken_by[takers[0]].append(run["name"])
+        taker_of[run["id"]] = takers[0]
         aborted += len(lost)
     assert all(taken_by.values()), taken_by
+    subflows = [run for run in all_runs if run["deployment_id"] is None]
+    assert len(subflows) >= 4 * 2 + 3 * 2, len(subflows)  # ticks 2 and 4 (2 partners), 1 and 3 (3 partners)
+    for run in subflows:
+        parent = stack.get(f"/task_runs/{run['parent_task_run_id']}")["flow_run_id"]
+        ran_in = [name for name, text in worker_logs.items() if f"/flow-run/{run['id']}" in text]
+        assert ran_in == [taker_of[parent]], (run["name"], ran_in, taker_of.get(parent))
 
     # A partner's runs never overlap (the partner:<uuid> limit), across every tick and the manual run.
     for partner in ALL_PARTNERS:
@@ -423,19 +463,6 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
         assert len(intervals) >= 4, (partner, len(intervals))
         for (_, end), (next_start, _) in zip(intervals, intervals[1:]):
             assert end <= next_start, f"runs of {partner} overlap: one ends {end}, the next starts {next_start}"
-
-    # 7. Overhead with one worker: the same one-dealer-per-partner tick (about a minute more, so opt-in).
-    measured = [("2 workers", wall2, children2)]
-    if os.environ.get("USAGE_E2E_ONE_WORKER_TICK") == "1":
-        stack.stop(WORKERS[1])
-        _touch(source, 1, datetime(2026, 10, 3, 8, 30, 0, 222222), "13.2500")
-        _touch(source, 3, datetime(2026, 10, 3, 9, 30, 0, 333333), "5.7500")
-        run4, children4, wall4 = stack.tick()
-        stack.timings["tick 4 (1 worker, one dealer of A and of B)"] = wall4
-        expected = {(p, layer) for p in (PARTNER_A, PARTNER_B) for layer in ("silver", "gold")}
-        assert set(_partition_runs(children4)) == expected
-        _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
-        measured.append(("1 worker", wall4, children4))
 
     # 8. The pipeline password is in no log: server, workers (flow-run output), CLI, and the API's run logs.
     for log in stack.logs.iterdir():
@@ -447,16 +474,16 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     for artifact in stack.post("/artifacts/filter", {}):
         assert PIPELINE_PASSWORD not in json.dumps(artifact, default=str)
 
-    # Timings: wall time of a one-dealer-per-partner tick per partner, and where a tick's time goes.
+    # Timings. Per partner: from its silver run's creation to its gold run's end (an upper bound on the
+    # orchestration overhead: the work itself is milliseconds on this data), and the tick's wall time / 2.
     for label, wall, children in measured:
-        stack.timings[f"overhead per partner, {label} (tick wall / 2 partners)"] = wall / 2
-        work = sum((_times(c)[1] - _times(c)[0]).total_seconds() for c in children)
-        starts = [
-            (datetime.fromisoformat(c["start_time"]) - datetime.fromisoformat(c["expected_start_time"])).total_seconds()
-            for c in children
+        runs = _partition_runs(children)
+        spans = [
+            (_times(runs[(p, "gold")])[1] - datetime.fromisoformat(runs[(p, "silver")]["created"])).total_seconds()
+            for p in (PARTNER_A, PARTNER_B)
         ]
-        stack.timings[f"{label}: sum of child run times (Running..final)"] = work
-        stack.timings[f"{label}: mean child scheduled->running latency"] = sum(starts) / len(starts)
+        stack.timings[f"{label}: per partner, silver created..gold done (mean)"] = sum(spans) / len(spans)
+        stack.timings[f"{label}: per partner, tick wall / 2"] = wall / 2
     start, end = _times(run2)
     stack.timings["tick 2 detection run Running..Completed"] = (end - start).total_seconds()
     stack.timings["whole test body"] = time.perf_counter() - test_started

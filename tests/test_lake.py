@@ -6,6 +6,8 @@ import fnmatch
 import glob
 import os
 import time
+from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import polars as pl
@@ -14,13 +16,18 @@ import pytest
 from flows import lake
 from flows.lake import (
     DATA_FILE,
+    GOLD_TABLES,
+    SILVER_TABLES,
     STALE_TEMP_SECONDS,
+    ObjectPath,
     bronze_path,
     lake_root,
     partition_path,
     write_parquet_atomic,
 )
+from flows.materialize import build_gold, build_silver, refresh_bronze
 from flows.partners import InvalidPartnerUUID
+from flows.transforms import normalize_bronze
 
 P = "aaaaaaaa-0000-4000-8000-000000000001"
 
@@ -233,3 +240,44 @@ def test_empty_frame_keeps_its_schema_on_disk(tmp_path):
 def test_module_constants():
     assert lake.STALE_TEMP_SECONDS >= 600  # long enough never to remove a live writer's file
     assert lake.DATA_FILE == "data.parquet"
+
+
+# --- object-storage roots (file:// goes through the same polars object-store path as s3://) --------
+
+
+def test_url_root_from_environment_is_an_object_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("USAGE_LAKE_ROOT", f"file://{tmp_path}/lake/")
+    root = lake_root()
+    assert isinstance(root, ObjectPath) and root == f"file://{tmp_path}/lake"
+    assert partition_path(root, "gold", "usage_report", P) == f"file://{tmp_path}/lake/gold/usage_report/partner={P}/data.parquet"
+    with pytest.raises(InvalidPartnerUUID):
+        partition_path(root, "gold", "usage_report", "../../etc")
+
+
+def test_url_root_write_replace_and_exists(tmp_path):
+    path = partition_path(ObjectPath(f"file://{tmp_path}"), "gold", "usage_report", P)
+    assert not path.exists()
+    write_parquet_atomic(frame(3), path)
+    assert path.exists() and pl.read_parquet(path).equals(frame(3))
+    write_parquet_atomic(frame(5, "w"), path)
+    assert pl.read_parquet(path).equals(frame(5, "w"))
+    assert os.listdir(tmp_path / "gold" / "usage_report" / f"partner={P}") == ["data.parquet"]
+
+
+def test_layers_build_the_same_files_under_a_url_root(tmp_path):
+    """Bronze, silver and gold through materialize: a URL root gives the same frames as a local one."""
+    bronze = normalize_bronze(pl.DataFrame({
+        "usage_id": [1, 2, 3], "dealer_id": [1, 1, 2], "customer_id": [10, 11, 10], "service_id": [5, 5, 6],
+        "usage_date": [date(2026, 9, 30), date(2026, 10, 1), date(2026, 10, 1)],
+        "quantity": [Decimal("1.5"), Decimal("2"), Decimal("3")], "amount": [Decimal("10"), Decimal("-2.25"), Decimal("7")],
+        "usage_modified": [datetime(2026, 10, 1, 9)] * 3, "service_status_id": [3, 3, 10], "service_name": ["a", "a", None],
+    }))
+    local, url = tmp_path / "local", ObjectPath(f"file://{tmp_path}/url")
+    for root in (local, url):
+        assert refresh_bronze(root, lambda _: bronze, None)["rows"] == 3
+        build_silver(root, P, [1])
+        build_gold(root, P)
+    for layer, table in [("silver", t) for t in SILVER_TABLES] + [("gold", t) for t in GOLD_TABLES]:
+        expected = pl.read_parquet(partition_path(local, layer, table, P))
+        assert expected.height > 0 and pl.read_parquet(partition_path(url, layer, table, P)).equals(expected)
+    assert pl.read_parquet(bronze_path(url)).equals(bronze)
