@@ -265,11 +265,11 @@ def bench_bronze(engine: sa.Engine, bench: BenchSet, dealer: int, reps: int, sli
         a, b = baseline.result, project.result
         assert a.height == b.height and a["usage_id"].sum() == b["usage_id"].sum(), "extracts differ"
         timings = [("pymysql `pl.read_database` (baseline)", baseline), ("connectorx `read_frame` (pipeline)", project)]
-        if extract_relevant_usage is not None:  # the bronze flow's whole extract: read_frame + normalize_bronze
+        if extract_relevant_usage is not None:  # the bronze flow's whole extract (full: usage scan + join in polars)
             dealers = None if "full" in label else [dealer]
             full = measure(lambda: extract_relevant_usage(engine, uri, dealers), n)
             assert full.result.height == a.height, "extract_relevant_usage differs"
-            timings.append(("connectorx + `normalize_bronze` (`extract_relevant_usage`)", full))
+            timings.append(("pipeline `extract_relevant_usage` (full: scan + polars join)", full))
         for name, t in timings:
             rows.append([
                 label, name, f"{t.result.height:,}", t.s(), f"{t.result.height / t.median:,.0f}",
