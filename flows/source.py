@@ -186,7 +186,7 @@ BRONZE_COLUMNS = (
 )
 
 
-USAGE_COLUMNS, SERVICE_COLUMNS = BRONZE_COLUMNS[:8], BRONZE_COLUMNS[8:]
+USAGE_COLUMNS, SERVICE_COLUMNS = BRONZE_COLUMNS[:8], BRONZE_COLUMNS[8:]  # each table's part of a bronze row
 
 
 def bronze_statements(dealers: list[int] | None) -> list[sa.Select]:

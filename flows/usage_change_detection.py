@@ -135,12 +135,11 @@ def materialize_partition(partner: str, mode: str) -> PartitionOutcome:
     return PartitionOutcome(partner, silver, run_layer(partner, "gold", partner_gold, mode))
 
 
-def materialize_partitions(partners: list[str]) -> dict[str, PartitionOutcome]:
+def materialize_partitions(partners: list[str], mode: str) -> dict[str, PartitionOutcome]:
     """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS chains in flight.
 
     Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
     """
-    mode = partition_run_mode()
     with ThreadPoolExecutor(max_workers=max_concurrent_partitions(), thread_name_prefix="partition") as pool:
         futures = {
             partner: pool.submit(contextvars.copy_context().run, materialize_partition, partner, mode)
@@ -151,6 +150,7 @@ def materialize_partitions(partners: list[str]) -> dict[str, PartitionOutcome]:
 
 def run_tick(dry_run: bool) -> TickReport:
     logger = get_run_logger()
+    mode = partition_run_mode()  # a bad setting fails the tick before it does anything
     report = TickReport(dry_run=dry_run)
     now = datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -180,7 +180,7 @@ def run_tick(dry_run: bool) -> TickReport:
         if not report.bronze.ok:
             logger.error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
         elif plan.partitions:
-            report.partitions = materialize_partitions(list(plan.partitions))
+            report.partitions = materialize_partitions(list(plan.partitions), mode)
 
     new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
     for partner, status in new_cursor.partitions.items():

@@ -13,6 +13,7 @@ from blocks.setup import (
     V3_BLOCK,
     SetupError,
     max_concurrent_partitions,
+    partition_run_mode,
     source_configs,
 )
 
@@ -39,7 +40,7 @@ def full_env() -> dict[str, str]:
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for name in ALL_VARIABLES + ["USAGE_MAX_CONCURRENT_PARTITIONS"]:
+    for name in ALL_VARIABLES + ["USAGE_MAX_CONCURRENT_PARTITIONS", "USAGE_PARTITION_RUNS"]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return monkeypatch
@@ -212,3 +213,24 @@ def test_max_concurrent_partitions_rejects_non_positive_or_non_integer(clean_env
         max_concurrent_partitions()
     assert "USAGE_MAX_CONCURRENT_PARTITIONS" in str(caught.value)
     assert repr(value) in str(caught.value)
+
+
+# --- USAGE_PARTITION_RUNS -----------------------------------------------------------------------
+
+
+def test_partition_runs_default_to_in_process_subflows(clean_env):
+    assert partition_run_mode() == "subflow"
+
+
+@pytest.mark.parametrize("value", ["subflow", "deployment"])
+def test_partition_runs_reads_the_environment(clean_env, value):
+    clean_env.setenv("USAGE_PARTITION_RUNS", value)
+    assert partition_run_mode() == value
+
+
+@pytest.mark.parametrize("value", ["", "Deployment", "worker", "subflows"])
+def test_partition_runs_rejects_unknown_modes(clean_env, value):
+    clean_env.setenv("USAGE_PARTITION_RUNS", value)
+    with pytest.raises(SetupError) as caught:
+        partition_run_mode()
+    assert "USAGE_PARTITION_RUNS" in str(caught.value) and repr(value) in str(caught.value)
