@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import socket
 import subprocess
 import sys
 import threading
@@ -41,11 +42,13 @@ def broken_block(pipeline):
     """Point a connector block at a closed port for one test, then restore it."""
     saved = {}
 
-    def break_(block: str) -> None:
+    def break_(block: str, port: int = 1, read_timeout: int | None = None) -> None:
         connector = SqlAlchemyConnector.load(block)
         saved[block] = connector
         broken = connector.model_copy(deep=True)
-        broken.connection_info.port = 1  # nothing listens there: connection refused
+        broken.connection_info.port = port  # default: nothing listens there, connection refused
+        if read_timeout is not None:
+            broken.connect_args = {**(broken.connect_args or {}), "read_timeout": read_timeout}
         broken.save(block, overwrite=True)
 
     yield break_
@@ -67,6 +70,31 @@ def test_unreachable_source_skips_the_tick_and_keeps_the_cursor(materialized, br
     assert read_cursor_value() == before_cursor and file_ids(lake_root) == before_files
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(block in w for w in warnings) and not any(PIPELINE_PASSWORD in w for w in warnings)
+
+
+@pytest.fixture
+def hung_database_port():
+    """A port that accepts TCP connections and never answers, like a hung database server."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)  # the kernel completes the handshake; nobody ever reads or writes
+        yield listener.getsockname()[1]
+
+
+def test_hung_source_times_out_and_skips_the_tick(materialized, broken_block, hung_database_port, lake_root, caplog):
+    """The block's read_timeout bounds a hung server; the tick then ends like for a refused connection."""
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-09 00:00:00' WHERE usage_FK_dealer_id = 1")
+    before_cursor, before_files = read_cursor_value(), file_ids(lake_root)
+    broken_block("billing-db", port=hung_database_port, read_timeout=3)
+
+    started = time.monotonic()
+    state, report = tick()
+
+    assert time.monotonic() - started < 60
+    assert state.name == "Skipped" and "billing-db" in state.message and "timed out" in state.message, state.message
+    assert report.bronze is None and not report.partitions
+    assert read_cursor_value() == before_cursor and file_ids(lake_root) == before_files
+    assert PIPELINE_PASSWORD not in caplog.text
 
 
 def test_next_tick_after_recovery_behaves_normally(materialized, broken_block):
