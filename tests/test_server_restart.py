@@ -15,6 +15,7 @@ import time
 from datetime import datetime
 
 import httpx
+import polars as pl
 import pytest
 
 from flows import local_prefect
@@ -29,18 +30,26 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 class Api:
+    """The dedicated server's REST API. A SQLite-backed server answers 503 while its database is
+    locked (busy right after a restart, or under a loaded CI machine): such calls are retried."""
+
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def post(self, path: str, body: dict) -> object:
-        response = httpx.post(f"{self.url}{path}", json=body, timeout=30)
+    def request(self, method: str, path: str, body: dict | None = None) -> object:
+        for attempt in range(10):
+            response = httpx.request(method, f"{self.url}{path}", json=body, timeout=30)
+            if response.status_code != 503:
+                break
+            time.sleep(1 + attempt)
         response.raise_for_status()
         return response.json()
 
+    def post(self, path: str, body: dict) -> object:
+        return self.request("POST", path, body)
+
     def get(self, path: str) -> object:
-        response = httpx.get(f"{self.url}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return self.request("GET", path)
 
     def start_tick(self) -> str:
         deployment = self.get("/deployments/name/usage-change-detection/usage-change-detection")
@@ -98,8 +107,6 @@ def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path)
         assert cursor["dealer_last_modified"]["3"] == "2026-10-12T00:00:00.000000Z"
         files = {str(p.relative_to(lake)) for p in lake.rglob("*.parquet")}
         assert files == {BRONZE_FILE} | set().union(*(partition_files(p) for p in ALL_PARTNERS))
-        import polars as pl
-
         for partner in ALL_PARTNERS:
             report = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
             assert [tuple(r.values()) for r in report.select(
