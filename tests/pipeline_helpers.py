@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import polars as pl
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterTags
@@ -65,3 +68,54 @@ def child_runs(parent_id) -> list:
 def runs_tagged(tag: str) -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+
+FINAL_STATE_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class RestApi:
+    """A Prefect server's REST API, called the way scripts and the UI call it.
+
+    A SQLite-backed server answers 503 while its database is locked (right after a restart,
+    or on a loaded machine); such calls are retried, as the Prefect client itself does.
+    """
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+
+    def request(self, method: str, path: str, body: dict | None = None) -> object:
+        for attempt in range(10):
+            response = httpx.request(method, f"{self.api}{path}", json=body, timeout=30)
+            if response.status_code != 503:
+                break
+            time.sleep(1 + attempt)
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> object:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict) -> object:
+        return self.request("POST", path, body)
+
+    def flow_run(self, run_id: str) -> dict:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def flow_runs(self, **filters: object) -> list[dict]:
+        runs: list[dict] = []
+        while True:
+            page = self.post("/flow_runs/filter", {"flow_runs": filters, "limit": 200, "offset": len(runs)})
+            runs.extend(page)
+            if len(page) < 200:
+                return runs
+
+    def wait_final(self, run_id: str, timeout: float, check: Callable[[], None] = lambda: None) -> dict:
+        """Poll until the run is final; `check` may fail the wait early (e.g. a worker died)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(run_id)
+            if run["state_type"] in FINAL_STATE_TYPES:
+                return run
+            check()
+            time.sleep(0.5)
+        raise AssertionError(f"flow run {run_id} not final after {timeout}s: {self.flow_run(run_id)['state_name']}")

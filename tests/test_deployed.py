@@ -29,7 +29,7 @@ import pytest
 
 from flows.local_prefect import DURABLE_LEASES, free_port
 from tests.conftest import PIPELINE_PASSWORD, pipeline_environ
-from tests.pipeline_helpers import BRONZE_FILE, file_ids, partition_files, rewritten
+from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files, rewritten
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,6 @@ POOL = "usage-pipeline"
 DETECTION = "usage-change-detection/usage-change-detection"
 WORKERS = ("e2e-worker-1", "e2e-worker-2")
 ALL_PARTNERS = (PARTNER_A, PARTNER_B, PARTNER_C)
-FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 RUN_TIMEOUT = 180  # seconds for one tick on a loaded 2-core machine
 # Variables this test sets itself: never inherit them from the pytest process (conftest sets some).
 OWN_PREFIXES = ("PREFECT_", "USAGE_", "BILLING_CDRS_DB_", "V3_DB_")
@@ -73,7 +72,7 @@ def _postgres(sql: str) -> None:
 
 
 @dataclass
-class Stack:
+class Stack(RestApi):
     """The running server and workers, their logs, and what the test measured."""
 
     api: str
@@ -118,42 +117,17 @@ class Stack:
         assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{output}"
         return output
 
-    # REST API ------------------------------------------------------------------------------------
-
-    def get(self, path: str) -> object:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def post(self, path: str, body: dict) -> object:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def flow_run(self, run_id: str) -> dict:
-        return self.get(f"/flow_runs/{run_id}")
-
-    def flow_runs(self, **filters: object) -> list[dict]:
-        runs: list[dict] = []
-        while True:
-            page = self.post("/flow_runs/filter", {"flow_runs": filters, "limit": 200, "offset": len(runs)})
-            runs.extend(page)
-            if len(page) < 200:
-                return runs
+    # REST API (RestApi) ----------------------------------------------------------------------------
 
     def children(self, run_id: str) -> list[dict]:
         return self.flow_runs(parent_flow_run_id={"any_": [run_id]})
 
-    def wait_final(self, run_id: str, timeout: float = RUN_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.flow_run(run_id)
-            if run["state_type"] in FINAL_STATES:
-                return run
-            for name, process in self.processes.items():
-                assert process.poll() is None, f"{name} exited with {process.returncode}; see {self.logs}"
-            time.sleep(0.5)
-        raise AssertionError(f"flow run {run_id} not final after {timeout}s: {self.flow_run(run_id)['state_name']}")
+    def assert_alive(self) -> None:
+        for name, process in self.processes.items():
+            assert process.poll() is None, f"{name} exited with {process.returncode}; see {self.logs}"
+
+    def wait_final(self, run_id: str, timeout: float = RUN_TIMEOUT, check=None) -> dict:
+        return super().wait_final(run_id, timeout, check or self.assert_alive)
 
     def deployment_run(self, name: str, *params: str, env: dict[str, str] | None = None) -> tuple[str, dict, float]:
         """`prefect deployment run` (with extra run environment, if any) and wait: run id, final run, wall time."""

@@ -14,58 +14,23 @@ import sys
 import time
 from datetime import datetime
 
-import httpx
 import polars as pl
 import pytest
 
 from flows import local_prefect
 from tests.conftest import pipeline_environ
-from tests.pipeline_helpers import BRONZE_FILE, partition_files
+from tests.pipeline_helpers import BRONZE_FILE, RestApi, partition_files
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 
 pytestmark = pytest.mark.integration
 
 ALL_PARTNERS = (PARTNER_A, PARTNER_B, PARTNER_C)
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-class Api:
-    """The dedicated server's REST API. A SQLite-backed server answers 503 while its database is
-    locked (busy right after a restart, or under a loaded CI machine): such calls are retried."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def request(self, method: str, path: str, body: dict | None = None) -> object:
-        for attempt in range(10):
-            response = httpx.request(method, f"{self.url}{path}", json=body, timeout=30)
-            if response.status_code != 503:
-                break
-            time.sleep(1 + attempt)
-        response.raise_for_status()
-        return response.json()
-
-    def post(self, path: str, body: dict) -> object:
-        return self.request("POST", path, body)
-
-    def get(self, path: str) -> object:
-        return self.request("GET", path)
-
+class Api(RestApi):
     def start_tick(self) -> str:
         deployment = self.get("/deployments/name/usage-change-detection/usage-change-detection")
         return self.post(f"/deployments/{deployment['id']}/create_flow_run", {})["id"]
-
-    def runs(self, **filters: object) -> list[dict]:
-        return self.post("/flow_runs/filter", {"flow_runs": filters, "limit": 200})
-
-    def wait_final(self, run_id: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.get(f"/flow_runs/{run_id}")
-            if run["state_type"] in FINAL:
-                return run
-            time.sleep(0.5)
-        raise AssertionError(f"run {run_id} not final after {timeout}s: {run['state_name']}")
 
 
 def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path):
@@ -88,7 +53,7 @@ def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path)
         # A tick, interrupted as soon as one of its partition runs is running.
         interrupted = api.start_tick()
         deadline = time.monotonic() + 180
-        while not api.runs(state={"type": {"any_": ["RUNNING"]}}, tags={"all_": ["layer:silver"]}):
+        while not api.flow_runs(state={"type": {"any_": ["RUNNING"]}}, tags={"all_": ["layer:silver"]}):
             assert time.monotonic() < deadline, "no silver run started"
             time.sleep(0.2)
         local_prefect.stop(server)
