@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import polars as pl
@@ -19,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from flows.cursor import Cursor
 from flows.detection import DealerStats, SourceSnapshot, assemble_snapshot, probe_candidates
 from flows.partners import is_partner_uuid
-from flows.transforms import BRONZE_SCHEMA, normalize_bronze
+from flows.transforms import BRONZE_SCHEMA, MONEY, money_from_units, normalize_bronze
 
 billing_metadata = sa.MetaData()
 v3_metadata = sa.MetaData()
@@ -68,6 +69,9 @@ RELEVANT_SYSTEM_ID = 3
 RELEVANT_STATUS_IDS = (-3, 3, 10, 11)
 RELEVANT_CSA_CATEGORY_IDS = (1, 2, 3)
 DEALER_BATCH = 500  # dealers per IN (...) list
+READ_CONNECTIONS = 2  # bulk reads at once: the usage scan and the service rows overlap
+MONEY_COLUMNS = ("quantity", "amount")
+MONEY_UNITS = 10**MONEY.scale
 
 # The rule of "relevant usage": a usage row counts when it joins one of these service rows.
 RELEVANT_SERVICE = sa.and_(
@@ -172,7 +176,7 @@ def has_dealer_modified_index(engine: Engine) -> bool:
     return any([c.lower() for c in (ix["column_names"] or [])][:2] == [w.lower() for w in wanted] for ix in indexes)
 
 
-BRONZE_COLUMNS = (
+BRONZE_FIELDS = (  # a bronze row as the source holds it
     usage.c.usage_id.label("usage_id"),
     usage.c.usage_FK_dealer_id.label("dealer_id"),
     usage.c.usage_FK_customer_id.label("customer_id"),
@@ -186,14 +190,23 @@ BRONZE_COLUMNS = (
 )
 
 
+def _in_money_units(field: sa.Label) -> sa.Label:
+    """A DECIMAL(18,4) as an exact integer count of 0.0001 units (`money_from_units` undoes it).
+
+    Decoding DECIMAL text was 40 % of the client's work on a full extract; an
+    integer decodes at almost no cost. ROUND keeps SQLite's REAL storage exact too.
+    """
+    return sa.cast(sa.func.round(field.element * MONEY_UNITS), sa.BigInteger).label(field.name)
+
+
+# What the extracts select: BRONZE_FIELDS with money in units.
+BRONZE_COLUMNS = tuple(_in_money_units(f) if f.name in MONEY_COLUMNS else f for f in BRONZE_FIELDS)
 USAGE_COLUMNS, SERVICE_COLUMNS = BRONZE_COLUMNS[:8], BRONZE_COLUMNS[8:]  # each table's part of a bronze row
 
 
-def bronze_statements(dealers: list[int] | None) -> list[sa.Select]:
-    """The relevant-usage extract as one server-side join, whole (None) or for some dealers."""
+def bronze_statements(dealers: list[int]) -> list[sa.Select]:
+    """Some dealers' relevant usage, joined by the server (few rows: its index lookups are cheap)."""
     base = sa.select(*BRONZE_COLUMNS).select_from(relevant_usage)
-    if dealers is None:
-        return [base]
     return [base.where(usage.c.usage_FK_dealer_id.in_(batch)) for batch in _batches(dealers)]
 
 
@@ -224,19 +237,39 @@ def read_frame(engine: Engine, stmt: sa.Select, connectorx_uri: str | None) -> p
         return pl.read_database(stmt, conn, infer_schema_length=None)
 
 
+def join_services(usage_rows: pl.DataFrame, services: pl.DataFrame) -> pl.DataFrame:
+    """Usage rows with their relevant service's columns (inner join on SERVICE_KEYS), in `usage` order.
+
+    The two INT keys are packed into one Int64 (customer * 2**32 + service, one-to-one
+    for 32-bit ids), which joins in about half the time of a two-column key.
+    """
+    customer, service = (pl.col(k).cast(pl.Int32) for k in SERVICE_KEYS)
+    packed = (customer.cast(pl.Int64) * 2**32 + service).alias("_service_key")
+    return (
+        usage_rows.with_columns(packed)
+        .join(services.with_columns(packed).drop(SERVICE_KEYS), on="_service_key", how="inner", maintain_order="left")
+        .drop("_service_key")
+    )
+
+
 def extract_relevant_usage(
     engine: Engine, connectorx_uri: str | None, dealers: list[int] | None, on_progress=None
 ) -> pl.DataFrame:
-    """The bronze extract (all relevant usage, or some dealers'), cast to the bronze schema."""
+    """The bronze extract (all relevant usage, or some dealers'), cast to the bronze schema.
+
+    Statements run READ_CONNECTIONS at a time: a full refresh reads the service
+    rows while `usage` streams, and joins them here, keeping `usage` order.
+    """
     statements = list(full_extract_statements()) if dealers is None else bronze_statements(dealers)
     frames = []
-    for done, stmt in enumerate(statements, start=1):
-        frames.append(read_frame(engine, stmt, connectorx_uri))
-        if on_progress is not None:
-            on_progress(done, len(statements))
+    with ThreadPoolExecutor(max_workers=READ_CONNECTIONS) as pool:
+        pending = [pool.submit(read_frame, engine, stmt, connectorx_uri) for stmt in statements]
+        for done, future in enumerate(pending, start=1):
+            frames.append(money_from_units(future.result(), MONEY_COLUMNS))
+            if on_progress is not None:
+                on_progress(done, len(pending))
     if dealers is None:
-        usage_rows, services = (f.with_columns(pl.col(k).cast(pl.Int64) for k in SERVICE_KEYS) for f in frames)
-        return normalize_bronze(usage_rows.join(services, on=list(SERVICE_KEYS), how="inner"))
+        return normalize_bronze(join_services(*frames))
     if not frames:
         return pl.DataFrame(schema=BRONZE_SCHEMA)
     return normalize_bronze(pl.concat(frames, how="diagonal_relaxed"))

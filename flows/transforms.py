@@ -6,6 +6,8 @@ writes a file with the full schema.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import polars as pl
 
 MONEY = pl.Decimal(18, 4)
@@ -83,6 +85,13 @@ def empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
 
+def money_from_units(frame: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
+    """Integer counts of MONEY's smallest unit (0.0001) back to exact MONEY decimals."""
+    unit = pl.lit(Decimal(1).scaleb(-MONEY.scale), dtype=pl.Decimal(MONEY.precision, MONEY.scale))
+    present = [c for c in columns if c in frame.columns]
+    return frame.with_columns((pl.col(c).cast(pl.Decimal(MONEY.precision, 0)) * unit).cast(MONEY) for c in present)
+
+
 def normalize_bronze(raw: pl.DataFrame) -> pl.DataFrame:
     """Cast an extract to the bronze schema, reject contract-breaking rows, sort by dealer.
 
@@ -105,13 +114,21 @@ def normalize_bronze(raw: pl.DataFrame) -> pl.DataFrame:
     duplicates = frame.height - frame["usage_id"].n_unique()
     if duplicates:
         raise BadSourceRows(f"bronze extract has {duplicates} duplicate usage_id value(s)")
+    return sort_by_dealer(frame)
+
+
+def sort_by_dealer(frame: pl.DataFrame) -> pl.DataFrame:
+    """(dealer_id, usage_id) order; when rows come in usage_id order (a scan of `usage`),
+    a stable sort on dealer_id alone gets there in half the time."""
+    if frame["usage_id"].is_sorted():
+        return frame.sort("dealer_id", maintain_order=True)
     return frame.sort("dealer_id", "usage_id")
 
 
 def merge_bronze(current: pl.DataFrame, fresh: pl.DataFrame, dealers: list[int]) -> pl.DataFrame:
     """Replace the slice of `dealers` in bronze by a fresh extract of just those dealers."""
     kept = current.filter(~pl.col("dealer_id").is_in(dealers))
-    return pl.concat([kept, fresh]).sort("dealer_id", "usage_id")
+    return sort_by_dealer(pl.concat([kept, fresh]))
 
 
 def billing_usage_aggregated(rows: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:

@@ -19,6 +19,7 @@ from flows.transforms import (
     billing_usage_aggregated,
     billing_monthly_usage_by_service,
     merge_bronze,
+    money_from_units,
     normalize_bronze,
     usage_report,
 )
@@ -104,6 +105,27 @@ def test_normalize_bronze_casts_to_the_declared_schema_and_sorts_by_dealer():
     }
     assert frame.filter(pl.col("usage_id") == 3)["usage_modified"].to_list() == [None]  # NULL allowed
     assert frame.filter(pl.col("usage_id") == 4)["service_name"].to_list() == [None]  # NULL allowed
+
+
+def test_normalize_bronze_sorts_by_dealer_then_usage_id_whatever_the_input_order():
+    in_usage_order = normalize_bronze(raw_frame(sorted(ROWS)))  # as a scan of `usage` gives them (stable path)
+    shuffled = normalize_bronze(raw_frame(ROWS[3:] + ROWS[:3]))
+    for frame in (in_usage_order, shuffled):
+        assert frame.select("dealer_id", "usage_id").rows() == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 8), (2, 5), (2, 6), (2, 7)]
+
+
+def test_money_from_units_is_exact_over_the_whole_decimal_18_4_range():
+    units = [999_999_999_999_999_999, -999_999_999_999_999_999, 1, -1, 0, 135_180, None]
+    frame = money_from_units(pl.DataFrame({"amount": units, "usage_id": range(7)}), ("amount", "quantity"))
+    assert frame.schema == pl.Schema({"amount": pl.Decimal(18, 4), "usage_id": pl.Int64})  # absent columns ignored
+    assert frame["amount"].to_list() == [
+        d("99999999999999.9999"), d("-99999999999999.9999"), d("0.0001"), d("-0.0001"), d("0"), d("13.518"), None,
+    ]
+
+
+def test_money_from_units_rejects_values_beyond_decimal_18_4():
+    with pytest.raises(pl.exceptions.InvalidOperationError):
+        money_from_units(pl.DataFrame({"amount": [10**18]}), ("amount",))
 
 
 def test_normalize_bronze_keeps_decimal_amounts_exact(bronze):

@@ -1,0 +1,106 @@
+"""The bronze extract against real sources: MariaDB through connectorx and pymysql, and SQLite.
+
+Money crosses the wire as integer units (flows.source._in_money_units); these
+tests pin that it comes back exact at the edges of DECIMAL(18,4), and that the
+full refresh (usage scan + client-side join) and a dealer slice (server join)
+return the same rows as the plain server join of the source's columns.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from flows.source import (
+    BRONZE_FIELDS,
+    billing_metadata,
+    extract_relevant_usage,
+    join_services,
+    relevant_usage,
+    v3_metadata,
+)
+from flows.transforms import BRONZE_SCHEMA, normalize_bronze
+from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER
+from tests.sourcedata import SourceBuilder
+
+EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
+
+
+def plain_join(engine: sa.Engine) -> pl.DataFrame:
+    """The reference: the relevant-usage join with the source's own column types, through pymysql."""
+    with engine.connect() as conn:
+        return normalize_bronze(pl.read_database(sa.select(*BRONZE_FIELDS).select_from(relevant_usage), conn))
+
+
+@pytest.fixture
+def billing_source(source_engines, mariadb_admin) -> sa.Engine:
+    """The standard source plus rows at the edges of DECIMAL(18,4); the pipeline's read-only engine."""
+    admin_billing, admin_v3 = source_engines
+    for metadata, engine in ((billing_metadata, admin_billing), (v3_metadata, admin_v3)):
+        metadata.drop_all(engine)
+        metadata.create_all(engine)
+    builder = SourceBuilder(admin_billing, admin_v3)
+    builder.standard()
+    for n, value in enumerate(EXTREMES):
+        builder.usage(5, 501, 1, date(2026, 10, 1 + n), value, datetime(2026, 10, 2, 3, 4, 5, n), quantity=value)
+    builder.dealer(5, None)
+    engine = sa.create_engine(f"mysql+pymysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
+def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport):
+    uri = f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}" if transport == "connectorx" else None
+    truth = plain_join(billing_source)
+    assert truth.height == 13  # 7 relevant rows of the standard source (the excluded one is not) + 6 extremes
+
+    full = extract_relevant_usage(billing_source, uri, None)
+    assert full.schema == pl.Schema(BRONZE_SCHEMA)
+    assert full.equals(truth)
+    assert full.filter(pl.col("dealer_id") == 5)["amount"].to_list() == [Decimal(v) for v in EXTREMES]
+    assert full.filter(pl.col("dealer_id") == 5)["quantity"].to_list() == [Decimal(v) for v in EXTREMES]
+
+    for dealers in ([5], [1, 3], [4, 9, 77]):
+        assert extract_relevant_usage(billing_source, uri, dealers).equals(truth.filter(pl.col("dealer_id").is_in(dealers)))
+
+
+def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
+    """SQLite stores NUMERIC as REAL: the units' ROUND keeps 4-decimal values exact."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'billing.sqlite'}")
+    billing_metadata.create_all(engine)
+    usage, services = billing_metadata.tables["usage"], billing_metadata.tables["v4_wh_service_data"]
+    values = ("12345.6789", "-0.0001", "0.0001", "13.5180", "-987654.3210")
+    with engine.begin() as conn:
+        conn.execute(sa.insert(services), [dict(
+            service_data_FK_customer_id=1, service_data_FK_service_id=1, service_data_FK_service_status_id=3,
+            service_data_csa_category_id=1, service_data_system_id=3, service_data_service_name="Voice")])
+        conn.execute(sa.insert(usage), [dict(
+            usage_FK_customer_id=1, usage_FK_service_id=1, usage_FK_dealer_id=1 + n % 2, usage_date=date(2026, 10, 1),
+            usage_quantity=Decimal(v), usage_amount=Decimal(v), usage_modified=datetime(2026, 10, 1)) for n, v in enumerate(values)])
+    full = extract_relevant_usage(engine, None, None)
+    assert full.sort("usage_id")["amount"].to_list() == [Decimal(v) for v in values]
+    assert full.equals(extract_relevant_usage(engine, None, [1, 2]))
+
+
+def test_join_services_matches_both_keys_and_keeps_usage_order():
+    usage_rows = pl.DataFrame({
+        "usage_id": [1, 2, 3, 4, 5],
+        "customer_id": [7, 1, 7, 0, 2],
+        "service_id": [-1, 1, 2, -1, 1],  # a negative service id packs into the customer block below: must still match only itself
+    })
+    services = pl.DataFrame({"customer_id": [7, 7, 2, 6], "service_id": [2, -1, 1, 2**31 - 1], "service_name": ["b", "a", "c", "x"]})
+    joined = join_services(usage_rows, services)
+    assert joined.rows() == [(1, 7, -1, "a"), (3, 7, 2, "b"), (5, 2, 1, "c")]
+    assert joined.columns == ["usage_id", "customer_id", "service_id", "service_name"]
+
+
+def test_join_services_rejects_ids_beyond_int():
+    usage_rows = pl.DataFrame({"usage_id": [1], "customer_id": [2**31], "service_id": [1]})
+    services = pl.DataFrame({"customer_id": [0], "service_id": [1], "service_name": ["a"]})
+    with pytest.raises(pl.exceptions.InvalidOperationError):
+        join_services(usage_rows, services)
