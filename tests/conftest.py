@@ -41,6 +41,15 @@ def pipeline_environ() -> dict[str, str]:
     return env
 
 
+def recreate_source_tables(billing: sa.Engine, v3: sa.Engine) -> None:
+    """Empty source tables exactly as the contract declares them (flows.source metadata)."""
+    from flows.source import billing_metadata, v3_metadata
+
+    for metadata, engine in ((billing_metadata, billing), (v3_metadata, v3)):
+        metadata.drop_all(engine)
+        metadata.create_all(engine)
+
+
 @pytest.fixture(scope="session")
 def mariadb_admin() -> Iterator[sa.Engine]:
     """Root engine on the real MariaDB; creates the test databases and the read-only pipeline user."""
@@ -121,13 +130,9 @@ def fresh(pipeline, source_engines, lake_root, mariadb_admin):
     from prefect.exceptions import ObjectNotFound
 
     from blocks.usage_cursor import CURSOR_DOCUMENT
-    from flows.source import billing_metadata, v3_metadata
 
     billing, v3 = source_engines
-    billing_metadata.drop_all(billing)
-    v3_metadata.drop_all(v3)
-    billing_metadata.create_all(billing)
-    v3_metadata.create_all(v3)
+    recreate_source_tables(billing, v3)
     shutil.rmtree(lake_root, ignore_errors=True)
     lake_root.mkdir()
     with get_client(sync_client=True) as client:

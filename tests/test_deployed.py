@@ -28,7 +28,7 @@ import polars as pl
 import pytest
 
 from flows.local_prefect import DURABLE_LEASES, free_port
-from tests.conftest import PIPELINE_PASSWORD, pipeline_environ
+from tests.conftest import PIPELINE_PASSWORD, pipeline_environ, recreate_source_tables
 from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files, rewritten
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 
@@ -248,12 +248,8 @@ def stack(postgres_url, tmp_path_factory):
 @pytest.fixture(scope="module")
 def source(source_engines) -> SourceBuilder:
     """The standard source (partners A, B, C) in fresh MariaDB tables; `fresh` needs the serve fixture."""
-    from flows.source import billing_metadata, v3_metadata
-
     billing, v3 = source_engines
-    for metadata, engine in ((billing_metadata, billing), (v3_metadata, v3)):
-        metadata.drop_all(engine)
-        metadata.create_all(engine)
+    recreate_source_tables(billing, v3)
     builder = SourceBuilder(billing, v3)
     builder.standard()
     return builder

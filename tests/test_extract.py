@@ -21,10 +21,9 @@ from flows.source import (
     extract_relevant_usage,
     join_services,
     relevant_usage,
-    v3_metadata,
 )
 from flows.transforms import BRONZE_SCHEMA, normalize_bronze
-from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER
+from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, recreate_source_tables
 from tests.sourcedata import SourceBuilder
 
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
@@ -40,9 +39,7 @@ def plain_join(engine: sa.Engine) -> pl.DataFrame:
 def billing_source(source_engines, mariadb_admin) -> sa.Engine:
     """The standard source plus rows at the edges of DECIMAL(18,4); the pipeline's read-only engine."""
     admin_billing, admin_v3 = source_engines
-    for metadata, engine in ((billing_metadata, admin_billing), (v3_metadata, admin_v3)):
-        metadata.drop_all(engine)
-        metadata.create_all(engine)
+    recreate_source_tables(admin_billing, admin_v3)
     builder = SourceBuilder(admin_billing, admin_v3)
     builder.standard()
     for n, value in enumerate(EXTREMES):

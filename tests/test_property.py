@@ -25,8 +25,8 @@ import sqlalchemy as sa
 from flows.cursor import Cursor
 from flows.detection import advance_cursor, plan_tick, PartitionOutcome, RunOutcome
 from flows.materialize import build_gold, build_silver, refresh_bronze
-from flows.source import billing_metadata, dealer_directory, extract_relevant_usage, read_snapshot, v3_metadata
-from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, V3_DB
+from flows.source import dealer_directory, extract_relevant_usage, read_snapshot
+from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, V3_DB, recreate_source_tables
 from tests.pipeline_helpers import read
 from tests.sourcedata import RELEVANT_JOIN, SourceBuilder, active_services_truth, usage_report_truth
 
@@ -127,10 +127,7 @@ def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: st
 
 def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admin, tmp_path):
     admin_billing, admin_v3 = source_engines
-    billing_metadata.drop_all(admin_billing)
-    v3_metadata.drop_all(admin_v3)
-    billing_metadata.create_all(admin_billing)
-    v3_metadata.create_all(admin_v3)
+    recreate_source_tables(admin_billing, admin_v3)
     builder = SourceBuilder(admin_billing, admin_v3)
     rng = random.Random(int(os.environ.get("USAGE_PROPERTY_SEED", "20261122")))
     world = World(builder, rng)
