@@ -20,9 +20,20 @@ from flows.lake import lake_root
 from flows.materialize import refresh_bronze
 from flows.runtime import load_source
 from flows.source import extract_relevant_usage
+from flows.transforms import BadSourceRows
 
 
-@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+def unless_bad_rows(task, task_run, state) -> bool:
+    """Retry source errors, not rows that break the contract: reading them again changes nothing."""
+    return not isinstance(state.result(raise_on_failure=False), BadSourceRows)
+
+
+@task(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=unless_bad_rows,
+)
 def extract(dealer_ids: list[int] | None) -> pl.DataFrame:
     """Read relevant usage from billing-db; transient source errors are retried with backoff."""
     source = load_source(BILLING_BLOCK)
@@ -34,6 +45,8 @@ def extract(dealer_ids: list[int] | None) -> pl.DataFrame:
     started = time.perf_counter()
     try:
         frame = extract_relevant_usage(source.engine, source.connectorx_uri, dealer_ids, on_progress=report)
+    except BadSourceRows:
+        raise  # names the rows; the database itself is fine
     except Exception as exc:
         raise source.error(exc) from None
     finally:

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime
 
 import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
 
 from flows.cursor import Cursor
 from flows.detection import DealerStats, SourceSnapshot, assemble_snapshot, probe_candidates
 from flows.partners import is_partner_uuid
-from flows.transforms import BRONZE_SCHEMA, MONEY, money_from_units, normalize_bronze
+from flows.transforms import BRONZE_SCHEMA, MONEY, BadSourceRows, empty, money_from_units, normalize_bronze
 
 billing_metadata = sa.MetaData()
 v3_metadata = sa.MetaData()
@@ -69,7 +70,7 @@ RELEVANT_SYSTEM_ID = 3
 RELEVANT_STATUS_IDS = (-3, 3, 10, 11)
 RELEVANT_CSA_CATEGORY_IDS = (1, 2, 3)
 DEALER_BATCH = 500  # dealers per IN (...) list
-READ_CONNECTIONS = 2  # bulk reads at once: the usage scan and the service rows overlap
+READ_CONNECTIONS = 2  # bulk reads at once, each on its own connection (so not for an in-memory SQLite)
 MONEY_COLUMNS = ("quantity", "amount")
 MONEY_UNITS = 10**MONEY.scale
 
@@ -176,7 +177,7 @@ def has_dealer_modified_index(engine: Engine) -> bool:
     return any([c.lower() for c in (ix["column_names"] or [])][:2] == [w.lower() for w in wanted] for ix in indexes)
 
 
-BRONZE_FIELDS = (  # a bronze row as the source holds it
+USAGE_FIELDS = (  # a bronze row as the source holds it: the usage part ...
     usage.c.usage_id.label("usage_id"),
     usage.c.usage_FK_dealer_id.label("dealer_id"),
     usage.c.usage_FK_customer_id.label("customer_id"),
@@ -185,28 +186,49 @@ BRONZE_FIELDS = (  # a bronze row as the source holds it
     usage.c.usage_quantity.label("quantity"),
     usage.c.usage_amount.label("amount"),
     usage.c.usage_modified.label("usage_modified"),
+)
+SERVICE_FIELDS = (  # ... and the part its service row adds
     service_data.c.service_data_FK_service_status_id.label("service_status_id"),
     service_data.c.service_data_service_name.label("service_name"),
 )
+BRONZE_FIELDS = USAGE_FIELDS + SERVICE_FIELDS
 
 
-def _in_money_units(field: sa.Label) -> sa.Label:
+class money_units(sa.sql.functions.FunctionElement):
     """A DECIMAL(18,4) as an exact integer count of 0.0001 units (`money_from_units` undoes it).
 
     Decoding DECIMAL text was 40 % of the client's work on a full extract; an
-    integer decodes at almost no cost. ROUND keeps SQLite's REAL storage exact too.
+    integer decodes at almost no cost.
     """
-    return sa.cast(sa.func.round(field.element * MONEY_UNITS), sa.BigInteger).label(field.name)
+
+    type = sa.BigInteger()
+    inherit_cache = True
 
 
-# What the extracts select: BRONZE_FIELDS with money in units.
-BRONZE_COLUMNS = tuple(_in_money_units(f) if f.name in MONEY_COLUMNS else f for f in BRONZE_FIELDS)
-USAGE_COLUMNS, SERVICE_COLUMNS = BRONZE_COLUMNS[:8], BRONZE_COLUMNS[8:]  # each table's part of a bronze row
+@compiles(money_units)
+def _money_units(element: money_units, compiler, **kw) -> str:
+    """DECIMAL arithmetic is exact (MySQL, MariaDB)."""
+    (column,) = element.clauses
+    return compiler.process(sa.cast(column * MONEY_UNITS, sa.BigInteger), **kw)
+
+
+@compiles(money_units, "sqlite")
+def _money_units_sqlite(element: money_units, compiler, **kw) -> str:
+    """SQLite keeps a NUMERIC as INTEGER when it is whole, else as REAL: scale the first, round the second."""
+    (column,) = element.clauses
+    scaled = column * MONEY_UNITS
+    whole = sa.func.typeof(column) == "integer"
+    return compiler.process(sa.case((whole, scaled), else_=sa.cast(sa.func.round(scaled), sa.BigInteger)), **kw)
+
+
+def on_the_wire(fields: tuple[sa.Label, ...]) -> tuple[sa.Label, ...]:
+    """What an extract selects for `fields`: money in units, the rest as it is."""
+    return tuple(money_units(f.element).label(f.name) if f.name in MONEY_COLUMNS else f for f in fields)
 
 
 def bronze_statements(dealers: list[int]) -> list[sa.Select]:
     """Some dealers' relevant usage, joined by the server (few rows: its index lookups are cheap)."""
-    base = sa.select(*BRONZE_COLUMNS).select_from(relevant_usage)
+    base = sa.select(*on_the_wire(BRONZE_FIELDS)).select_from(relevant_usage)
     return [base.where(usage.c.usage_FK_dealer_id.in_(batch)) for batch in _batches(dealers)]
 
 
@@ -219,9 +241,9 @@ def full_extract_statements() -> tuple[sa.Select, sa.Select]:
     services = sa.select(
         service_data.c.service_data_FK_customer_id.label(SERVICE_KEYS[0]),
         service_data.c.service_data_FK_service_id.label(SERVICE_KEYS[1]),
-        *SERVICE_COLUMNS,
+        *SERVICE_FIELDS,
     ).where(RELEVANT_SERVICE)
-    return sa.select(*USAGE_COLUMNS), services
+    return sa.select(*on_the_wire(USAGE_FIELDS)), services
 
 
 def render_sql(stmt: sa.Select, engine: Engine) -> str:
@@ -243,6 +265,8 @@ def join_services(usage_rows: pl.DataFrame, services: pl.DataFrame) -> pl.DataFr
     The two INT keys are packed into one Int64 (customer * 2**32 + service, one-to-one
     for 32-bit ids), which joins in about half the time of a two-column key.
     """
+    _check_int_keys(usage_rows, "usage")
+    _check_int_keys(services, "service data")
     customer, service = (pl.col(k).cast(pl.Int32) for k in SERVICE_KEYS)
     packed = (customer.cast(pl.Int64) * 2**32 + service).alias("_service_key")
     return (
@@ -252,26 +276,41 @@ def join_services(usage_rows: pl.DataFrame, services: pl.DataFrame) -> pl.DataFr
     )
 
 
+def _check_int_keys(frame: pl.DataFrame, table: str) -> None:
+    """The contract's keys are INT; a wider id would not pack into the join key."""
+    for key in SERVICE_KEYS:
+        ids = frame[key]
+        beyond = ids.filter(ids.cast(pl.Int32, strict=False).is_null() & ids.is_not_null())
+        if beyond.len():
+            raise BadSourceRows(f"{table} has {beyond.len()} {key} value(s) beyond INT, e.g. {beyond.head(3).to_list()}")
+
+
 def extract_relevant_usage(
     engine: Engine, connectorx_uri: str | None, dealers: list[int] | None, on_progress=None
 ) -> pl.DataFrame:
     """The bronze extract (all relevant usage, or some dealers'), cast to the bronze schema.
 
     Statements run READ_CONNECTIONS at a time: a full refresh reads the service
-    rows while `usage` streams, and joins them here, keeping `usage` order.
+    rows while `usage` streams, and joins them here, keeping `usage` order. The
+    first failed read stops the reads not yet started.
     """
     statements = list(full_extract_statements()) if dealers is None else bronze_statements(dealers)
-    frames = []
     with ThreadPoolExecutor(max_workers=READ_CONNECTIONS) as pool:
-        pending = [pool.submit(read_frame, engine, stmt, connectorx_uri) for stmt in statements]
-        for done, future in enumerate(pending, start=1):
-            frames.append(money_from_units(future.result(), MONEY_COLUMNS))
+        reads = [pool.submit(read_frame, engine, stmt, connectorx_uri) for stmt in statements]
+        remaining = set(reads)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.exception() is not None:
+                    pool.shutdown(cancel_futures=True)
+                    raise future.exception()
             if on_progress is not None:
-                on_progress(done, len(pending))
+                on_progress(len(reads) - len(remaining), len(reads))
+    frames = [money_from_units(read.result(), MONEY_COLUMNS) for read in reads]
     if dealers is None:
         return normalize_bronze(join_services(*frames))
     if not frames:
-        return pl.DataFrame(schema=BRONZE_SCHEMA)
+        return empty(BRONZE_SCHEMA)
     return normalize_bronze(pl.concat(frames, how="diagonal_relaxed"))
 
 

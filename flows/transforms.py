@@ -87,8 +87,16 @@ def empty(schema: dict[str, pl.DataType]) -> pl.DataFrame:
 
 def money_from_units(frame: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFrame:
     """Integer counts of MONEY's smallest unit (0.0001) back to exact MONEY decimals."""
-    unit = pl.lit(Decimal(1).scaleb(-MONEY.scale), dtype=pl.Decimal(MONEY.precision, MONEY.scale))
     present = [c for c in columns if c in frame.columns]
+    limit = 10**MONEY.precision
+    for column in present:
+        dtype = frame.schema[column]
+        if not (dtype.is_integer() or dtype == pl.Null):
+            raise TypeError(f"{column} must hold integer money units, not {dtype}")
+        beyond = frame.filter((pl.col(column) <= -limit) | (pl.col(column) >= limit)).height
+        if beyond:
+            raise BadSourceRows(f"bronze extract has {beyond} {column} value(s) beyond DECIMAL({MONEY.precision},{MONEY.scale})")
+    unit = pl.lit(Decimal(1).scaleb(-MONEY.scale), dtype=pl.Decimal(MONEY.precision, MONEY.scale))
     return frame.with_columns((pl.col(c).cast(pl.Decimal(MONEY.precision, 0)) * unit).cast(MONEY) for c in present)
 
 

@@ -8,6 +8,7 @@ return the same rows as the plain server join of the source's columns.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -22,7 +23,7 @@ from flows.source import (
     join_services,
     relevant_usage,
 )
-from flows.transforms import BRONZE_SCHEMA, normalize_bronze
+from flows.transforms import BRONZE_SCHEMA, BadSourceRows, normalize_bronze
 from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, recreate_source_tables
 from tests.sourcedata import SourceBuilder
 
@@ -36,7 +37,7 @@ def plain_join(engine: sa.Engine) -> pl.DataFrame:
 
 
 @pytest.fixture
-def billing_source(source_engines, mariadb_admin) -> sa.Engine:
+def billing_source(source_engines, mariadb_admin) -> Iterator[sa.Engine]:
     """The standard source plus rows at the edges of DECIMAL(18,4); the pipeline's read-only engine."""
     admin_billing, admin_v3 = source_engines
     recreate_source_tables(admin_billing, admin_v3)
@@ -63,15 +64,29 @@ def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport)
     assert full.filter(pl.col("dealer_id") == 5)["quantity"].to_list() == [Decimal(v) for v in EXTREMES]
 
     for dealers in ([5], [1, 3], [4, 9, 77]):
-        assert extract_relevant_usage(billing_source, uri, dealers).equals(truth.filter(pl.col("dealer_id").is_in(dealers)))
+        sliced = extract_relevant_usage(billing_source, uri, dealers)
+        assert sliced.schema == pl.Schema(BRONZE_SCHEMA)
+        assert sliced.equals(truth.filter(pl.col("dealer_id").is_in(dealers)))
+
+
+@pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
+@pytest.mark.parametrize("emptied", ["usage", "v4_wh_service_data"])
+def test_an_empty_table_gives_an_empty_bronze_with_the_full_schema(billing_source, source_engines, transport, emptied):
+    uri = f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}" if transport == "connectorx" else None
+    with source_engines[0].begin() as conn:
+        conn.exec_driver_sql(f"DELETE FROM `{emptied}`")
+    for dealers in (None, [1, 3]):
+        frame = extract_relevant_usage(billing_source, uri, dealers)
+        assert frame.height == 0 and frame.schema == pl.Schema(BRONZE_SCHEMA)
 
 
 def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
-    """SQLite stores NUMERIC as REAL: the units' ROUND keeps 4-decimal values exact."""
+    """SQLite stores a NUMERIC as INTEGER when whole (scaled exactly) and as REAL otherwise (rounded to units)."""
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'billing.sqlite'}")
     billing_metadata.create_all(engine)
     usage, services = billing_metadata.tables["usage"], billing_metadata.tables["v4_wh_service_data"]
-    values = ("12345.6789", "-0.0001", "0.0001", "13.5180", "-987654.3210")
+    values = ("12345.6789", "-0.0001", "0.0001", "13.5180", "-987654.3210", "99999999999999", "-99999999999999",
+              "123456789.1234")
     with engine.begin() as conn:
         conn.execute(sa.insert(services), [dict(
             service_data_FK_customer_id=1, service_data_FK_service_id=1, service_data_FK_service_status_id=3,
@@ -97,7 +112,9 @@ def test_join_services_matches_both_keys_and_keeps_usage_order():
 
 
 def test_join_services_rejects_ids_beyond_int():
-    usage_rows = pl.DataFrame({"usage_id": [1], "customer_id": [2**31], "service_id": [1]})
+    usage_rows = pl.DataFrame({"usage_id": [1, 2], "customer_id": [2**31, 5], "service_id": [1, None]})
     services = pl.DataFrame({"customer_id": [0], "service_id": [1], "service_name": ["a"]})
-    with pytest.raises(pl.exceptions.InvalidOperationError):
+    with pytest.raises(BadSourceRows, match=r"usage has 1 customer_id value\(s\) beyond INT, e.g. \[2147483648\]"):
         join_services(usage_rows, services)
+    with pytest.raises(BadSourceRows, match="service data has 1 service_id"):
+        join_services(services.with_columns(usage_id=0), services.with_columns(service_id=pl.lit(-(2**31) - 1)))

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from datetime import date, datetime
+from uuid import UUID
 
 import polars as pl
 import pytest
@@ -324,6 +325,26 @@ def test_bad_source_data_warns_and_outputs_stay_correct(fresh, lake_root, caplog
     report_a = read(lake_root, "gold", "usage_report", PARTNER_A)
     assert report_a["dealer_id"].to_list() == [1] and str(report_a["amount"][0]) == "-12.5000"
     assert read(lake_root, "gold", "active_services", PARTNER_A)["service_name"].to_list() == [None]
+
+
+def test_source_rows_beyond_the_contract_fail_bronze_once_and_name_the_column(materialized, lake_root, source_engines):
+    """A source whose money column was widened past DECIMAL(18,4): no retries, nothing written, a clear message."""
+    materialized.execute("ALTER TABLE `usage` MODIFY usage_amount DECIMAL(24,4) NOT NULL")
+    materialized.usage(1, 501, 1, date(2026, 10, 7), "1000000000000000.0000", datetime(2026, 10, 8))
+    before, watermarks = file_ids(lake_root), read_cursor_value()["dealer_last_modified"]
+
+    state, report = tick()
+
+    assert state.is_failed() and "bronze failed" in state.message
+    assert "1 amount value(s) beyond DECIMAL(18,4)" in report.bronze.message
+    assert file_ids(lake_root) == before and read_cursor_value()["dealer_last_modified"] == watermarks
+    with get_client(sync_client=True) as client:
+        attempts = [t.run_count for t in client.read_task_runs() if t.flow_run_id == UUID(report.bronze.flow_run_id)]
+    assert attempts == [1]  # the data, not the database: no retry
+
+    materialized.execute("DELETE FROM `usage` WHERE usage_amount >= 100000000000000")
+    materialized.execute("ALTER TABLE `usage` MODIFY usage_amount DECIMAL(18,4) NOT NULL")
+    assert tick()[0].is_completed()
 
 
 def test_no_password_in_logs_artifacts_or_parameters(materialized):

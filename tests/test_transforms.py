@@ -123,9 +123,16 @@ def test_money_from_units_is_exact_over_the_whole_decimal_18_4_range():
     ]
 
 
-def test_money_from_units_rejects_values_beyond_decimal_18_4():
-    with pytest.raises(pl.exceptions.InvalidOperationError):
-        money_from_units(pl.DataFrame({"amount": [10**18]}), ("amount",))
+@pytest.mark.parametrize("units", [10**18, -(10**18)])
+def test_money_from_units_rejects_values_beyond_decimal_18_4(units):
+    with pytest.raises(BadSourceRows, match=r"1 amount value\(s\) beyond DECIMAL\(18,4\)"):
+        money_from_units(pl.DataFrame({"amount": [units, 1]}), ("amount",))
+
+
+@pytest.mark.parametrize("values", [[d("10.5")], [1.5]])
+def test_money_from_units_refuses_columns_that_are_not_units(values):
+    with pytest.raises(TypeError, match="amount must hold integer money units"):
+        money_from_units(pl.DataFrame({"amount": values}), ("amount",))
 
 
 def test_normalize_bronze_keeps_decimal_amounts_exact(bronze):
