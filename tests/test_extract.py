@@ -1,6 +1,6 @@
 """The bronze extract against real sources: MariaDB through connectorx and pymysql, and SQLite.
 
-Money crosses the wire as integer units (flows.source._in_money_units); these
+Money crosses the wire as integer units (flows.source.money_units); these
 tests pin that it comes back exact at the edges of DECIMAL(18,4), and that the
 full refresh (usage scan + client-side join) and a dealer slice (server join)
 return the same rows as the plain server join of the source's columns.
@@ -30,6 +30,11 @@ from tests.sourcedata import SourceBuilder
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
 
 
+def connectorx_uri(transport: str) -> str | None:
+    """What the bronze flow passes for a MariaDB source (connectorx), or None to read through pymysql."""
+    return f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}" if transport == "connectorx" else None
+
+
 def plain_join(engine: sa.Engine) -> pl.DataFrame:
     """The reference: the relevant-usage join with the source's own column types, through pymysql."""
     with engine.connect() as conn:
@@ -53,7 +58,7 @@ def billing_source(source_engines, mariadb_admin) -> Iterator[sa.Engine]:
 
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
 def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport):
-    uri = f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}" if transport == "connectorx" else None
+    uri = connectorx_uri(transport)
     truth = plain_join(billing_source)
     assert truth.height == 13  # 7 relevant rows of the standard source (the excluded one is not) + 6 extremes
 
@@ -72,7 +77,7 @@ def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport)
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
 @pytest.mark.parametrize("emptied", ["usage", "v4_wh_service_data"])
 def test_an_empty_table_gives_an_empty_bronze_with_the_full_schema(billing_source, source_engines, transport, emptied):
-    uri = f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}" if transport == "connectorx" else None
+    uri = connectorx_uri(transport)
     with source_engines[0].begin() as conn:
         conn.exec_driver_sql(f"DELETE FROM `{emptied}`")
     for dealers in (None, [1, 3]):
