@@ -64,7 +64,6 @@ from flows.source import (  # noqa: E402
     relevant_usage,
     usage,
 )
-
 from flows.transforms import normalize_bronze  # noqa: E402
 
 # The baseline bronze extract: the relevant-usage join as one query, columns as the source holds them.

@@ -24,6 +24,9 @@ BILLING_DB = f"usage_it_billing_{os.getpid()}"
 V3_DB = f"usage_it_v3_{os.getpid()}"
 PIPELINE_USER = "usage_pipeline_it"
 PIPELINE_PASSWORD = "Pw-it-9f3b7c1e"  # asserted absent from every log and artifact
+# The read-only pipeline user's URLs, for tests that call the extract without Prefect.
+PIPELINE_SERVER_URL = f"mysql+pymysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306"
+PIPELINE_CONNECTORX_URI = f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}"
 
 
 def pipeline_environ() -> dict[str, str]:

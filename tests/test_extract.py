@@ -24,7 +24,7 @@ from flows.source import (
     relevant_usage,
 )
 from flows.transforms import BRONZE_SCHEMA, BadSourceRows, normalize_bronze
-from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, recreate_source_tables
+from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
 
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
@@ -32,7 +32,7 @@ EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", 
 
 def connectorx_uri(transport: str) -> str | None:
     """What the bronze flow passes for a MariaDB source (connectorx), or None to read through pymysql."""
-    return f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}" if transport == "connectorx" else None
+    return PIPELINE_CONNECTORX_URI if transport == "connectorx" else None
 
 
 def plain_join(engine: sa.Engine) -> pl.DataFrame:
@@ -51,7 +51,7 @@ def billing_source(source_engines, mariadb_admin) -> Iterator[sa.Engine]:
     for n, value in enumerate(EXTREMES):
         builder.usage(5, 501, 1, date(2026, 10, 1 + n), value, datetime(2026, 10, 2, 3, 4, 5, n), quantity=value)
     builder.dealer(5, None)
-    engine = sa.create_engine(f"mysql+pymysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}")
+    engine = sa.create_engine(f"{PIPELINE_SERVER_URL}/{BILLING_DB}")
     yield engine
     engine.dispose()
 

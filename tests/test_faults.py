@@ -327,7 +327,7 @@ def test_bad_source_data_warns_and_outputs_stay_correct(fresh, lake_root, caplog
     assert read(lake_root, "gold", "active_services", PARTNER_A)["service_name"].to_list() == [None]
 
 
-def test_source_rows_beyond_the_contract_fail_bronze_once_and_name_the_column(materialized, lake_root, source_engines):
+def test_source_rows_beyond_the_contract_fail_bronze_once_and_name_the_column(materialized, lake_root):
     """A source whose money column was widened past DECIMAL(18,4): no retries, nothing written, a clear message."""
     materialized.execute("ALTER TABLE `usage` MODIFY usage_amount DECIMAL(24,4) NOT NULL")
     materialized.usage(1, 501, 1, date(2026, 10, 7), "1000000000000000.0000", datetime(2026, 10, 8))

@@ -26,7 +26,7 @@ from flows.cursor import Cursor
 from flows.detection import advance_cursor, plan_tick, PartitionOutcome, RunOutcome
 from flows.materialize import build_gold, build_silver, refresh_bronze
 from flows.source import dealer_directory, extract_relevant_usage, read_snapshot
-from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, V3_DB, recreate_source_tables
+from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, V3_DB, recreate_source_tables
 from tests.pipeline_helpers import read
 from tests.sourcedata import RELEVANT_JOIN, SourceBuilder, active_services_truth, usage_report_truth
 
@@ -140,9 +140,9 @@ def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admi
     for _ in range(60):
         world.insert(world.tick_clock() if rng.random() > 0.1 else None)
 
-    ro = f"mysql+pymysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306"
-    billing, v3 = sa.create_engine(f"{ro}/{BILLING_DB}"), sa.create_engine(f"{ro}/{V3_DB}")
-    cx_uri = f"mysql://{PIPELINE_USER}:{PIPELINE_PASSWORD}@127.0.0.1:3306/{BILLING_DB}"
+    billing = sa.create_engine(f"{PIPELINE_SERVER_URL}/{BILLING_DB}")
+    v3 = sa.create_engine(f"{PIPELINE_SERVER_URL}/{V3_DB}")
+    cx_uri = PIPELINE_CONNECTORX_URI
     root = tmp_path / "lake"
 
     cursor, plan = run_tick(Cursor(), root, billing, v3, cx_uri, reconcile=False)
