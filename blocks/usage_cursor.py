@@ -11,7 +11,7 @@ CURSOR_DOCUMENT = "usage-change-detection"
 
 
 class UsageCursor(Block):
-    """Where usage-change detection remembers what it has materialized.
+    """Where usage-change detection remembers which source watermark each dealer's partition reflects.
 
     Edit `value` to force rematerialization: `{}` rebuilds everything; removing
     or changing one dealer's entry in `dealer_last_modified` rebuilds that
@@ -20,8 +20,16 @@ class UsageCursor(Block):
 
     _block_type_name = "Usage Cursor"
     _block_type_slug = "usage-cursor"
-    _description = "Cursor of the usage-change-detection flow. Set value to {} to rebuild every partition."
+    _description = (
+        "Cursor of the usage-change-detection flow: per dealer, the newest relevant usage_modified its partition"
+        " reflects. Set value to {} to rebuild every partition; remove a dealer's key to rebuild its partner."
+    )
 
-    # Any, not dict: a value an operator mistyped must still load, so the
-    # flow can warn about it instead of failing to read the block.
-    value: Any = Field(default_factory=dict, description="JSON object; see the README's cursor section.")
+    # A JSON object in the schema, so that the UI's edit page shows the stored value and saving it
+    # unchanged keeps it (a field without a type opens empty in the default UI and saves {}).
+    # The flow reads the stored JSON as it is, so a value saved through the API that is not an
+    # object still loads there, with a warning, instead of failing the tick.
+    value: dict[str, Any] = Field(
+        default_factory=dict,
+        description='{"global_last_modified": timestamp, "dealer_last_modified": {"<dealer id>": timestamp or null}}',
+    )

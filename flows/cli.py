@@ -1,4 +1,4 @@
-"""`usage-pipeline`: setup, demo and serve (CONTRACT.md sections 2 and 3)."""
+"""`usage-pipeline`: setup, serve, demo, and the operator commands (CONTRACT.md sections 2, 3 and 7)."""
 
 from __future__ import annotations
 
@@ -54,60 +54,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(_: argparse.Namespace) -> int:
-    """Build the embedded source, run a first tick and a one-dealer tick, print what happened."""
-    import sqlalchemy as sa
-
-    from flows import demo_data, local_prefect
-    from flows.lake import lake_root
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the embedded source, run three scripted ticks, then keep the UI and the schedule up."""
+    from flows import local_prefect
 
     state_dir = Path(".usage-pipeline").resolve()
     state_dir.mkdir(exist_ok=True)
     processes = []
     try:
+        ui = None
         if not os.environ.get("PREFECT_API_URL"):
             server, url = local_prefect.start_server(state_dir / "prefect-home", state_dir / "prefect-server.log")
             processes.append(server)
             os.environ["PREFECT_API_URL"] = url
-            print(f"Started a local Prefect server at {url.removesuffix('/api')} (UI; log in {state_dir})")
-
-        from blocks.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
-
-        DEMO_SOURCE_DIR.mkdir(exist_ok=True)
-        paths = {block: (DEMO_SOURCE_DIR / name).resolve() for block, name in DEMO_FILES.items()}
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-        billing, v3 = (sa.create_engine(f"sqlite:///{paths[b]}") for b in ("billing-db", "v3-db"))
-        demo_data.create_schema(billing, v3)
-        made = demo_data.populate(billing, v3)
-        print(f"Demo source: {made['usage_rows']} usage rows in {paths['billing-db']}, dealers in {paths['v3-db']}")
-        for line in run_setup(environ={}):
-            print(f"setup: {line}")
-
-        processes.append(local_prefect.start_serve(state_dir / "serve.log"))
-        print(f"Serving the four deployments (log in {state_dir / 'serve.log'})")
-
-        from flows.usage_change_detection import usage_change_detection
-
-        def tick(title: str) -> None:
-            started = time.perf_counter()
-            state = usage_change_detection(return_state=True)
-            report = state.result(raise_on_failure=False)
-            print(f"\n== {title}: {state.name} in {time.perf_counter() - started:.1f}s: {state.message}")
-            for partner, outcome in report.partitions.items():
-                print(f"   partner {partner}: silver {outcome.silver.state}, gold {outcome.gold.state if outcome.gold else '-'}")
-
-        tick("First tick (no cursor: bronze and every partition)")
-        partner, dealers = next(iter(made["partners"].items()))
-        touched = demo_data.touch_dealer(billing, dealers[0], datetime.now(timezone.utc).replace(tzinfo=None))
-        print(f"\nTouched {touched} usage row(s) of dealer {dealers[0]} (partner {partner})")
-        tick("Second tick (one dealer changed: bronze slice and one partition)")
-        tick("Third tick (nothing changed)")
-
-        root = lake_root()
-        print(f"\nLake files under {root}:")
-        for path in sorted(root.rglob("*.parquet")) if isinstance(root, Path) else []:
-            print(f"   {path.relative_to(root)}")
+            ui = url.removesuffix("/api")
+            print(f"Started a local Prefect server at {ui} (log in {state_dir})")
+        billing, made = build_demo_source()
+        serve_log = state_dir / "serve.log"
+        processes.append(local_prefect.start_serve(serve_log))  # unscheduled: the scripted ticks run alone
+        print(f"Serving the four deployments (log in {serve_log})")
+        run_demo_ticks(billing, made)
+        if args.exit:
+            return 0
+        local_prefect.stop(processes.pop())
+        processes.append(local_prefect.start_serve(serve_log, extra_args=()))
+        print_next_steps(ui or os.environ["PREFECT_API_URL"].removesuffix("/api"), made)
+        wait_for_interrupt()
         return 0
     finally:
         from prefect.logging.handlers import APILogHandler
@@ -117,20 +89,140 @@ def cmd_demo(_: argparse.Namespace) -> int:
             local_prefect.stop(process)
 
 
+def build_demo_source():
+    """A fresh embedded SQLite source under demo-source/, and `usage-pipeline setup` pointed at it."""
+    import sqlalchemy as sa
+
+    from blocks.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
+    from flows import demo_data
+
+    DEMO_SOURCE_DIR.mkdir(exist_ok=True)
+    paths = {block: (DEMO_SOURCE_DIR / name).resolve() for block, name in DEMO_FILES.items()}
+    for path in paths.values():
+        path.unlink(missing_ok=True)
+    billing, v3 = (sa.create_engine(f"sqlite:///{paths[b]}") for b in ("billing-db", "v3-db"))
+    demo_data.create_schema(billing, v3)
+    made = demo_data.populate(billing, v3)
+    print(f"Demo source: {made['usage_rows']} usage rows in {paths['billing-db']}, dealers in {paths['v3-db']}")
+    for line in run_setup(environ={}):
+        print(f"setup: {line}")
+    return billing, made
+
+
+def run_demo_ticks(billing, made: dict) -> None:
+    """A first tick, a tick after one dealer changed, and a tick that finds nothing; then the lake's files."""
+    from flows import demo_data
+    from flows.lake import lake_root
+    from flows.usage_change_detection import usage_change_detection
+
+    def tick(title: str) -> None:
+        started = time.perf_counter()
+        state = usage_change_detection(return_state=True)
+        report = state.result(raise_on_failure=False)
+        print(f"\n== {title}: {state.name} in {time.perf_counter() - started:.1f}s: {state.message}")
+        for partner, outcome in report.partitions.items():
+            print(f"   partner {partner}: silver {outcome.silver.state}, gold {outcome.gold.state if outcome.gold else '-'}")
+
+    tick("First tick (no cursor: bronze and every partition)")
+    partner, dealers = next(iter(made["partners"].items()))
+    touched = demo_data.touch_dealer(billing, dealers[0], datetime.now(timezone.utc).replace(tzinfo=None))
+    print(f"\nTouched {touched} usage row(s) of dealer {dealers[0]} (partner {partner})")
+    tick("Second tick (one dealer changed: bronze slice and one partition)")
+    tick("Third tick (nothing changed)")
+
+    root = lake_root()
+    print(f"\nLake files under {root}:")
+    for path in sorted(root.rglob("*.parquet")) if isinstance(root, Path) else []:
+        print(f"   {path.relative_to(root)}")
+
+
+def print_next_steps(ui: str, made: dict) -> None:
+    from blocks.usage_cursor import CURSOR_DOCUMENT
+
+    partner, dealers = next(iter(made["partners"].items()))
+    detection = "usage-change-detection/usage-change-detection"
+    print(f"""
+The Prefect UI is at {ui}  (detection runs every {DETECTION_INTERVAL_SECONDS} s; Ctrl-C stops everything)
+Things to try, in another shell from this directory (export PREFECT_API_URL={ui}/api):
+  - Runs: open the last usage-change-detection run, tab Artifacts: the partition freshness table.
+  - Edit the cursor: Blocks -> Usage Cursor / {CURSOR_DOCUMENT} -> Edit; remove dealer "{dealers[0]}" from
+    dealer_last_modified, Save; the next tick rebuilds partner {partner} only.
+  - Rebuild one partner now:  .venv/bin/prefect deployment run {detection} -p partners='["{partner}"]'
+  - Rebuild one partner's layers from the current bronze:  .venv/bin/prefect deployment run partner-silver/partner-silver -p partner_uuid={partner}
+  - See what the pipeline knows:  .venv/bin/usage-pipeline cursor show
+  - Ask why a dealer did (not) trigger:  .venv/bin/usage-pipeline explain {made['unmapped_dealers'][0]}
+""", flush=True)
+
+
+def wait_for_interrupt() -> None:
+    """Until Ctrl-C or SIGTERM; the caller then stops the server and the serve process."""
+    import signal
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("\nStopping the served deployments and the Prefect server ...", flush=True)
+
+
+def cmd_cursor_show(_: argparse.Namespace) -> int:
+    from flows.operator import show_cursor
+
+    print("\n".join(show_cursor()))
+    return 0
+
+
+def cmd_cursor_reset(args: argparse.Namespace) -> int:
+    from flows.operator import reset_cursor
+
+    print("\n".join(reset_cursor(args.all, args.partner or [], args.dealer or [])))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from flows.operator import explain
+
+    print("\n".join(explain(args.dealer_id)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="usage-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("setup", help="create or update blocks and concurrency limits (idempotent)").set_defaults(func=cmd_setup)
-    commands.add_parser("demo", help="build the embedded SQLite source and run real ticks end to end").set_defaults(func=cmd_demo)
+    demo = commands.add_parser("demo", help="build the embedded SQLite source, run real ticks, keep the UI up")
+    demo.add_argument("--exit", action="store_true", help="stop after the scripted ticks (for scripts)")
+    demo.set_defaults(func=cmd_demo)
     serve = commands.add_parser("serve", help="serve the four deployments in one process")
     serve.add_argument("--no-schedule", action="store_true", help="do not schedule detection every 300 s")
     serve.set_defaults(func=cmd_serve)
+    cursor = commands.add_parser("cursor", help="what detection remembers, and forcing rebuilds").add_subparsers(
+        dest="cursor_command", required=True
+    )
+    cursor.add_parser("show", help="per partner: dealers, last rebuild, watermark, fresh or stale, last error").set_defaults(
+        func=cmd_cursor_show
+    )
+    reset = cursor.add_parser("reset", help="make the next tick rebuild everything, some partners or some dealers")
+    reset.add_argument("--all", action="store_true", help="rebuild bronze and every partition")
+    reset.add_argument("--partner", action="append", metavar="UUID", help="rebuild this partner (repeatable)")
+    reset.add_argument("--dealer", action="append", type=int, metavar="ID", help="rebuild this dealer's partner (repeatable)")
+    reset.set_defaults(func=cmd_cursor_reset)
+    explain = commands.add_parser("explain", help="why a dealer did or did not trigger, and what the next tick does")
+    explain.add_argument("dealer_id", type=int, metavar="DEALER_ID")
+    explain.set_defaults(func=cmd_explain)
     args = parser.parse_args(argv)
+    command = " ".join(filter(None, ["usage-pipeline", args.command, getattr(args, "cursor_command", None)]))
     try:
         return args.func(args)
-    except ValueError as exc:  # configuration errors name the variable to fix
-        print(f"usage-pipeline {args.command}: {exc}", file=sys.stderr)
+    except ValueError as exc:  # bad input or configuration: the message names it, nothing was changed
+        print(f"{command}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a source database or the Prefect API failed (SourceError names which)
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

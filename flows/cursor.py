@@ -1,14 +1,23 @@
 """The detection cursor: what the pipeline last materialized, as a small typed value.
 
-Stored as JSON in the `usage-cursor` block (see CONTRACT.md section 4). The two
-contract keys are what operators edit; the pipeline keeps its own keys beside
-them and tolerates their absence. Parsing never raises: every unreadable part
-becomes a warning and is treated as absent.
+It is stored in two places (README "The cursor and the pipeline's state"):
+
+- the `usage-cursor` block holds the contract's two operator keys
+  (`global_last_modified`, `dealer_last_modified`; CONTRACT.md section 4), which
+  operators edit in the Prefect UI;
+- the pipeline's own bookkeeping (what it saw per dealer, fingerprints, partition
+  freshness and failures) lives in the lake beside the data it describes
+  (`flows/state_store.py`).
+
+Parsing never raises: every unreadable part becomes a warning and is treated as
+absent. A block written by an older version still carries the bookkeeping keys;
+they are read from there until the store exists (migration).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -16,6 +25,8 @@ from typing import Any
 from flows.partners import is_partner_uuid
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+OPERATOR_KEYS = ("global_last_modified", "dealer_last_modified")
+STATE_KEYS = ("dealer_seen", "partitions", "reconciled_at", "fingerprints")
 
 
 def format_timestamp(value: datetime | None) -> str | None:
@@ -59,7 +70,7 @@ class PartitionStatus:
 class Cursor:
     global_last_modified: datetime | None = None
     dealer_last_modified: dict[int, datetime | None] = field(default_factory=dict)
-    # None: the key is absent (new cursor or operator reset), so nothing is known.
+    # None: no bookkeeping (new cursor, or the store was lost), so nothing is known.
     dealer_seen: dict[int, DealerSeen] | None = None
     partitions: dict[str, PartitionStatus] = field(default_factory=dict)
     reconciled_at: datetime | None = None
@@ -80,12 +91,18 @@ class Cursor:
     def retry_partitions(self) -> set[str]:
         return {uuid for uuid, status in self.partitions.items() if status.failures > 0}
 
-    def to_json(self) -> dict[str, Any]:
+    def block_value(self) -> dict[str, Any]:
+        """The operator keys, as the `usage-cursor` block stores them."""
         return {
             "global_last_modified": format_timestamp(self.global_last_modified),
             "dealer_last_modified": {
                 str(dealer): format_timestamp(ts) for dealer, ts in sorted(self.dealer_last_modified.items())
             },
+        }
+
+    def state_document(self) -> dict[str, Any]:
+        """The pipeline's bookkeeping, as its store keeps it."""
+        return {
             "dealer_seen": None
             if self.dealer_seen is None
             else {
@@ -114,109 +131,151 @@ class Cursor:
         return replace(self, **changes)
 
 
-def parse_cursor(raw: object) -> tuple[Cursor, list[str]]:
-    """Read a cursor value as operators may have left it; return it with one warning per problem."""
-    warnings: list[str] = []
-    if raw is None:
-        return Cursor(), warnings
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError as exc:
-            warnings.append(f"cursor value is not valid JSON ({exc}); starting from an empty cursor")
-            return Cursor(), warnings
-    if not isinstance(raw, dict):
-        warnings.append(
-            f"cursor value must be a JSON object, got {type(raw).__name__}; starting from an empty cursor"
-        )
-        return Cursor(), warnings
+class _Reader:
+    """Reads one JSON document leniently, collecting a warning per unreadable part."""
 
-    def timestamp(where: str, value: object) -> tuple[bool, datetime | None]:
+    def __init__(self, where: str, document: dict[str, Any], warnings: list[str]) -> None:
+        self.where, self.document, self.warnings = where, document, warnings
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(f"{self.where} {text}")
+
+    def timestamp(self, label: str, value: object) -> tuple[bool, datetime | None]:
         try:
             return True, parse_timestamp(value)
         except ValueError as exc:
-            warnings.append(f"cursor {where}: unparsable timestamp {value!r} ({exc}); treated as absent")
+            self.warn(f"{label}: unparsable timestamp {value!r} ({exc}); treated as absent")
             return False, None
 
-    def mapping(key: str) -> dict[str, Any] | None:
-        value = raw.get(key)
+    def mapping(self, key: str) -> dict[str, Any] | None:
+        value = self.document.get(key)
         if value is None:
             return None
         if not isinstance(value, dict):
-            warnings.append(f"cursor {key} must be an object, got {type(value).__name__}; treated as absent")
+            self.warn(f"{key} must be an object, got {type(value).__name__}; treated as absent")
             return None
         return value
 
-    def dealer_id(key: str, where: str) -> int | None:
+    def dealer_id(self, key: str, label: str) -> int | None:
         try:
             return int(key)
         except ValueError:
-            warnings.append(f"cursor {where}: dealer id {key!r} is not an integer; entry treated as absent")
+            self.warn(f"{label}: dealer id {key!r} is not an integer; entry treated as absent")
             return None
 
-    _, global_last_modified = timestamp("global_last_modified", raw.get("global_last_modified"))
+    def entries(self, key: str, parse: Callable[[str, Any], Any], errors: tuple[type[Exception], ...]) -> dict | None:
+        """Parse every entry of the object at `key` with `parse(key, value) -> (key, value)`; None if absent."""
+        raw = self.mapping(key)
+        if raw is None:
+            return None
+        parsed = {}
+        for entry_key, value in raw.items():
+            try:
+                item = parse(entry_key, value)
+            except errors as exc:
+                self.warn(f"{key}[{entry_key!r}] is unreadable ({exc!r}); treated as absent")
+                continue
+            if item is not None:
+                parsed[item[0]] = item[1]
+        return parsed
 
+
+def _as_object(raw: object, what: str, warnings: list[str]) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str | bytes):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            warnings.append(f"{what} is not valid JSON ({exc}); starting from an empty {what}")
+            return None
+    if not isinstance(raw, dict):
+        warnings.append(f"{what} must be a JSON object, got {type(raw).__name__}; starting from an empty {what}")
+        return None
+    return raw
+
+
+def _operator_keys(reader: _Reader) -> dict[str, Any]:
+    _, global_last_modified = reader.timestamp("global_last_modified", reader.document.get("global_last_modified"))
     dealer_last_modified: dict[int, datetime | None] = {}
-    for key, value in (mapping("dealer_last_modified") or {}).items():
-        dealer = dealer_id(key, "dealer_last_modified")
-        ok, ts = timestamp(f"dealer_last_modified[{key!r}]", value)
+    for key, value in (reader.mapping("dealer_last_modified") or {}).items():
+        dealer = reader.dealer_id(key, "dealer_last_modified")
+        ok, ts = reader.timestamp(f"dealer_last_modified[{key!r}]", value)
         if dealer is not None and ok:
             dealer_last_modified[dealer] = ts
+    return {"global_last_modified": global_last_modified, "dealer_last_modified": dealer_last_modified}
 
-    seen_raw = mapping("dealer_seen")
-    dealer_seen: dict[int, DealerSeen] | None = None if seen_raw is None else {}
-    for key, value in (seen_raw or {}).items():
-        dealer = dealer_id(key, "dealer_seen")
-        try:
-            partner = value["partner"]
-            if partner is not None and not is_partner_uuid(partner):
-                raise ValueError(f"partner {partner!r} is not a canonical UUID")
-            if not isinstance(value["relevant"], bool):
-                raise ValueError("relevant must be true or false")
-            seen = DealerSeen(
-                raw_max=parse_timestamp(value["raw_max"]),
-                relevant=value["relevant"],
-                last_modified=parse_timestamp(value["last_modified"]),
-                partner=partner.lower() if partner else None,
-            )
-        except (TypeError, KeyError, ValueError) as exc:
-            warnings.append(f"cursor dealer_seen[{key!r}] is unreadable ({exc!r}); treated as absent")
-            continue
-        if dealer is not None and dealer_seen is not None:
-            dealer_seen[dealer] = seen
 
-    partitions: dict[str, PartitionStatus] = {}
-    for key, value in (mapping("partitions") or {}).items():
-        try:
-            if not is_partner_uuid(key):
-                raise ValueError("not a canonical partner UUID")
-            failures = value.get("failures", 0)
-            if not isinstance(failures, int) or failures < 0:
-                raise ValueError(f"failures must be a non-negative integer, got {failures!r}")
-            partitions[key.lower()] = PartitionStatus(
-                materialized_at=parse_timestamp(value.get("materialized_at")),
-                source_watermark=parse_timestamp(value.get("source_watermark")),
-                failures=failures,
-                last_error=value.get("last_error"),
-            )
-        except (AttributeError, TypeError, ValueError) as exc:
-            warnings.append(f"cursor partitions[{key!r}] is unreadable ({exc}); treated as absent")
+def _dealer_seen_entry(reader: _Reader) -> Callable[[str, Any], tuple[int, DealerSeen] | None]:
+    def parse(key: str, value: Any) -> tuple[int, DealerSeen] | None:
+        partner = value["partner"]
+        if partner is not None and not is_partner_uuid(partner):
+            raise ValueError(f"partner {partner!r} is not a canonical UUID")
+        if not isinstance(value["relevant"], bool):
+            raise ValueError("relevant must be true or false")
+        seen = DealerSeen(
+            raw_max=parse_timestamp(value["raw_max"]),
+            relevant=value["relevant"],
+            last_modified=parse_timestamp(value["last_modified"]),
+            partner=partner.lower() if partner else None,
+        )
+        dealer = reader.dealer_id(key, "dealer_seen")
+        return None if dealer is None else (dealer, seen)
 
-    _, reconciled_at = timestamp("reconciled_at", raw.get("reconciled_at"))
-    fingerprints: dict[int, str] = {}
-    for key, value in (mapping("fingerprints") or {}).items():
-        dealer = dealer_id(key, "fingerprints")
-        if not isinstance(value, str):
-            warnings.append(f"cursor fingerprints[{key!r}] must be a string, got {value!r}; treated as absent")
-        elif dealer is not None:
-            fingerprints[dealer] = value
+    return parse
 
-    cursor = Cursor(
-        global_last_modified=global_last_modified,
-        dealer_last_modified=dealer_last_modified,
-        dealer_seen=dealer_seen,
-        partitions=partitions,
-        reconciled_at=reconciled_at,
-        fingerprints=fingerprints,
+
+def _partition_entry(key: str, value: Any) -> tuple[str, PartitionStatus]:
+    if not is_partner_uuid(key):
+        raise ValueError("not a canonical partner UUID")
+    failures = value.get("failures", 0)
+    if not isinstance(failures, int) or isinstance(failures, bool) or failures < 0:
+        raise ValueError(f"failures must be a non-negative integer, got {failures!r}")
+    last_error = value.get("last_error")
+    if last_error is not None and not isinstance(last_error, str):
+        raise ValueError(f"last_error must be a string or null, got {last_error!r}")
+    return key.lower(), PartitionStatus(
+        materialized_at=parse_timestamp(value.get("materialized_at")),
+        source_watermark=parse_timestamp(value.get("source_watermark")),
+        failures=failures,
+        last_error=last_error,
     )
-    return cursor, warnings
+
+
+def _fingerprint_entry(reader: _Reader) -> Callable[[str, Any], tuple[int, str] | None]:
+    def parse(key: str, value: Any) -> tuple[int, str] | None:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        dealer = reader.dealer_id(key, "fingerprints")
+        return None if dealer is None else (dealer, value)
+
+    return parse
+
+
+def _bookkeeping(reader: _Reader) -> dict[str, Any]:
+    entry_errors = (AttributeError, TypeError, KeyError, ValueError)
+    _, reconciled_at = reader.timestamp("reconciled_at", reader.document.get("reconciled_at"))
+    return {
+        "dealer_seen": reader.entries("dealer_seen", _dealer_seen_entry(reader), entry_errors),
+        "partitions": reader.entries("partitions", _partition_entry, entry_errors) or {},
+        "reconciled_at": reconciled_at,
+        "fingerprints": reader.entries("fingerprints", _fingerprint_entry(reader), entry_errors) or {},
+    }
+
+
+def parse_cursor(block_value: object, state: object = None) -> tuple[Cursor, list[str]]:
+    """Read the block's `value` and the pipeline's state as they may have been left; one warning per problem.
+
+    `state` None means the store has no document: the bookkeeping then comes from
+    bookkeeping keys an older version left in the block, if any (they are dropped
+    from the block on the next save), else it is unknown (`dealer_seen` None).
+    """
+    warnings: list[str] = []
+    operator = _as_object(block_value, "cursor value", warnings) or {}
+    fields = _operator_keys(_Reader("cursor", operator, warnings))
+    stored = _as_object(state, "pipeline state", warnings)
+    if stored is not None:
+        fields.update(_bookkeeping(_Reader("pipeline state", stored, warnings)))
+    elif any(key in operator for key in STATE_KEYS):
+        fields.update(_bookkeeping(_Reader("cursor", operator, warnings)))
+    return Cursor(**fields), warnings

@@ -59,12 +59,13 @@ def assemble_snapshot(
 class Plan:
     """What a tick will run. `bronze_dealers` None means a full bronze refresh."""
 
-    first_run: bool
+    first_run: bool  # everything is rebuilt: no cursor, an operator reset, or full_refresh
     dealer_changes: dict[int, str]  # dealer -> reason
-    dealer_partitions: dict[int, frozenset[str]]  # changed dealer -> partitions it affects
+    dealer_partitions: dict[int, frozenset[str]]  # dealer -> partitions it waits for before advancing
     partitions: dict[str, list[str]]  # partner -> reasons, sorted by partner
     bronze_dealers: list[int] | None
     unmapped_dealers: list[int] = field(default_factory=list)
+    unknown_partners: list[str] = field(default_factory=list)  # requested, but no dealer maps to them
 
     @property
     def runs_bronze(self) -> bool:
@@ -134,7 +135,8 @@ def dealer_change(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str 
     now = snapshot.relevant.get(dealer)
     was_present = dealer in cursor.dealer_last_modified
     if now is not None and not was_present:
-        return "appeared"
+        seen = (cursor.dealer_seen or {}).get(dealer)
+        return "cursor entry removed" if seen is not None and seen.relevant else "appeared"
     if now is None:
         return "relevant rows disappeared" if was_present else None
     if now.last_modified != cursor.dealer_last_modified[dealer]:
@@ -144,55 +146,96 @@ def dealer_change(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str 
     return None
 
 
-def plan_tick(cursor: Cursor, snapshot: SourceSnapshot) -> Plan:
-    """Decide which dealers changed and which partitions must rematerialize (CONTRACT.md section 5)."""
+def dealer_reason(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str | None:
+    """Why one dealer's partition(s) must rematerialize outside a first run, or None (CONTRACT.md section 5)."""
+    if dealer in snapshot.checked:
+        reason = dealer_change(cursor, snapshot, dealer)
+        if reason:
+            return reason
+    if dealer not in snapshot.relevant and dealer not in cursor.dealer_last_modified:
+        return None
+    seen = (cursor.dealer_seen or {}).get(dealer)
+    if seen is None:
+        return "no record of its partition"
+    if seen.partner != snapshot.partners.get(dealer):
+        return f"moved from partner {seen.partner} to {snapshot.partners.get(dealer)}"
+    return None
+
+
+def affected_partitions(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> frozenset[str]:
+    """A changed dealer's rows leave the partner that held them and join the one it maps to now."""
+    seen = (cursor.dealer_seen or {}).get(dealer)
+    holder = seen.partner if seen else snapshot.partners.get(dealer)
+    gains = snapshot.partners.get(dealer) if dealer in snapshot.relevant else None
+    had_rows = dealer in cursor.dealer_last_modified or (seen is not None and seen.relevant)
+    loses = holder if had_rows else None
+    return frozenset(p for p in (gains, loses) if p)
+
+
+def dealers_of_partners(cursor: Cursor, partners: dict[int, str | None], wanted: frozenset[str]) -> set[int]:
+    """Dealers that map to one of `wanted` in v3 now, or whose rows were last materialized under one."""
+    mapped = {dealer for dealer, partner in partners.items() if partner in wanted}
+    held = {dealer for dealer, seen in (cursor.dealer_seen or {}).items() if seen.partner in wanted}
+    return mapped | held
+
+
+def plan_tick(
+    cursor: Cursor, snapshot: SourceSnapshot, requested: frozenset[str] = frozenset(), full_refresh: bool = False
+) -> Plan:
+    """Decide which dealers changed and which partitions must rematerialize (CONTRACT.md section 5).
+
+    `requested` partners (the operator's `partners` parameter) are rebuilt whatever
+    changed: their dealers are re-read into bronze and advance only if they succeed.
+    `full_refresh` plans like a first run.
+    """
     partners = snapshot.partners
-    seen_all = cursor.dealer_seen or {}
-    first_run = cursor.is_first_run
+    first_run = cursor.is_first_run or full_refresh
+    live = sorted({p for p in partners.values() if p})
 
     changes: dict[int, str] = {}
     reasons: dict[str, list[str]] = {}
     if first_run:
-        changes = {dealer: "first run" for dealer in snapshot.relevant}
-        reasons = {partner: ["first run"] for partner in sorted({p for p in partners.values() if p})}
+        why = "full refresh requested" if full_refresh else "first run"
+        changes = {dealer: why for dealer in snapshot.relevant}
+        reasons = {partner: [why] for partner in live}
     else:
-        for dealer in snapshot.checked:
-            reason = dealer_change(cursor, snapshot, dealer)
+        if cursor.dealer_seen is None:  # the pipeline's state was lost: no partition is known to be current
+            reasons = {partner: ["no pipeline state"] for partner in live}
+        for dealer in set(snapshot.checked) | set(snapshot.relevant) | set(cursor.dealer_last_modified):
+            reason = dealer_reason(cursor, snapshot, dealer)
             if reason:
                 changes[dealer] = reason
-        for dealer in set(snapshot.relevant) | set(cursor.dealer_last_modified):
-            seen = seen_all.get(dealer)
-            if dealer in changes:
-                continue
-            if seen is None:
-                changes[dealer] = "no record of its partition"
-            elif seen.partner != partners.get(dealer):
-                changes[dealer] = f"moved from partner {seen.partner} to {partners.get(dealer)}"
 
     dealer_partitions: dict[int, frozenset[str]] = {}
     for dealer, reason in sorted(changes.items()):
-        # Its rows leave the partner that held them and join the one it maps to now.
-        seen = seen_all.get(dealer)
-        holder = seen.partner if seen else partners.get(dealer)
-        gains = partners.get(dealer) if dealer in snapshot.relevant else None
-        had_rows = dealer in cursor.dealer_last_modified or (seen is not None and seen.relevant)
-        loses = holder if had_rows else None
-        affected = frozenset(p for p in (gains, loses) if p)
+        affected = affected_partitions(cursor, snapshot, dealer)
         dealer_partitions[dealer] = affected
         for partner in sorted(affected):
             if first_run:  # includes a partner the dealer left: it must be emptied too
-                reasons.setdefault(partner, ["first run"])
+                reasons.setdefault(partner, [reason])
             else:
                 reasons.setdefault(partner, []).append(f"dealer {dealer}: {reason}")
     for partner in sorted(cursor.retry_partitions):
         status = cursor.partitions[partner]
         reasons.setdefault(partner, []).append(f"retry after {status.failures} failed tick(s)")
 
-    if first_run:
+    unknown = []
+    requested_dealers: set[int] = set()
+    for partner in sorted(requested):
+        dealers = dealers_of_partners(cursor, partners, frozenset([partner]))
+        if not dealers and partner not in live:
+            unknown.append(partner)
+            continue
+        reasons.setdefault(partner, []).append("requested by operator")
+        requested_dealers |= dealers
+        for dealer in dealers:
+            dealer_partitions[dealer] = dealer_partitions.get(dealer, frozenset()) | {partner}
+
+    if first_run or cursor.dealer_seen is None:
         bronze_dealers = None
     else:
         retried = {d for d, p in partners.items() if p in cursor.retry_partitions}
-        bronze_dealers = sorted(set(changes) | retried) if reasons or changes else []
+        bronze_dealers = sorted(set(changes) | retried | requested_dealers) if reasons or changes else []
     return Plan(
         first_run=first_run,
         dealer_changes=dict(sorted(changes.items())),
@@ -200,6 +243,7 @@ def plan_tick(cursor: Cursor, snapshot: SourceSnapshot) -> Plan:
         partitions=dict(sorted(reasons.items())),
         bronze_dealers=bronze_dealers,
         unmapped_dealers=sorted(d for d in changes if partners.get(d) is None),
+        unknown_partners=unknown,
     )
 
 
@@ -278,3 +322,48 @@ def advance_cursor(
         fingerprints=fingerprints,
         reconciled_at=now if snapshot.reconciled else cursor.reconciled_at,
     )
+
+
+@dataclass(frozen=True)
+class PartitionFreshness:
+    """One partition as operators see it (the freshness artifact and `usage-pipeline cursor show`)."""
+
+    partner: str
+    dealers: list[int]  # whose rows were last materialized under it
+    stale_because: str | None  # None: fresh as of the last tick
+    status: PartitionStatus
+
+    @property
+    def state(self) -> str:
+        return "fresh" if self.stale_because is None else "stale"
+
+
+def partition_freshness(cursor: Cursor, pending: frozenset[str] = frozenset()) -> list[PartitionFreshness]:
+    """Every known partition, stale when it failed, is planned (`pending`) or an operator edit awaits it."""
+    seen_all = cursor.dealer_seen or {}
+    written = cursor.dealer_last_modified
+
+    def edited(dealer: int) -> bool:
+        seen = seen_all[dealer]
+        if not seen.relevant:
+            return dealer in written
+        return dealer not in written or written[dealer] != seen.last_modified
+
+    rows = []
+    for partner in sorted(set(cursor.partitions) | {s.partner for s in seen_all.values() if s.partner}):
+        dealers = sorted(d for d, seen in seen_all.items() if seen.partner == partner)
+        status = cursor.partitions.get(partner, PartitionStatus())
+        if status.failures:
+            why = f"failed {status.failures} tick(s) in a row; retried every tick"
+        elif partner in pending:
+            why = "rebuild planned"
+        elif cursor.is_first_run:
+            why = "cursor reset: rebuilt on the next tick"
+        elif any(edited(d) for d in dealers):
+            why = "cursor entry edited: rebuilt on the next tick"
+        elif status.materialized_at is None:
+            why = "never rebuilt"
+        else:
+            why = None
+        rows.append(PartitionFreshness(partner, dealers, why, status))
+    return rows

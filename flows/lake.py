@@ -10,10 +10,13 @@ atomically.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -23,6 +26,9 @@ BRONZE_TABLE = "billing_usage_raw"
 SILVER_TABLES = ("billing_usage_aggregated", "billing_monthly_usage_by_service")
 GOLD_TABLES = ("usage_report", "active_services")
 DATA_FILE = "data.parquet"
+# The pipeline's own bookkeeping (flows/cursor.py): beside the data it describes, so that it is
+# written the same atomic way on every kind of root, and a lake wiped by hand takes it along.
+STATE_FILE = "_pipeline/detection_state.parquet"
 ROW_GROUP_SIZE = 64_000  # small enough that a partner's dealers map to few row groups
 STALE_TEMP_SECONDS = 3600
 
@@ -62,6 +68,32 @@ def bronze_path(root: LakePath) -> LakePath:
 def partition_path(root: LakePath, layer: str, table: str, partner_uuid: str) -> LakePath:
     """Path of one partner's file; the UUID is validated so nothing escapes the root."""
     return root / layer / table / f"partner={parse_partner_uuid(partner_uuid)}" / DATA_FILE
+
+
+def state_path(root: LakePath) -> LakePath:
+    return root / STATE_FILE
+
+
+def read_state_document(root: LakePath) -> tuple[dict[str, Any] | None, str | None]:
+    """The pipeline's bookkeeping document, or None and why (missing or unreadable)."""
+    path = state_path(root)
+    try:
+        if not path.exists():
+            return None, f"pipeline state {path} does not exist"
+        document = json.loads(pl.read_parquet(path)["document"][0])
+    except Exception as exc:  # a damaged store must not stop the tick: it re-checks everything instead
+        return None, f"pipeline state {path} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(document, dict):
+        return None, f"pipeline state {path} is unreadable (not a JSON object)"
+    return document, None
+
+
+def write_state_document(root: LakePath, document: dict[str, Any]) -> None:
+    """One row: the JSON document, and when it was written (for people reading the file)."""
+    frame = pl.DataFrame(
+        {"written_at": [datetime.now(timezone.utc).replace(tzinfo=None)], "document": [json.dumps(document)]}
+    )
+    write_parquet_atomic(frame, state_path(root))
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: LakePath) -> None:

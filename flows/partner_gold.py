@@ -6,8 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows.lake import lake_root
 from flows.materialize import build_gold
-from flows.partner_silver import PartnerUUID
-from flows.partners import parse_partner_uuid
+from flows.partners import PartnerUUID, parse_partner_uuid
 from flows.runtime import partner_slot, tag_current_run
 
 

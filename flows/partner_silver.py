@@ -1,19 +1,20 @@
-"""Silver for one partner: its dealers' bronze rows, aggregated per day and per month and service."""
+"""Silver for one partner: its dealers' bronze rows, aggregated per day and per month and service.
+
+Started by hand (UI, `prefect deployment run`), it rebuilds the partner's gold right
+after, as a `gold-<uuid>` subflow run, unless `cascade=false`: no layer is left stale.
+The detection tick runs gold itself and passes `cascade=false`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
-from pydantic import Field
 
 from flows.lake import lake_root
 from flows.materialize import build_silver
-from flows.partners import PARTNER_UUID_PATTERN, parse_partner_uuid
-from flows.runtime import partner_slot, read_dealer_directory, tag_current_run
-
-PartnerUUID = Annotated[str, Field(pattern=PARTNER_UUID_PATTERN, description="Partner UUID (8-4-4-4-12 hex)")]
+from flows.partner_gold import partner_gold
+from flows.partners import PartnerUUID, layer_tag, parse_partner_uuid, partner_tag
+from flows.runtime import partner_slot, read_dealer_directory, run_subflow, tag_current_run
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
@@ -23,7 +24,7 @@ def partner_dealers(partner_uuid: str) -> list[int]:
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")
-def partner_silver(partner_uuid: PartnerUUID) -> dict[str, object]:
+def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True) -> dict[str, object]:
     partner = parse_partner_uuid(partner_uuid)
     tag_current_run(partner, "silver")
     with partner_slot(partner):
@@ -32,4 +33,9 @@ def partner_silver(partner_uuid: PartnerUUID) -> dict[str, object]:
         "Silver for partner %s: %d dealer(s), %d bronze row(s) -> %d daily and %d monthly row(s)",
         partner, len(result["dealers"]), result["bronze_rows"], result["aggregated_rows"], result["monthly_rows"],
     )
+    if cascade:  # after the slot is released: gold takes the partner's slot itself
+        gold = run_subflow(partner_gold, {"partner_uuid": partner}, f"gold-{partner}",
+                           [partner_tag(partner), layer_tag("gold")])
+        if not gold.ok:
+            raise RuntimeError(f"silver was rebuilt, but {gold.name} ended {gold.state}: {gold.message}")
     return result

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from prefect.artifacts import create_table_artifact
 
-from flows.cursor import format_timestamp
+from flows.cursor import Cursor, format_timestamp
+from flows.detection import partition_freshness
 
 if TYPE_CHECKING:
     from flows.usage_change_detection import TickReport
@@ -35,25 +36,20 @@ def tick_rows(report: TickReport) -> list[dict[str, object]]:
     return rows
 
 
-def freshness_rows(report: TickReport) -> list[dict[str, object]]:
-    """One row per known partition: last success, the source watermark it reflects, stale or fresh."""
-    if report.cursor is None:
-        return []
-    pending = set(report.plan.partitions) if report.plan and report.dry_run else set()
-    rows = []
-    for partner, status in sorted(report.cursor.partitions.items()):
-        stale = status.failures > 0 or partner in pending
-        rows.append(
-            {
-                "partner": partner,
-                "state": "stale" if stale else "fresh",
-                "last_success": format_timestamp(status.materialized_at) or "never",
-                "source_watermark": format_timestamp(status.source_watermark) or "-",
-                "failed_ticks": status.failures,
-                "last_error": status.last_error or "",
-            }
-        )
-    return rows
+def freshness_rows(cursor: Cursor, pending: frozenset[str] = frozenset()) -> list[dict[str, object]]:
+    """One row per known partition: its dealers, last success, the watermark it reflects, fresh or stale."""
+    return [
+        {
+            "partner": row.partner,
+            "dealers": ", ".join(map(str, row.dealers)) or "-",
+            "state": row.state if row.stale_because is None else f"stale: {row.stale_because}",
+            "last_success": format_timestamp(row.status.materialized_at) or "never",
+            "source_watermark": format_timestamp(row.status.source_watermark) or "-",
+            "failed_ticks": row.status.failures,
+            "last_error": row.status.last_error or "",
+        }
+        for row in partition_freshness(cursor, pending)
+    ]
 
 
 def publish_tick_artifacts(report: TickReport) -> None:
@@ -61,6 +57,7 @@ def publish_tick_artifacts(report: TickReport) -> None:
     create_table_artifact(
         key="usage-tick-runs", table=tick_rows(report) or [{"partner": "-", "why": summary}], description=summary
     )
-    rows = freshness_rows(report)
+    pending = frozenset(report.plan.partitions) if report.plan and report.dry_run else frozenset()
+    rows = freshness_rows(report.cursor, pending) if report.cursor else []
     if rows:
         create_table_artifact(key="usage-partition-freshness", table=rows, description="Partition freshness")

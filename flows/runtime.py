@@ -67,16 +67,21 @@ def load_source(block: str) -> Source:
     return Source(block, engine, connectorx_uri, url.password)
 
 
-def read_dealer_directory() -> dict[int, str | None]:
-    """The v3 dealer -> partner map; malformed rows are logged as warnings and count as unmapped."""
+def load_dealer_directory() -> tuple[dict[int, str | None], list[str]]:
+    """The v3 dealer -> partner map, and a warning per malformed row (those count as unmapped)."""
     v3 = load_source(V3_BLOCK)
     try:
         with v3.engine.connect() as conn:
-            partners, warnings = dealer_directory(conn)
+            return dealer_directory(conn)
     except Exception as exc:
         raise v3.error(exc) from None
     finally:
         v3.engine.dispose()
+
+
+def read_dealer_directory() -> dict[int, str | None]:
+    """The v3 directory inside a run, its warnings in the run's log."""
+    partners, warnings = load_dealer_directory()
     for warning in warnings:
         get_run_logger().warning(warning)
     return partners

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.compiler import compiles
 
 from flows.cursor import Cursor
-from flows.detection import DealerStats, SourceSnapshot, assemble_snapshot, probe_candidates
+from flows.detection import DealerStats, SourceSnapshot, assemble_snapshot, dealers_of_partners, probe_candidates
 from flows.partners import is_partner_uuid
 from flows.transforms import BRONZE_SCHEMA, MONEY, BadSourceRows, empty, money_from_units, normalize_bronze
 
@@ -315,9 +315,14 @@ def extract_relevant_usage(
 
 
 def read_snapshot(
-    billing: Connection, cursor: Cursor, reconcile: bool, partners: dict[int, str | None]
+    billing: Connection,
+    cursor: Cursor,
+    reconcile: bool,
+    partners: dict[int, str | None],
+    requested: frozenset[str] = frozenset(),
 ) -> tuple[SourceSnapshot, float]:
-    """Probe, then query only the candidates (all of them when reconciling).
+    """Probe, then query only the candidates (all of them when reconciling) and the dealers of
+    `requested` partners (their cursor entries advance to what is read now).
 
     `partners` is the v3 directory (`dealer_directory`). Returns the snapshot
     and the probe's duration in seconds (slow means the index is missing).
@@ -327,6 +332,9 @@ def read_snapshot(
     probe_seconds = time.perf_counter() - started
     candidates = probe_candidates(cursor, raw_max)
     reconciled = candidates is None or reconcile
-    checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified) if reconciled else frozenset(candidates)
+    if reconciled:
+        checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
+    else:
+        checked = frozenset(candidates | dealers_of_partners(cursor, partners, requested))
     queried = relevant_stats(billing, None if reconciled else checked)
     return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciled), probe_seconds

@@ -20,6 +20,7 @@ from prefect.states import Completed, Failed, State
 
 from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, ensure_limit, max_concurrent_partitions, partition_run_mode
 from flows.cursor import Cursor, parse_cursor
+from flows.lake import lake_root, read_state_document, write_state_document
 from flows.detection import (
     PartitionOutcome,
     Plan,
@@ -30,7 +31,7 @@ from flows.detection import (
 )
 from flows.partner_gold import partner_gold
 from flows.partner_silver import partner_silver
-from flows.partners import layer_tag, partner_tag
+from flows.partners import PartnerUUID, layer_tag, parse_partner_uuid, partner_tag
 from flows.report import publish_tick_artifacts
 from flows.runtime import SLOT_LEASE_SECONDS, SourceError, load_source, read_cursor_value, read_dealer_directory, run_child, run_subflow, write_cursor_value
 from flows.source import INDEX_ADVICE, has_dealer_modified_index, read_snapshot
@@ -45,6 +46,8 @@ class TickReport:
     """Everything one tick decided and did; returned as the flow's result and shown in the UI."""
 
     dry_run: bool
+    requested: frozenset[str] = frozenset()  # partners the operator asked to rebuild
+    full_refresh: bool = False
     plan: Plan | None = None
     bronze: RunOutcome | None = None
     partitions: dict[str, PartitionOutcome] = field(default_factory=dict)
@@ -60,9 +63,10 @@ class TickReport:
         if self.skipped:
             return f"skipped: {self.skipped}"
         assert self.plan is not None
+        unknown = f"; unknown partner(s) not rebuilt: {', '.join(self.plan.unknown_partners)}" if self.plan.unknown_partners else ""
         if self.plan.is_empty:
-            return "no changes"
-        text = self.plan.describe()
+            return "no changes" + unknown
+        text = self.plan.describe() + unknown
         if self.dry_run:
             return f"dry run: {text} would run" + (" (with bronze)" if self.plan.runs_bronze else "")
         if self.bronze is not None and not self.bronze.ok:
@@ -76,14 +80,14 @@ def reconcile_due(cursor: Cursor, now: datetime) -> bool:
     return cursor.reconciled_at is None or (now - cursor.reconciled_at).total_seconds() >= every
 
 
-def take_snapshot(cursor: Cursor, now: datetime) -> SourceSnapshot:
+def take_snapshot(cursor: Cursor, now: datetime, requested: frozenset[str]) -> SourceSnapshot:
     """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
     partners = read_dealer_directory()
     billing = load_source(BILLING_BLOCK)
     try:
         with billing.engine.connect() as conn:
-            snapshot, probe_seconds = read_snapshot(conn, cursor, reconcile_due(cursor, now), partners)
+            snapshot, probe_seconds = read_snapshot(conn, cursor, reconcile_due(cursor, now), partners, requested)
         if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
             logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
     except Exception as exc:
@@ -104,6 +108,11 @@ def log_plan(plan: Plan) -> None:
         return
     if plan.dealer_changes:
         logger.info("Detected changes for %d dealer(s): %s", len(plan.dealer_changes), sorted(plan.dealer_changes))
+    if plan.unknown_partners:
+        logger.warning(
+            "Requested partner(s) %s: no dealer maps to them in v3 and nothing was materialized for them; not rebuilt",
+            plan.unknown_partners,
+        )
     if plan.unmapped_dealers:
         logger.warning(
             "Dealer(s) %s changed but map to no partner in v3; their usage is not in any partition",
@@ -120,8 +129,12 @@ def log_plan(plan: Plan) -> None:
 
 
 def run_layer(partner: str, layer: str, layer_flow: Flow, mode: str) -> RunOutcome:
-    """One partition run, named and tagged the same whichever way it runs (partition_run_mode)."""
-    name, tags, parameters = f"{layer}-{partner}", [partner_tag(partner), layer_tag(layer)], {"partner_uuid": partner}
+    """One partition run, named and tagged the same whichever way it runs (partition_run_mode).
+
+    Silver does not cascade to gold here: the tick runs gold itself, right after.
+    """
+    name, tags = f"{layer}-{partner}", [partner_tag(partner), layer_tag(layer)]
+    parameters = {"partner_uuid": partner, **({"cascade": False} if layer == "silver" else {})}
     if mode == "deployment":
         return run_child(layer_flow.name, parameters, name, tags)
     return run_subflow(layer_flow, parameters, name, tags)
@@ -148,27 +161,48 @@ def materialize_partitions(partners: list[str], mode: str) -> dict[str, Partitio
         return {partner: future.result() for partner, future in futures.items()}
 
 
-def run_tick(dry_run: bool) -> TickReport:
+def read_cursor(root) -> tuple[Cursor, object, dict | None]:
+    """The cursor as the block and the pipeline's state store hold it, with a warning per problem."""
     logger = get_run_logger()
-    mode = partition_run_mode()  # a bad setting fails the tick before it does anything
-    report = TickReport(dry_run=dry_run)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-
-    raw_cursor = read_cursor_value()
-    cursor, warnings = parse_cursor(raw_cursor)
+    block_value = read_cursor_value()
+    state, problem = read_state_document(root)
+    cursor, warnings = parse_cursor(block_value, state)
     for warning in warnings:
         logger.warning(warning)
+    if cursor.dealer_seen is None and not cursor.is_first_run:
+        logger.warning("%s: re-checking every dealer and rebuilding every partition", problem)
+    return cursor, block_value, state
+
+
+def save_cursor(root, cursor: Cursor, block_value: object, state: dict | None) -> bool:
+    """State first, then the block: a crash between them leaves the block behind the state, which the
+    next tick reads as an operator edit of those dealers and redoes (never the reverse, which could skip)."""
+    if cursor.state_document() != state:
+        write_state_document(root, cursor.state_document())
+    if cursor.block_value() != block_value:
+        return write_cursor_value(cursor.block_value(), block_value)
+    return False
+
+
+def run_tick(dry_run: bool, requested: frozenset[str], full_refresh: bool) -> TickReport:
+    logger = get_run_logger()
+    mode = partition_run_mode()  # a bad setting fails the tick before it does anything
+    report = TickReport(dry_run=dry_run, requested=requested, full_refresh=full_refresh)
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    root = lake_root()
+
+    cursor, block_value, state = read_cursor(root)
     report.cursor = cursor
 
     logger.info("Checking dealer timestamps for usage changes")
     try:
-        snapshot = take_snapshot(cursor, now)
+        snapshot = take_snapshot(cursor, now, requested)
     except SourceError as exc:
         logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
         report.skipped = str(exc)
         return report
 
-    plan = report.plan = plan_tick(cursor, snapshot)
+    plan = report.plan = plan_tick(cursor, snapshot, requested, full_refresh)
     log_plan(plan)
     if dry_run:
         logger.info("Dry run: nothing submitted, cursor unchanged")
@@ -189,8 +223,7 @@ def run_tick(dry_run: bool) -> TickReport:
                 "Partition %s has failed %d ticks in a row (last error: %s); it is retried every tick",
                 partner, status.failures, status.last_error,
             )
-    if new_cursor.to_json() != cursor.to_json() or raw_cursor is None:
-        report.cursor_saved = write_cursor_value(new_cursor.to_json(), raw_cursor)
+    report.cursor_saved = save_cursor(root, new_cursor, block_value, state)
     report.cursor = new_cursor
     return report
 
@@ -202,14 +235,21 @@ def slot_taken(exc: ConcurrencySlotAcquisitionError) -> bool:
 
 
 @flow(name="usage-change-detection")
-def usage_change_detection(dry_run: bool = False) -> State:
-    """One tick. Never overlaps another: a second tick ends at once as Skipped."""
+def usage_change_detection(
+    dry_run: bool = False, partners: list[PartnerUUID] = [], full_refresh: bool = False  # noqa: B006 (never mutated)
+) -> State:
+    """One tick. Never overlaps another: a second tick ends at once as Skipped.
+
+    `partners`: rebuild exactly these partners now, whatever the cursor says. `full_refresh`:
+    re-extract bronze and rebuild every partition. `dry_run`: report what would run, change nothing.
+    """
+    requested = frozenset(parse_partner_uuid(p, "partners") for p in partners)  # refused before any I/O
     logger = get_run_logger()
     ensure_limit(DETECTION_LIMIT, 1)
     try:
         # No timeout: a timed-out request can still be granted later, leaving an orphaned lease.
         with concurrency(DETECTION_LIMIT, occupy=1, max_retries=0, strict=True, lease_duration=SLOT_LEASE_SECONDS):
-            report = run_tick(dry_run)
+            report = run_tick(dry_run, requested, full_refresh)
     except ConcurrencySlotAcquisitionError as exc:
         if not slot_taken(exc):
             raise

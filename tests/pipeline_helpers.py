@@ -11,7 +11,9 @@ import polars as pl
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterTags
 
+from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from flows.cursor import Cursor, parse_cursor
+from flows.lake import STATE_FILE, lake_root, read_state_document
 from flows.runtime import read_cursor_value
 from flows.usage_change_detection import TickReport, usage_change_detection
 
@@ -22,15 +24,35 @@ def tick(dry_run: bool = False) -> tuple[object, TickReport]:
 
 
 def cursor() -> Cursor:
-    value, warnings = parse_cursor(read_cursor_value())
+    """The cursor as the next tick reads it: the block's value and the pipeline's state store."""
+    state, _ = read_state_document(lake_root())
+    value, warnings = parse_cursor(read_cursor_value(), state)
     assert not warnings, warnings
     return value
 
 
+def save_cursor_value(value: object) -> None:
+    """Store any JSON as the block's value through the REST API, as an operator's script could."""
+    from prefect.client.schemas.actions import BlockDocumentUpdate
+
+    UsageCursor.register_type_and_schema()
+    with get_client(sync_client=True) as client:
+        try:
+            document = client.read_block_document_by_name(CURSOR_DOCUMENT, UsageCursor.get_block_type_slug())
+        except Exception:
+            UsageCursor(value={}).save(CURSOR_DOCUMENT)
+            document = client.read_block_document_by_name(CURSOR_DOCUMENT, UsageCursor.get_block_type_slug())
+        client.update_block_document(
+            document.id, BlockDocumentUpdate(data={"value": value}, merge_existing_data=False)
+        )
+
+
 def file_ids(root: Path) -> dict[str, tuple[int, int]]:
-    """Identity of every lake file: a rewrite (atomic rename) changes the inode and mtime."""
+    """Identity of every data file of the lake (not the pipeline's state): a rewrite changes inode and mtime."""
     return {
-        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(root.rglob("*.parquet"))
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*.parquet"))
+        if p.relative_to(root).parts[0] != STATE_DIR
     }
 
 
@@ -51,6 +73,7 @@ def partition_files(partner: str) -> set[str]:
 
 
 BRONZE_FILE = "bronze/billing_usage_raw/data.parquet"
+STATE_DIR = Path(STATE_FILE).parts[0]
 
 
 def read(root: Path, layer: str, table: str, partner: str) -> pl.DataFrame:

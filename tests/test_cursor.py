@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from tests.cursors import combined
 from flows.cursor import (
     Cursor,
     DealerSeen,
@@ -58,7 +59,7 @@ def test_format_timestamp_is_contract_format_with_microseconds_and_z():
 
 
 def test_to_json_writes_every_timestamp_in_contract_format():
-    value = full_cursor().to_json()
+    value = combined(full_cursor())
     stamps = [value["global_last_modified"], value["reconciled_at"]]
     stamps += [v for v in value["dealer_last_modified"].values() if v is not None]
     for seen in value["dealer_seen"].values():
@@ -107,7 +108,7 @@ def test_offsets_in_cursor_entries_are_converted_to_utc():
     assert warnings == []
     assert cursor.global_last_modified == T
     assert cursor.dealer_last_modified == {1: T}
-    assert cursor.to_json()["global_last_modified"] == TS
+    assert combined(cursor)["global_last_modified"] == TS
 
 
 @pytest.mark.parametrize("bad", ["yesterday", "", "2026-13-01T00:00:00Z", "2026-01-20T25:00:00Z", 1737374400, 1.5, True, [TS], {"t": TS}])
@@ -432,15 +433,15 @@ def test_parse_cursor_never_raises(raw):
 
 def test_round_trip_through_json_text_is_lossless():
     cursor = full_cursor()
-    text = json.dumps(cursor.to_json())  # must be plain JSON (no datetimes, no int keys)
+    text = json.dumps(combined(cursor))  # must be plain JSON (no datetimes, no int keys)
     parsed, warnings = parse_cursor(json.loads(text))
     assert warnings == []
     assert parsed == cursor
-    assert parsed.to_json() == cursor.to_json()
+    assert combined(parsed) == combined(cursor)
 
 
 def test_round_trip_keeps_dealer_keys_as_strings_sorted_numerically():
-    value = full_cursor().to_json()
+    value = combined(full_cursor())
     assert list(value["dealer_last_modified"]) == ["1", "3", "12"]
     assert list(value["dealer_seen"]) == ["1", "3", "7", "12"]
 
@@ -449,7 +450,7 @@ def test_round_trip_of_an_empty_source_cursor_is_not_a_first_run():
     """Written by the pipeline for a source without relevant rows: dealer_seen present, nothing relevant."""
     cursor = Cursor(dealer_seen={7: DealerSeen(T, False, None, None)})
     assert not cursor.is_first_run
-    parsed, warnings = parse_cursor(json.loads(json.dumps(cursor.to_json())))
+    parsed, warnings = parse_cursor(json.loads(json.dumps(combined(cursor))))
     assert warnings == []
     assert parsed == cursor
     assert not parsed.is_first_run
@@ -459,7 +460,7 @@ def test_round_trip_of_a_fresh_cursor_stays_a_first_run():
     """A cursor with no memory (dealer_seen None) must not become "written for an empty source"."""
     cursor = Cursor()
     assert cursor.is_first_run
-    parsed, warnings = parse_cursor(json.loads(json.dumps(cursor.to_json())))
+    parsed, warnings = parse_cursor(json.loads(json.dumps(combined(cursor))))
     assert warnings == []
     assert parsed.is_first_run
     assert parsed == cursor
@@ -546,3 +547,53 @@ def test_aware_utc_datetimes_from_parsing_compare_equal_to_naive_source_values()
     parsed = parse_timestamp("2026-01-20T12:00:00.000000+00:00")
     assert parsed == datetime(2026, 1, 20, 12)
     assert parsed == datetime(2026, 1, 20, 12, tzinfo=timezone.utc).replace(tzinfo=None)
+
+
+# --- the block and the state store -----------------------------------------------------------------
+
+
+def test_block_value_holds_exactly_the_two_operator_keys():
+    assert list(full_cursor().block_value()) == ["global_last_modified", "dealer_last_modified"]
+    assert set(full_cursor().state_document()) == {"dealer_seen", "partitions", "reconciled_at", "fingerprints"}
+
+
+def test_block_and_state_round_trip_separately():
+    cursor = full_cursor()
+    block, state = json.loads(json.dumps(cursor.block_value())), json.loads(json.dumps(cursor.state_document()))
+    parsed, warnings = parse_cursor(block, state)
+    assert warnings == [] and parsed == cursor
+
+
+def test_an_old_block_with_bookkeeping_keys_migrates_without_loss():
+    parsed, warnings = parse_cursor(combined(full_cursor()), None)
+    assert warnings == [] and parsed == full_cursor()
+    assert set(parsed.block_value()) == {"global_last_modified", "dealer_last_modified"}
+
+
+def test_the_store_wins_over_bookkeeping_keys_left_in_the_block():
+    """A crash after the store was written but before the block lost its old keys."""
+    stale_block = combined(Cursor(dealer_seen={}, fingerprints={1: "old"}))
+    stale_block.update(full_cursor().block_value())
+    parsed, warnings = parse_cursor(stale_block, full_cursor().state_document())
+    assert warnings == [] and parsed == full_cursor()
+
+
+def test_no_store_and_no_old_keys_means_no_bookkeeping():
+    parsed, warnings = parse_cursor(full_cursor().block_value(), None)
+    assert warnings == []
+    assert parsed.dealer_seen is None and not parsed.is_first_run
+    assert parsed.dealer_last_modified == full_cursor().dealer_last_modified
+
+
+@pytest.mark.parametrize("state, hint", [([1], "must be a JSON object"), ("{", "not valid JSON")])
+def test_an_unreadable_state_document_warns_and_counts_as_missing(state, hint):
+    parsed, warnings = parse_cursor(full_cursor().block_value(), state)
+    assert parsed.dealer_seen is None
+    assert len(warnings) == 1 and "pipeline state" in warnings[0] and hint in warnings[0]
+
+
+def test_state_warnings_name_the_store_not_the_block():
+    state = full_cursor().state_document()
+    state["partitions"]["not-a-uuid"] = {"failures": 1}
+    _, warnings = parse_cursor(full_cursor().block_value(), state)
+    assert warnings == ["pipeline state partitions['not-a-uuid'] is unreadable (ValueError('not a canonical partner UUID')); treated as absent"]

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from tests.cursors import combined
 from flows.cursor import Cursor, DealerSeen, PartitionStatus, parse_cursor
 from flows.detection import (
     DealerStats,
@@ -96,7 +97,7 @@ class Tick:
 
 def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_gold: set[str] = frozenset(),
          bronze_ok: bool = True, reconcile: bool = False, now: datetime = NOW) -> Tick:
-    before = cursor.to_json()
+    before = combined(cursor)
     snapshot = snapshot_for(cursor, source, reconcile)
     plan = plan_tick(cursor, snapshot)
     # Invariant: a changed dealer only waits for partitions that this tick actually runs.
@@ -111,8 +112,8 @@ def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_g
         if bronze_ok:
             outcomes = {p: outcome(p, p in fail, p in fail_gold) for p in plan.partitions}
     new = advance_cursor(cursor, snapshot, plan, bronze, outcomes, now)
-    assert cursor.to_json() == before, "the input cursor was mutated"
-    stored, warnings = parse_cursor(json.loads(json.dumps(new.to_json())))
+    assert combined(cursor) == before, "the input cursor was mutated"
+    stored, warnings = parse_cursor(json.loads(json.dumps(combined(new))))
     assert warnings == []
     assert stored == new
     return Tick(plan, stored, bronze, list(outcomes))
@@ -186,7 +187,7 @@ def test_no_change_gives_an_empty_plan_and_an_unchanged_cursor(settled, source):
     assert result.plan.dealer_changes == {}
     assert result.plan.bronze_dealers == []
     assert result.bronze is None
-    assert result.cursor.to_json() == settled.to_json()  # nothing to write
+    assert combined(result.cursor) == combined(settled)  # nothing to write
 
 
 def test_no_change_on_a_reconciliation_tick_only_moves_reconciled_at(settled, source):
@@ -288,7 +289,7 @@ def test_null_timestamps_appear_and_then_stay_unchanged(settled, source):
     assert first.plan.partitions == {A: ["dealer 8: appeared"]}
     new = first.cursor
     assert 8 in new.dealer_last_modified and new.dealer_last_modified[8] is None
-    assert new.to_json()["dealer_last_modified"]["8"] is None
+    assert combined(new)["dealer_last_modified"]["8"] is None
     assert new.dealer_seen[8] == DealerSeen(None, True, None, A)
     # unchanged: neither the probe nor a reconciliation finds anything
     assert probe_candidates(new, source.raw_max) == set()
@@ -402,7 +403,7 @@ def test_dealer_unmapped_in_v3_rematerializes_its_old_partition(settled, source)
 
 def edit(cursor: Cursor, change) -> Cursor:
     """An operator edit in the Prefect UI: change the stored JSON, read it back."""
-    value = json.loads(json.dumps(cursor.to_json()))
+    value = json.loads(json.dumps(combined(cursor)))
     change(value)
     edited, warnings = parse_cursor(value)
     assert warnings == []
@@ -413,8 +414,8 @@ def test_operator_removing_a_dealer_key_rematerializes_its_partition(settled, so
     edited = edit(settled, lambda v: v["dealer_last_modified"].pop("3"))
     assert probe_candidates(edited, source.raw_max) == {3}
     result = tick(edited, source)
-    assert result.plan.dealer_changes == {3: "appeared"}
-    assert result.plan.partitions == {B: ["dealer 3: appeared"]}
+    assert result.plan.dealer_changes == {3: "cursor entry removed"}
+    assert result.plan.partitions == {B: ["dealer 3: cursor entry removed"]}
     assert result.plan.bronze_dealers == [3]
     assert result.cursor.dealer_last_modified == settled.dealer_last_modified
     assert tick(result.cursor, source).plan.is_empty
@@ -512,7 +513,8 @@ def test_missing_fingerprints_rematerialize_on_reconciliation(settled, source):
     assert result.cursor.fingerprints == settled.fingerprints
 
 
-def test_missing_dealer_seen_checks_every_dealer_and_rematerializes_every_used_partition(settled, source):
+def test_missing_dealer_seen_checks_every_dealer_and_rebuilds_bronze_and_every_partition(settled, source):
+    """The state store was lost: nothing proves a partition current, so every one is rebuilt (C's too)."""
     edited = edit(settled, lambda v: v.pop("dealer_seen"))
     assert edited.dealer_seen is None
     assert not edited.is_first_run
@@ -520,8 +522,62 @@ def test_missing_dealer_seen_checks_every_dealer_and_rematerializes_every_used_p
     result = tick(edited, source)
     assert not result.plan.first_run
     assert result.plan.dealer_changes == {d: "no record of its partition" for d in (1, 2, 3, 6)}
-    assert set(result.plan.partitions) == {A, B}
+    assert set(result.plan.partitions) == {A, B, C}
+    assert result.plan.partitions[C] == ["no pipeline state"]
+    assert result.plan.bronze_dealers is None
     assert result.cursor.dealer_seen == settled.dealer_seen
+    assert tick(result.cursor, source).plan.is_empty
+
+
+# --- operator requests: partners=[...] and full_refresh ------------------------------------------
+
+
+def test_requested_partner_is_rebuilt_alone_with_its_dealers_reread(settled, source):
+    snapshot = snapshot_for(settled, source)
+    plan = plan_tick(settled, snapshot, requested=frozenset([A]))
+    assert plan.partitions == {A: ["requested by operator"]}
+    assert plan.bronze_dealers == [1, 2]
+    assert plan.dealer_partitions == {1: frozenset([A]), 2: frozenset([A])}
+    assert not plan.dealer_changes and not plan.unknown_partners
+
+
+def test_requested_partner_advances_its_dealers_only_when_it_succeeds(settled, source):
+    source.relevant[1] = DealerStats(t(1), "fp1")
+    edited = edit(settled, lambda v: v["dealer_last_modified"].__setitem__("1", "2026-01-20T12:01:00.000000Z"))
+    snapshot = snapshot_for(edited, source)
+    failed = {A: outcome(A, silver_fails=True)}
+    plan = plan_tick(edited, snapshot, requested=frozenset([A]))
+    after_failure = advance_cursor(edited, snapshot, plan, OK, failed, NOW)
+    assert after_failure.partitions[A].failures == 1
+    assert after_failure.dealer_seen[2] == edited.dealer_seen[2]
+    after_success = advance_cursor(edited, snapshot, plan, OK, {A: outcome(A)}, NOW)
+    assert after_success.partitions[A].failures == 0 and after_success.partitions[A].materialized_at == NOW
+
+
+def test_requested_partner_with_changes_of_its_own_keeps_both_reasons(settled, source):
+    source.raw_max[3] = t(30)
+    source.relevant[3] = DealerStats(t(30), "fp3b")
+    plan = plan_tick(settled, snapshot_for(settled, source), requested=frozenset([A]))
+    assert plan.partitions == {A: ["requested by operator"], B: ["dealer 3: MAX(usage_modified) changed"]}
+    assert plan.bronze_dealers == [1, 2, 3]
+
+
+def test_requested_partner_of_dealers_without_rows_is_rebuilt_empty(settled, source):
+    plan = plan_tick(settled, snapshot_for(settled, source), requested=frozenset([C]))
+    assert plan.partitions == {C: ["requested by operator"]}
+    assert plan.bronze_dealers == [5]
+
+
+def test_requested_partner_nobody_maps_to_is_reported_not_rebuilt(settled, source):
+    plan = plan_tick(settled, snapshot_for(settled, source), requested=frozenset([D]))
+    assert plan.unknown_partners == [D]
+    assert plan.is_empty and not plan.runs_bronze
+
+
+def test_full_refresh_plans_like_a_first_run(settled, source):
+    plan = plan_tick(settled, snapshot_for(settled, source), full_refresh=True)
+    assert plan.first_run and plan.bronze_dealers is None
+    assert plan.partitions == {p: ["full refresh requested"] for p in (A, B, C)}
 
 
 def test_probe_candidates_rules():

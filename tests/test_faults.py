@@ -23,7 +23,7 @@ from flows.partner_silver import partner_silver
 from flows.partners import InvalidPartnerUUID
 from flows.runtime import read_cursor_value
 from tests.conftest import PIPELINE_PASSWORD
-from tests.pipeline_helpers import file_ids, read, tick
+from tests.pipeline_helpers import cursor, file_ids, read, save_cursor_value, tick
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def test_next_tick_after_recovery_behaves_normally(materialized, broken_block):
     ],
 )
 def test_garbage_cursor_warns_and_rebuilds_everything(materialized, value, expected_warning, caplog):
-    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    save_cursor_value(value)
     state, report = tick()
     assert state.is_completed(), state.message
     assert any(expected_warning in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
@@ -131,7 +131,7 @@ def test_one_bad_dealer_entry_is_treated_as_absent_and_others_kept(materialized,
     value = read_cursor_value()
     value["dealer_last_modified"]["3"] = "not-a-timestamp"
     value["dealer_last_modified"]["abc"] = "2026-01-01T00:00:00.000000Z"
-    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    save_cursor_value(value)
     state, report = tick()
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("'not-a-timestamp'" in m for m in messages) and any("'abc'" in m for m in messages)
@@ -166,7 +166,7 @@ def test_silver_and_gold_failures_are_retried_next_tick_and_others_land(material
     state, report = tick()  # still broken: retried, counted
     assert set(report.partitions) == {PARTNER_A, PARTNER_B}
     state, report = tick()
-    assert read_cursor_value()["partitions"][PARTNER_A]["failures"] == 3
+    assert cursor().partitions[PARTNER_A].failures == 3
     assert any(
         PARTNER_A in r.getMessage() and "3 ticks in a row" in r.getMessage()
         for r in caplog.records if r.levelname == "ERROR"
@@ -179,7 +179,7 @@ def test_silver_and_gold_failures_are_retried_next_tick_and_others_land(material
     assert set(report.partitions) == {PARTNER_A, PARTNER_B}
     value = read_cursor_value()
     assert value["dealer_last_modified"]["1"] == value["dealer_last_modified"]["3"] == "2026-10-10T00:00:00.000000Z"
-    assert value["partitions"][PARTNER_A]["failures"] == 0
+    assert cursor().partitions[PARTNER_A].failures == 0
     assert tick()[0].message == "no changes"
 
 
@@ -211,7 +211,7 @@ def test_writer_killed_mid_write_leaves_the_old_file_and_next_tick_repairs(mater
 
     value = read_cursor_value()
     del value["dealer_last_modified"]["1"]
-    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    save_cursor_value(value)
     state, report = tick()
     assert state.is_completed() and set(report.partitions) == {PARTNER_A}
     assert read(lake_root, "gold", "usage_report", PARTNER_A).equals(before)

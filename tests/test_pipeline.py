@@ -12,6 +12,7 @@ from prefect.client.orchestration import get_client
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from flows.runtime import read_cursor_value
 from tests.pipeline_helpers import (
+    save_cursor_value,
     BRONZE_FILE,
     child_runs,
     cursor,
@@ -83,7 +84,8 @@ def test_child_runs_are_tagged_subflows_of_the_tick(source):
         if run.name.startswith(("silver-", "gold-")):
             layer, partner = run.name.split("-", 1)
             assert {f"partner:{partner}", f"layer:{layer}"} <= set(run.tags)
-            assert run.parameters == {"partner_uuid": partner}
+            assert run.parameters == ({"partner_uuid": partner, "cascade": False} if layer == "silver"
+                                      else {"partner_uuid": partner})
 
 
 def test_no_change_runs_nothing_and_rewrites_nothing(materialized, lake_root):
@@ -146,7 +148,7 @@ def test_gold_equals_sql_ground_truth(materialized, lake_root, source_engines):
 def test_cursor_edit_of_one_dealer_rematerializes_only_its_partner(materialized, lake_root):
     value = read_cursor_value()
     del value["dealer_last_modified"]["4"]
-    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    save_cursor_value(value)
     before = file_ids(lake_root)
 
     state, report = tick()
@@ -159,7 +161,7 @@ def test_cursor_edit_of_one_dealer_rematerializes_only_its_partner(materialized,
 def test_cursor_value_changed_for_one_dealer_rematerializes_its_partner(materialized):
     value = read_cursor_value()
     value["dealer_last_modified"]["3"] = "2020-01-01T00:00:00.000000Z"
-    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    save_cursor_value(value)
     state, report = tick()
     assert set(report.partitions) == {PARTNER_B}
     assert read_cursor_value()["dealer_last_modified"]["3"] == "2026-10-01T10:00:00.123456Z"
@@ -172,7 +174,7 @@ def test_cursor_reset_rematerializes_everything(materialized, reset):
         if reset is None:
             client.delete_block_document(document.id)
     if reset is not None:
-        UsageCursor(value=reset).save(CURSOR_DOCUMENT, overwrite=True)
+        save_cursor_value(reset)
     state, report = tick()
     assert report.plan.first_run
     assert set(report.partitions) == ALL_PARTNERS

@@ -18,8 +18,9 @@ import polars as pl
 import pytest
 
 from flows import local_prefect
+from flows.lake import read_state_document
 from tests.conftest import pipeline_environ
-from tests.pipeline_helpers import BRONZE_FILE, RestApi, partition_files
+from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 
 pytestmark = pytest.mark.integration
@@ -67,10 +68,12 @@ def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path)
         assert after["state_name"] == "Completed", (after["state_name"], after["state"]["message"])
 
         cursor = api.get("/block_types/slug/usage-cursor/block_documents/name/usage-change-detection")["data"]["value"]
-        assert set(cursor["partitions"]) == set(ALL_PARTNERS)
-        assert all(status["failures"] == 0 for status in cursor["partitions"].values()), cursor["partitions"]
+        state, problem = read_state_document(lake)
+        assert problem is None, problem
+        assert set(state["partitions"]) == set(ALL_PARTNERS)
+        assert all(status["failures"] == 0 for status in state["partitions"].values()), state["partitions"]
         assert cursor["dealer_last_modified"]["3"] == "2026-10-12T00:00:00.000000Z"
-        files = {str(p.relative_to(lake)) for p in lake.rglob("*.parquet")}
+        files = set(file_ids(lake))
         assert files == {BRONZE_FILE} | set().union(*(partition_files(p) for p in ALL_PARTNERS))
         for partner in ALL_PARTNERS:
             report = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")

@@ -1,0 +1,194 @@
+"""Why a dealer did or did not trigger: the seed's "not triggering despite data changes" checks, automated.
+
+Prefect-free: the caller passes a billing connection, the v3 directory, the cursor
+and whether detection is scheduled; `explain_dealer` returns a plain value whose
+`lines()` the CLI prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from flows.cursor import Cursor, format_timestamp
+from flows.detection import (
+    DealerStats,
+    SourceSnapshot,
+    affected_partitions,
+    dealer_reason,
+    probe_candidates,
+)
+from flows.source import (
+    RELEVANT_CSA_CATEGORY_IDS,
+    RELEVANT_SERVICE,
+    RELEVANT_STATUS_IDS,
+    RELEVANT_SYSTEM_ID,
+    _as_datetime,
+    relevant_stats,
+    service_data,
+    usage,
+)
+
+
+@dataclass(frozen=True)
+class DealerRows:
+    """One dealer's usage rows, and how many each billing filter excludes (a row may fail several)."""
+
+    total: int
+    relevant: int
+    without_service_row: int
+    other_system: int
+    other_status: int
+    other_csa_category: int
+    raw_max: datetime | None  # MAX(usage_modified) over all its rows
+    relevant_max: datetime | None  # ... over its relevant rows (what the cursor compares)
+
+
+def count(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+
+def dealer_rows(conn: Connection, dealer: int) -> DealerRows:
+    """One pass over the dealer's rows (index on usage_FK_dealer_id), joined to their service rows."""
+    joined = usage.outerjoin(
+        service_data,
+        sa.and_(
+            service_data.c.service_data_FK_customer_id == usage.c.usage_FK_customer_id,
+            service_data.c.service_data_FK_service_id == usage.c.usage_FK_service_id,
+        ),
+    )
+    has_service = service_data.c.service_data_id.is_not(None)
+    relevant = sa.and_(has_service, RELEVANT_SERVICE)
+    stmt = (
+        sa.select(
+            sa.func.count(),
+            count(relevant),
+            count(~has_service),
+            count(has_service & (service_data.c.service_data_system_id != RELEVANT_SYSTEM_ID)),
+            count(has_service & service_data.c.service_data_FK_service_status_id.not_in(RELEVANT_STATUS_IDS)),
+            count(has_service & service_data.c.service_data_csa_category_id.not_in(RELEVANT_CSA_CATEGORY_IDS)),
+            sa.func.max(usage.c.usage_modified),
+            sa.func.max(sa.case((relevant, usage.c.usage_modified))),
+        )
+        .select_from(joined)
+        .where(usage.c.usage_FK_dealer_id == dealer)
+    )
+    total, relevant_rows, no_service, system, status, category, raw_max, relevant_max = conn.execute(stmt).one()
+    return DealerRows(
+        int(total), int(relevant_rows), int(no_service), int(system), int(status), int(category),
+        _as_datetime(raw_max), _as_datetime(relevant_max),
+    )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    dealer: int
+    rows: DealerRows
+    v3_partner: str | None
+    in_v3: bool
+    cursor_entry: tuple[bool, datetime | None]  # (present, value)
+    materialized_under: str | None  # partner its rows were last materialized under (pipeline state)
+    state_known: bool
+    next_tick: str
+    detection_scheduled: bool | None  # None: unknown
+    hints: list[str]
+
+    def lines(self) -> list[str]:
+        rows = self.rows
+        present, entry = self.cursor_entry
+        partner = self.v3_partner or ("not mapped (dealer_partner_uuid is NULL or malformed)" if self.in_v3
+                                      else "not in v3.dealer")
+        return [
+            f"dealer {self.dealer}",
+            f"  usage rows:        {rows.total} in all, {rows.relevant} relevant, {rows.total - rows.relevant} excluded",
+            f"    excluded by:     no service-data row {rows.without_service_row},"
+            f" service_data_system_id != {RELEVANT_SYSTEM_ID}: {rows.other_system},"
+            f" service_data_FK_service_status_id not in {RELEVANT_STATUS_IDS}: {rows.other_status},"
+            f" service_data_csa_category_id not in {RELEVANT_CSA_CATEGORY_IDS}: {rows.other_csa_category}",
+            f"  MAX(usage_modified): all rows {_show(rows.raw_max)}, relevant rows {_show(rows.relevant_max)}",
+            f"  v3 partner:        {partner}",
+            f"  cursor entry:      {_show(entry) if present else 'absent'}",
+            f"  materialized under: {self.materialized_under or '-'}"
+            + ("" if self.state_known else " (no pipeline state: every dealer is re-checked)"),
+            f"  detection:         {_schedule(self.detection_scheduled)}",
+            f"  next tick:         {self.next_tick}",
+            *(f"  why: {hint}" for hint in self.hints),
+        ]
+
+
+def _show(value: datetime | None) -> str:
+    return format_timestamp(value) or "NULL"
+
+
+def _schedule(scheduled: bool | None) -> str:
+    if scheduled is None:
+        return "unknown (deployment usage-change-detection not found)"
+    return "scheduled" if scheduled else "PAUSED: no tick runs until its schedule is resumed"
+
+
+def explain_dealer(
+    conn: Connection,
+    dealer: int,
+    directory: dict[int, str | None],
+    cursor: Cursor,
+    detection_scheduled: bool | None,
+) -> Explanation:
+    """What the next tick will do about `dealer` and, when nothing, which of the seed's causes applies."""
+    rows = dealer_rows(conn, dealer)
+    stats = relevant_stats(conn, [dealer]).get(dealer)
+    raw_max = {dealer: rows.raw_max} if rows.total else {}
+    snapshot = SourceSnapshot(
+        raw_max=raw_max,
+        checked=frozenset([dealer]),
+        relevant={dealer: stats} if stats else {},
+        partners={dealer: directory.get(dealer)},
+    )
+    seen = (cursor.dealer_seen or {}).get(dealer)
+    entry = (dealer in cursor.dealer_last_modified, cursor.dealer_last_modified.get(dealer))
+    next_tick, hints = _decide(cursor, snapshot, dealer, stats)
+    if detection_scheduled is False:
+        hints.append("detection is paused (Prefect UI: Deployments -> usage-change-detection -> schedule toggle)")
+    return Explanation(
+        dealer=dealer,
+        rows=rows,
+        v3_partner=directory.get(dealer),
+        in_v3=dealer in directory,
+        cursor_entry=entry,
+        materialized_under=seen.partner if seen else None,
+        state_known=cursor.dealer_seen is not None,
+        next_tick=next_tick,
+        detection_scheduled=detection_scheduled,
+        hints=hints,
+    )
+
+
+def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: DealerStats | None) -> tuple[str, list[str]]:
+    rows_hints = []
+    partner = snapshot.partners.get(dealer)
+    if partner is None:
+        rows_hints.append("the dealer maps to no partner in v3: its rows are in bronze but in no partition")
+    if cursor.is_first_run:
+        return "rebuilds bronze and every partition (the cursor is empty: first run)", rows_hints
+    reason = dealer_reason(cursor, snapshot, dealer)
+    retry = [p for p in sorted(cursor.retry_partitions) if p == partner]
+    if reason:
+        affected = sorted(affected_partitions(cursor, snapshot, dealer))
+        candidates = probe_candidates(cursor, dict(snapshot.raw_max))
+        seen_by_probe = candidates is None or dealer in candidates or reason.startswith(("moved", "no record"))
+        when = "the next tick" if seen_by_probe else "the next hourly reconciliation"
+        target = ", ".join(affected) if affected else "no partition (unmapped)"
+        return f"{when} rebuilds {target} and re-reads the dealer into bronze: {reason}", rows_hints
+    if retry:
+        return f"retries partner {partner} (it failed {cursor.partitions[partner].failures} tick(s))", rows_hints
+    hints = list(rows_hints)
+    if stats is None:
+        hints.append("no relevant rows: every row is excluded by the billing filters above, so nothing triggers")
+    else:
+        hints.append(
+            "its relevant MAX(usage_modified) equals the cursor entry and its rows match what was materialized: "
+            "if its data changed, check that the writer updates usage_modified"
+        )
+    return "nothing for this dealer", hints

@@ -1,0 +1,124 @@
+"""The operator commands of CONTRACT.md section 7: `cursor show`, `cursor reset`, `explain`.
+
+They read what the next tick will read (the cursor block and the pipeline's state
+store) and change only the cursor block, exactly as an edit in the Prefect UI would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
+
+from blocks.setup import BILLING_BLOCK
+from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
+from flows.cursor import Cursor, format_timestamp, parse_cursor
+from flows.explain import explain_dealer
+from flows.lake import lake_root, read_state_document, state_path
+from flows.partners import parse_partner_uuid
+from flows.report import freshness_rows
+from flows.runtime import load_source, read_cursor_value, load_dealer_directory
+
+DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
+SHOW_COLUMNS = ("partner", "dealers", "state", "last_success", "source_watermark", "failed_ticks", "last_error")
+
+
+class OperatorError(ValueError):
+    """Input the command cannot act on; printed on stderr, exit status 2, nothing changed."""
+
+
+def load_cursor() -> tuple[Cursor, Any, list[str]]:
+    """The cursor as the next tick reads it, the block's raw value, and every warning."""
+    block_value = read_cursor_value()
+    state, problem = read_state_document(lake_root())
+    cursor, warnings = parse_cursor(block_value, state)
+    if cursor.dealer_seen is None and not cursor.is_first_run:
+        warnings.append(f"{problem}: the next tick re-checks every dealer and rebuilds every partition")
+    return cursor, block_value, warnings
+
+
+def show_cursor() -> list[str]:
+    cursor, block_value, warnings = load_cursor()
+    lines = [f"WARNING: {warning}" for warning in warnings]
+    if block_value is None:
+        lines.append(f"No cursor block usage-cursor/{CURSOR_DOCUMENT} yet: the next tick rebuilds bronze and every partition.")
+    lines.append(
+        f"cursor: global_last_modified {format_timestamp(cursor.global_last_modified) or 'null'},"
+        f" {len(cursor.dealer_last_modified)} dealer entr{'y' if len(cursor.dealer_last_modified) == 1 else 'ies'}"
+        f"; pipeline state: {state_path(lake_root())}"
+    )
+    if cursor.is_first_run and block_value is not None:
+        lines.append("The cursor is empty: the next tick rebuilds bronze and every partition.")
+    rows = freshness_rows(cursor)
+    if not rows:
+        lines.append("No partition has been materialized yet.")
+        return lines
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in SHOW_COLUMNS}
+    lines.append("  ".join(c.ljust(widths[c]) for c in SHOW_COLUMNS).rstrip())
+    lines.extend("  ".join(str(r[c]).ljust(widths[c]) for c in SHOW_COLUMNS).rstrip() for r in rows)
+    return lines
+
+
+def reset_cursor(everything: bool, partners: list[str], dealers: list[int]) -> list[str]:
+    """Remove cursor entries so that the next tick rebuilds what was named; validate everything first."""
+    if everything and (partners or dealers):
+        raise OperatorError("--all cannot be combined with --partner or --dealer")
+    if not (everything or partners or dealers):
+        raise OperatorError("say what to rebuild: --all, --partner UUID or --dealer ID")
+    wanted = [parse_partner_uuid(p, "--partner") for p in partners]
+    if everything:
+        save_block_value({})
+        return ["Cursor reset: the next tick rebuilds bronze and every partition."]
+    cursor, block_value, _ = load_cursor()
+    if cursor.is_first_run:
+        return ["The cursor is already empty: the next tick rebuilds bronze and every partition."]
+    if cursor.dealer_seen is None:
+        return ["The pipeline's state is missing: the next tick rebuilds every partition anyway."]
+    remove: dict[int, str] = {}
+    for partner in wanted:
+        held = [d for d, seen in cursor.dealer_seen.items() if seen.partner == partner and d in cursor.dealer_last_modified]
+        if not held:
+            raise OperatorError(
+                f"partner {partner} has no dealer in the cursor (nothing of it was materialized);"
+                f" to rebuild it now: prefect deployment run {DETECTION_DEPLOYMENT} -p partners='[\"{partner}\"]'"
+            )
+        remove.update({d: f"partner {partner}" for d in held})
+    for dealer in dealers:
+        if dealer not in cursor.dealer_last_modified:
+            raise OperatorError(f"dealer {dealer} has no cursor entry (no relevant usage was materialized)")
+        remove.setdefault(dealer, f"dealer {dealer}")
+    value = dict(block_value)  # keep whatever else the block holds: only these entries go
+    value["dealer_last_modified"] = {k: v for k, v in value["dealer_last_modified"].items() if int(k) not in remove}
+    save_block_value(value)
+    named = ", ".join(sorted({why for why in remove.values()}))
+    return [f"Removed the cursor entries of dealer(s) {sorted(remove)} ({named}): the next tick rebuilds their partner(s)."]
+
+
+def save_block_value(value: dict[str, Any]) -> None:
+    UsageCursor.register_type_and_schema()
+    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+
+
+def detection_scheduled() -> bool | None:
+    """Whether the detection deployment has an active schedule; None when it is not deployed."""
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(DETECTION_DEPLOYMENT)
+        except ObjectNotFound:
+            return None
+    return not deployment.paused and any(schedule.active for schedule in deployment.schedules)
+
+
+def explain(dealer: int) -> list[str]:
+    cursor, _, warnings = load_cursor()
+    directory, _ = load_dealer_directory()  # a malformed UUID shows as "not mapped"
+    billing = load_source(BILLING_BLOCK)
+    try:
+        with billing.engine.connect() as conn:
+            explanation = explain_dealer(conn, dealer, directory, cursor, detection_scheduled())
+    except Exception as exc:
+        raise billing.error(exc) from None
+    finally:
+        billing.engine.dispose()
+    return [f"WARNING: {w}" for w in warnings] + explanation.lines()
