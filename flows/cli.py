@@ -15,8 +15,9 @@ RUNNER_POLL_SECONDS = 1.0
 
 def cmd_setup(_: argparse.Namespace) -> int:
     from blocks.setup import run_setup
+    from flows.alerts import setup_alerts
 
-    for line in run_setup():
+    for line in run_setup() + setup_alerts():
         print(line)
     return 0
 

@@ -89,6 +89,7 @@ class RunOutcome:
     ok: bool
     message: str | None = None
     flow_run_id: str | None = None
+    rows: int | None = None  # bronze rows a silver run read, when its result is at hand (subflows)
 
 
 @dataclass(frozen=True)

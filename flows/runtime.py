@@ -150,7 +150,10 @@ def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: lis
             state = flow.with_options(flow_run_name=run_name)(**parameters, return_state=True)
     except Exception as exc:  # the engine itself failed (e.g. the API is gone): this child failed
         return RunOutcome(run_name, "Crashed", False, f"{type(exc).__name__}: {exc}")
-    return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id))
+    result = state.result(raise_on_failure=False) if state.is_completed() else None
+    rows = result.get("bronze_rows") if isinstance(result, dict) else None
+    return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id),
+                      rows)
 
 
 def child_run_timeout() -> float:

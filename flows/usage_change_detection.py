@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from prefect.states import Completed, Failed, State
 from blocks.setup import BILLING_BLOCK, DETECTION_LIMIT, ensure_limit, max_concurrent_partitions, partition_run_mode
 from flows.cursor import Cursor, parse_cursor
 from flows.lake import lake_root, read_state_document, write_state_document
+from flows.events import emit_partition_events, emit_tick_event
 from flows.detection import (
     PartitionOutcome,
     Plan,
@@ -53,6 +55,8 @@ class TickReport:
     partitions: dict[str, PartitionOutcome] = field(default_factory=dict)
     cursor: Cursor | None = None
     cursor_saved: bool = False
+    source_seconds: float | None = None  # time spent querying v3 and billing for the snapshot
+    snapshot_reconciled: bool = False
     skipped: str | None = None  # why the tick did nothing (source down, another tick running)
 
     @property
@@ -195,8 +199,10 @@ def run_tick(dry_run: bool, requested: frozenset[str], full_refresh: bool) -> Ti
     report.cursor = cursor
 
     logger.info("Checking dealer timestamps for usage changes")
+    started = time.perf_counter()
     try:
         snapshot = take_snapshot(cursor, now, requested)
+        report.source_seconds, report.snapshot_reconciled = time.perf_counter() - started, snapshot.reconciled
     except SourceError as exc:
         logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
         report.skipped = str(exc)
@@ -244,6 +250,7 @@ def usage_change_detection(
     re-extract bronze and rebuild every partition. `dry_run`: report what would run, change nothing.
     """
     requested = frozenset(parse_partner_uuid(p, "partners") for p in partners)  # refused before any I/O
+    started = time.perf_counter()
     logger = get_run_logger()
     ensure_limit(DETECTION_LIMIT, 1)
     try:
@@ -256,6 +263,8 @@ def usage_change_detection(
         logger.warning("Another detection tick is running; this one does nothing")
         report = TickReport(dry_run=dry_run, skipped="another detection tick is running")
     publish_tick_artifacts(report)
+    emit_partition_events(report)
+    emit_tick_event(report, time.perf_counter() - started)
     if report.skipped:
         return Completed(name="Skipped", message=report.summary(), data=report)
     if not report.ok:

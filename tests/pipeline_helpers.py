@@ -18,9 +18,11 @@ from flows.runtime import read_cursor_value
 from flows.usage_change_detection import TickReport, usage_change_detection
 
 
-def tick(dry_run: bool = False) -> tuple[object, TickReport]:
-    state = usage_change_detection(dry_run=dry_run, return_state=True)
-    return state, state.result(raise_on_failure=False)
+def tick(**parameters: object) -> tuple[object, TickReport | None]:
+    """One detection tick in this process; the report is None when the flow failed before its tick."""
+    state = usage_change_detection(**parameters, return_state=True)
+    result = state.result(raise_on_failure=False)
+    return state, result if isinstance(result, TickReport) else None
 
 
 def cursor() -> Cursor:

@@ -1,0 +1,132 @@
+"""The two automations of CONTRACT.md section 8, created or updated by name by `usage-pipeline setup`.
+
+Both notify the Prefect notification block named by USAGE_ALERT_BLOCK (Slack, e-mail,
+custom webhook...). Running setup again updates them in place (thresholds included),
+so there is always exactly one of each.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from uuid import UUID
+
+from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+from prefect.blocks.core import Block
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import BlockDocumentFilter, BlockDocumentFilterName
+
+from flows.events import FAILED_EVENT, FAILURES_LABEL, PARTITION_RESOURCE_PREFIX, TICK_EVENT, TICK_RESOURCE
+
+STALLED = "usage-detection-stalled"
+FAILING = "usage-partition-failing"
+DEFAULT_STALL_SECONDS = 900
+DEFAULT_FAILED_TICKS = 3
+MIN_STALL_SECONDS = 10  # the shortest `within` Prefect accepts for a proactive trigger
+
+
+class AlertSetupError(ValueError):
+    """An alert variable or block that cannot work; the message names it."""
+
+
+def positive_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise AlertSetupError(f"{name} must be an integer >= {minimum}, got {raw!r}")
+    return value
+
+
+def notification_block_id(name: str) -> UUID:
+    """`slug/name` (e.g. custom-webhook/ops) or a bare document name that exactly one block has."""
+    if "/" in name:
+        try:
+            return Block.load(name)._block_document_id
+        except ValueError as exc:
+            raise AlertSetupError(f"USAGE_ALERT_BLOCK={name!r}: no such block ({exc})") from None
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents(
+            block_document_filter=BlockDocumentFilter(name=BlockDocumentFilterName(any_=[name]))
+        )
+    if len(documents) != 1:
+        found = "no block" if not documents else f"{len(documents)} blocks"
+        raise AlertSetupError(f"USAGE_ALERT_BLOCK={name!r}: {found} of that name; use <block-type-slug>/{name}")
+    return documents[0].id
+
+
+def automations(block_id: UUID, stall_seconds: int, failed_ticks: int) -> list[Automation]:
+    stalled = Automation(
+        name=STALLED,
+        description=f"No {TICK_EVENT} event within {stall_seconds} s: usage-change detection is not running.",
+        trigger=EventTrigger(
+            posture=Posture.Proactive,
+            expect={TICK_EVENT},
+            match={"prefect.resource.id": TICK_RESOURCE},
+            threshold=1,
+            within=timedelta(seconds=stall_seconds),
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject="usage pipeline: detection stalled",
+                body=(
+                    f"Usage-change detection has been silent for {stall_seconds} s: no {TICK_EVENT} event since"
+                    " then, so no billing change reaches the partner reports. Check the usage-change-detection"
+                    " deployment (paused schedule? worker or serve process down?) in the Prefect UI."
+                ),
+            )
+        ],
+    )
+    failing = Automation(
+        name=FAILING,
+        description=f"A partner partition failed {failed_ticks} ticks in a row.",
+        trigger=EventTrigger(
+            posture=Posture.Reactive,
+            expect={FAILED_EVENT},
+            match={"prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}*", FAILURES_LABEL: str(failed_ticks)},
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject="usage pipeline: partition {{ event.payload.partner }} failing",
+                body=(
+                    "Partner {{ event.payload.partner }} failed {{ event.payload.consecutive_failures }} detection"
+                    " ticks in a row (it is retried every tick). Last error: {{ event.payload.last_error }}"
+                ),
+            )
+        ],
+    )
+    return [stalled, failing]
+
+
+def ensure_automation(wanted: Automation) -> str:
+    try:
+        existing = Automation.read(name=wanted.name)
+    except ValueError:  # Prefect's "not found"
+        wanted.create()
+        return "created"
+    wanted.id = existing.id
+    wanted.update()
+    return "updated"
+
+
+def setup_alerts() -> list[str]:
+    """Create or update both automations when USAGE_ALERT_BLOCK is set; otherwise say how to."""
+    block = os.environ.get("USAGE_ALERT_BLOCK")
+    stall = positive_int("USAGE_ALERT_STALL_SECONDS", DEFAULT_STALL_SECONDS, MIN_STALL_SECONDS)
+    failed = positive_int("USAGE_ALERT_FAILED_TICKS", DEFAULT_FAILED_TICKS)
+    if not block:
+        return [
+            "alerts: off. To turn them on, create a Prefect notification block (Blocks -> Add, e.g. Slack Webhook"
+            " or Custom Webhook) and re-run setup with USAGE_ALERT_BLOCK=<block-type-slug>/<block name>"
+            f" (thresholds: USAGE_ALERT_STALL_SECONDS, default {DEFAULT_STALL_SECONDS};"
+            f" USAGE_ALERT_FAILED_TICKS, default {DEFAULT_FAILED_TICKS})"
+        ]
+    block_id = notification_block_id(block)
+    done = [f"{a.name} {ensure_automation(a)}" for a in automations(block_id, stall, failed)]
+    return [f"alerts to {block}: {', '.join(done)} (stalled after {stall} s, failing after {failed} ticks)"]

@@ -1,0 +1,88 @@
+"""The pipeline's Prefect events (CONTRACT.md section 8): one per tick, one per partition rebuild.
+
+Operators see them in the UI's Event Feed and build automations on them; `usage-pipeline
+setup` creates two (flows/alerts.py). Emitted from the tick's run, so Prefect relates
+each event to that run, its flow and deployment by itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prefect.events import emit_event
+
+from flows.cursor import format_timestamp
+
+if TYPE_CHECKING:
+    from flows.detection import RunOutcome
+    from flows.usage_change_detection import TickReport
+
+TICK_EVENT = "usage.detection.tick"
+TICK_RESOURCE = "usage.detection"
+MATERIALIZED_EVENT = "usage.partition.materialized"
+FAILED_EVENT = "usage.partition.failed"
+PARTITION_RESOURCE_PREFIX = "usage.partition."
+# Resource label with the partition's consecutive failed ticks: automations match it exactly
+# (usage-partition-failing fires once, on the tick that reaches its threshold).
+FAILURES_LABEL = "usage.consecutive-failures"
+PARTNER_LABEL = "usage.partner"
+
+
+def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
+    plan = report.plan
+    outcomes = report.partitions.values()
+    emit_event(
+        event=TICK_EVENT,
+        resource={"prefect.resource.id": TICK_RESOURCE, "prefect.resource.name": "usage-change-detection"},
+        payload={
+            "summary": report.summary(),
+            "dealers_changed": len(plan.dealer_changes) if plan else 0,
+            "partitions": len(plan.partitions) if plan else 0,
+            "ok": sum(o.ok for o in outcomes),
+            "failed": sum(not o.ok for o in outcomes) + (len(plan.partitions) - len(report.partitions)
+                                                         if plan and report.bronze and not report.bronze.ok else 0),
+            "duration_seconds": round(duration_seconds, 3),
+            "source_query_seconds": round(report.source_seconds, 3) if report.source_seconds is not None else None,
+            "reconciliation": bool(report.snapshot_reconciled),
+            "dry_run": report.dry_run,
+            "skipped": report.skipped,
+        },
+    )
+
+
+def emit_partition_events(report: TickReport) -> None:
+    """After the cursor advanced: each planned partition, rebuilt or failed (bronze failing fails them all)."""
+    if report.plan is None or report.dry_run or report.cursor is None:
+        return
+    for partner in report.plan.partitions:
+        status = report.cursor.partitions.get(partner)
+        if status is None:  # a partner that no longer exists and was emptied
+            continue
+        outcome = report.partitions.get(partner)
+        runs: list[tuple[str, RunOutcome | None]] = [("silver", outcome.silver if outcome else None),
+                                                    ("gold", outcome.gold if outcome else None)]
+        dealers = sorted(d for d, parts in report.plan.dealer_partitions.items() if partner in parts)
+        emit_event(
+            event=FAILED_EVENT if status.failures else MATERIALIZED_EVENT,
+            resource={
+                "prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}{partner}",
+                "prefect.resource.name": f"partner {partner}",
+                PARTNER_LABEL: partner,
+                FAILURES_LABEL: str(status.failures),
+            },
+            related=[
+                {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": layer,
+                 "prefect.resource.name": run.name}
+                for layer, run in runs
+                if run is not None and run.flow_run_id
+            ],
+            payload={
+                "partner": partner,
+                "dealers": dealers,
+                "rows": outcome.silver.rows if outcome else None,
+                "source_watermark": format_timestamp(status.source_watermark),
+                "consecutive_failures": status.failures,
+                "last_error": status.last_error,
+                "reasons": report.plan.partitions[partner],
+            },
+        )
