@@ -61,10 +61,14 @@ def automations(block_id: UUID, stall_seconds: int, failed_ticks: int) -> list[A
     stalled = Automation(
         name=STALLED,
         description=f"No {TICK_EVENT} event within {stall_seconds} s: usage-change detection is not running.",
+        # `after` + `for_each`: each tick restarts the window, and a stall notifies once (not every
+        # `within` seconds) until ticks resume. It arms at the first tick after setup.
         trigger=EventTrigger(
             posture=Posture.Proactive,
+            after={TICK_EVENT},
             expect={TICK_EVENT},
             match={"prefect.resource.id": TICK_RESOURCE},
+            for_each={"prefect.resource.id"},
             threshold=1,
             within=timedelta(seconds=stall_seconds),
         ),
@@ -74,8 +78,9 @@ def automations(block_id: UUID, stall_seconds: int, failed_ticks: int) -> list[A
                 subject="usage pipeline: detection stalled",
                 body=(
                     f"Usage-change detection has been silent for {stall_seconds} s: no {TICK_EVENT} event since"
-                    " then, so no billing change reaches the partner reports. Check the usage-change-detection"
-                    " deployment (paused schedule? worker or serve process down?) in the Prefect UI."
+                    " the last tick ({{ event.occurred }}: {{ event.payload.summary }}), so no billing change"
+                    " reaches the partner reports. Check the usage-change-detection deployment in the Prefect UI"
+                    " (schedule paused? worker or serve process down?)."
                 ),
             )
         ],

@@ -24,6 +24,15 @@ DEPLOYMENT_NAMES = (
 # with the default, a server restart forgets every lease while the limits still count their slots
 # as taken, so a partner whose run held its slot then waits forever.
 DURABLE_LEASES = {"PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"}
+# Retention (README "Monitoring and alerts"): a 5-minute tick makes 288 runs a day plus its partition
+# runs. Prefect's vacuum deletes finished top-level runs (their subflows follow) after 30 days, a
+# billing month and some, and events after 7 days; it runs hourly.
+RETENTION = {
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(30 * 24 * 3600),
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P7D",
+}
+SERVER_SETTINGS = {**DURABLE_LEASES, **RETENTION}
 
 
 def free_port() -> int:
@@ -46,10 +55,15 @@ def wait_until(check, what: str, timeout: float, process: subprocess.Popen | Non
     raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
 
 
-def start_server(home: Path, log: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`prefect server start` (on a free port unless given) with its own PREFECT_HOME (SQLite database inside)."""
+def start_server(
+    home: Path, log: Path, port: int | None = None, settings: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` (on a free port unless given) with its own PREFECT_HOME (SQLite database inside),
+    durable leases and retention; `settings` overrides any of them."""
     port = port or free_port()
-    env = dict(os.environ, **DURABLE_LEASES, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # The UI asks the API at PREFECT_UI_API_URL (default port 4200), not at the port it was served from.
+    env = {**os.environ, **SERVER_SETTINGS, **(settings or {}), "PREFECT_HOME": str(home),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import httpx
 from prefect import Flow, flow, get_run_logger
-from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.states import Completed, Failed, State
 

@@ -27,7 +27,7 @@ import httpx
 import polars as pl
 import pytest
 
-from flows.local_prefect import DURABLE_LEASES, free_port
+from flows.local_prefect import SERVER_SETTINGS, free_port
 from tests.conftest import PIPELINE_PASSWORD, pipeline_environ, recreate_source_tables
 from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files, rewritten
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
@@ -217,7 +217,7 @@ def stack(postgres_url, tmp_path_factory):
         _base_env(),
         PREFECT_HOME=str(home / "server-home"),
         PREFECT_API_DATABASE_CONNECTION_URL=postgres_url,
-        **DURABLE_LEASES,
+        **SERVER_SETTINGS,
         # The 300 s schedule must not fire in the middle of the test: ticks are started by hand.
         PREFECT_API_SERVICES_SCHEDULER_ENABLED="false",
     )

@@ -16,6 +16,7 @@ import pytest
 from tests.cursors import combined
 from flows.cursor import Cursor, DealerSeen, PartitionStatus, parse_cursor
 from flows.detection import (
+    partition_freshness,
     DealerStats,
     PartitionOutcome,
     Plan,
@@ -782,3 +783,22 @@ def test_first_run_after_a_reset_plans_every_partition_a_dealer_waits_for():
     assert new.dealer_last_modified == {1: t(1)}, f"dealer 1 did not advance; plan ran only {list(plan.partitions)}"
     assert not new.is_first_run
     assert A in plan.partitions  # the partner the dealer left must be emptied too
+
+
+# --- freshness as operators see it ------------------------------------------------------------------
+
+
+def test_freshness_is_fresh_after_success_and_names_why_otherwise(settled, source):
+    rows = {row.partner: row for row in partition_freshness(settled)}
+    assert set(rows) == {A, B, C}
+    assert rows[A].dealers == [1, 2] and rows[A].state == "fresh"
+    assert rows[C].dealers == [] and rows[C].state == "fresh"  # built empty: its dealer 5 has no usage
+
+    edited = edit(settled, lambda v: v["dealer_last_modified"].pop("3"))
+    assert {r.partner: r.stale_because for r in partition_freshness(edited)}[B] == "cursor entry edited: rebuilt on the next tick"
+    failed = tick(edit(settled, lambda v: v["dealer_last_modified"].pop("1")), source, fail={A}).cursor
+    assert {r.partner: r.stale_because for r in partition_freshness(failed)}[A].startswith("failed 1 tick(s) in a row")
+    reset = edit(settled, lambda v: v.update(global_last_modified=None, dealer_last_modified={}))
+    assert {r.stale_because for r in partition_freshness(reset)} == {"cursor reset: rebuilt on the next tick"}
+    planned = {r.partner: r.stale_because for r in partition_freshness(settled, frozenset([A, B]))}
+    assert planned == {A: "rebuild planned", B: "rebuild planned", C: None}

@@ -14,6 +14,7 @@ from uuid import UUID
 import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect_sqlalchemy import SqlAlchemyConnector
 
@@ -339,7 +340,8 @@ def test_source_rows_beyond_the_contract_fail_bronze_once_and_name_the_column(ma
     assert "1 amount value(s) beyond DECIMAL(18,4)" in report.bronze.message
     assert file_ids(lake_root) == before and read_cursor_value()["dealer_last_modified"] == watermarks
     with get_client(sync_client=True) as client:
-        attempts = [t.run_count for t in client.read_task_runs() if t.flow_run_id == UUID(report.bronze.flow_run_id)]
+        bronze_run = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(report.bronze.flow_run_id)]))
+        attempts = [t.run_count for t in client.read_task_runs(flow_run_filter=bronze_run)]
     assert attempts == [1]  # the data, not the database: no retry
 
     materialized.execute("DELETE FROM `usage` WHERE usage_amount >= 100000000000000")

@@ -1,0 +1,213 @@
+"""Issue 11: events in the API, and the two automations notifying a real HTTP endpoint.
+
+A local webhook receiver stands behind a `custom-webhook` notification block; `usage-pipeline
+setup` (a subprocess, as operators run it) creates the automations against the session's
+real Prefect server, with short thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from prefect.automations import Automation
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+from flows.alerts import FAILING, STALLED
+from tests.conftest import pipeline_environ
+from tests.pipeline_helpers import tick
+from tests.sourcedata import PARTNER_A, PARTNER_B, SourceBuilder
+
+pytestmark = pytest.mark.integration
+STALL_SECONDS = 20
+FAILED_TICKS = 2
+
+
+class Receiver(ThreadingHTTPServer):
+    """Records every POST body with the time it arrived."""
+
+    def __init__(self) -> None:
+        received: list[tuple[float, dict]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append((time.time(), json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.received = received
+
+    def subjects(self, word: str) -> list[tuple[float, dict]]:
+        return [(at, body) for at, body in self.received if word in body["subject"]]
+
+    def wait_for(self, word: str, timeout: float) -> tuple[float, dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.subjects(word):
+                return found[0]
+            time.sleep(0.2)
+        raise AssertionError(f"no notification with {word!r} after {timeout}s; got {self.received}")
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def setup_command(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "setup"], env={**os.environ, **pipeline_environ(), **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def alerts(pipeline, receiver):
+    """The two automations, notifying the receiver; deleted afterwards so no other test triggers them."""
+    CustomWebhookNotificationBlock(
+        name="usage-alerts-it",
+        url=f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+        json_data={"subject": "{{subject}}", "body": "{{body}}"},
+        allow_private_urls=True,
+    ).save("usage-alerts-it", overwrite=True)
+    env = {"USAGE_ALERT_BLOCK": "custom-webhook/usage-alerts-it", "USAGE_ALERT_STALL_SECONDS": str(STALL_SECONDS),
+           "USAGE_ALERT_FAILED_TICKS": str(FAILED_TICKS)}
+    result = setup_command(**env)
+    assert result.returncode == 0, result.stderr
+    time.sleep(3)  # the server's trigger service picks up new automations within a few seconds
+    yield env
+    for name in (STALLED, FAILING):
+        Automation.read(name=name).delete()
+
+
+def events(prefix: str, since: datetime) -> list[dict]:
+    """Events from the REST API (persisted every few seconds: poll)."""
+    api = os.environ["PREFECT_API_URL"]
+    body = {"filter": {"event": {"prefix": [prefix]}, "occurred": {"since": since.isoformat()}}, "limit": 50}
+    return httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"]
+
+
+def wait_events(prefix: str, since: datetime, count: int, timeout: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while len(found := events(prefix, since)) < count:
+        assert time.monotonic() < deadline, f"{len(found)} {prefix} event(s) after {timeout}s"
+        time.sleep(1)
+    return found
+
+
+def block_partition(lake_root, partner: str):
+    directory = lake_root / "silver" / "billing_usage_aggregated" / f"partner={partner}"
+    (directory / "data.parquet").unlink()
+    directory.rmdir()
+    directory.write_text("blocked")  # silver for this partner cannot write its file
+    return directory
+
+
+def test_tick_and_partition_events_carry_resources_payloads_and_related_runs(fresh, lake_root):
+    source = SourceBuilder(*fresh)
+    source.standard()
+    assert tick()[0].is_completed()
+    since = datetime.now().astimezone()
+    source.execute("UPDATE `usage` SET usage_modified = '2026-10-09 00:00:00' WHERE usage_FK_dealer_id = 1")
+    state, report = tick()
+    assert state.is_completed(), state.message
+
+    (tick_event,) = wait_events("usage.detection.tick", since, 1)
+    assert tick_event["resource"]["prefect.resource.id"] == "usage.detection"
+    payload = tick_event["payload"]
+    assert (payload["dealers_changed"], payload["partitions"], payload["ok"], payload["failed"]) == (1, 1, 1, 0)
+    assert payload["duration_seconds"] > 0 and payload["source_query_seconds"] > 0
+    assert payload["reconciliation"] is False
+    tick_run = f"prefect.flow-run.{state.state_details.flow_run_id}"
+    assert tick_run in {r["prefect.resource.id"] for r in tick_event["related"]}
+
+    (materialized,) = wait_events("usage.partition.", since, 1)
+    assert materialized["event"] == "usage.partition.materialized"
+    assert materialized["resource"]["prefect.resource.id"] == f"usage.partition.{PARTNER_A}"
+    assert materialized["resource"]["usage.partner"] == PARTNER_A
+    roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in materialized["related"]}
+    outcome = report.partitions[PARTNER_A]
+    assert roles["silver"] == f"prefect.flow-run.{outcome.silver.flow_run_id}"
+    assert roles["gold"] == f"prefect.flow-run.{outcome.gold.flow_run_id}"
+    assert materialized["payload"]["dealers"] == [1] and materialized["payload"]["rows"] == 2
+    assert materialized["payload"]["source_watermark"] == "2026-10-09T00:00:00.000000Z"
+    assert materialized["payload"]["consecutive_failures"] == 0
+
+    since = datetime.now().astimezone()
+    source.execute("UPDATE `usage` SET usage_modified = '2026-10-10 00:00:00' WHERE usage_FK_dealer_id = 3")
+    block_partition(lake_root, PARTNER_B)
+    state, _ = tick()
+    assert state.is_failed()
+    (failed,) = wait_events("usage.partition.", since, 1)
+    assert failed["event"] == "usage.partition.failed"
+    assert failed["resource"]["usage.consecutive-failures"] == "1"
+    assert failed["payload"]["consecutive_failures"] == 1 and "silver-" in failed["payload"]["last_error"]
+    ticked = wait_events("usage.detection.tick", since, 1)[0]["payload"]
+    assert (ticked["ok"], ticked["failed"]) == (0, 1)
+
+
+def test_setup_is_idempotent_for_automations_and_updates_thresholds(alerts):
+    assert setup_command(**alerts).returncode == 0
+    changed = setup_command(**{**alerts, "USAGE_ALERT_STALL_SECONDS": "45"})
+    assert changed.returncode == 0 and f"{STALLED} updated" in changed.stdout
+    api = os.environ["PREFECT_API_URL"]
+    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    names = [a["name"] for a in automations]
+    assert names.count(STALLED) == 1 and names.count(FAILING) == 1
+    assert Automation.read(name=STALLED).trigger.within.total_seconds() == 45
+
+
+def test_setup_without_an_alert_block_says_how_to_turn_alerts_on(pipeline):
+    result = setup_command()
+    assert result.returncode == 0 and "USAGE_ALERT_BLOCK=" in result.stdout
+
+
+def test_alerts_reach_the_webhook_once_per_condition_and_never_on_healthy_ticks(fresh, lake_root, alerts, receiver):
+    source = SourceBuilder(*fresh)
+    source.standard()
+    for day in (11, 12):  # healthy ticks, each with work
+        source.execute("UPDATE `usage` SET usage_modified = %s WHERE usage_FK_dealer_id = 1", datetime(2026, 10, day))
+        assert tick()[0].is_completed()
+    time.sleep(3)
+    assert receiver.received == []
+
+    # A partition that fails FAILED_TICKS ticks in a row: one notification, on the tick that reaches it.
+    blocked = block_partition(lake_root, PARTNER_B)
+    source.execute("UPDATE `usage` SET usage_modified = '2026-10-13 00:00:00' WHERE usage_FK_dealer_id = 3")
+    for failed_ticks in range(1, FAILED_TICKS + 2):
+        state, _ = tick()
+        assert state.is_failed()
+        if failed_ticks == FAILED_TICKS:
+            failing_tick_done = time.time()
+    at, failing = receiver.wait_for("failing", timeout=30)
+    assert PARTNER_B in failing["subject"]
+    assert f"Partner {PARTNER_B} failed {FAILED_TICKS} detection ticks in a row" in failing["body"]
+    assert "silver-" in failing["body"] and "Last error:" in failing["body"]
+    blocked.unlink()
+    assert tick()[0].is_completed()
+    last_tick = time.time()
+
+    # Detection stops: one notification about STALL_SECONDS after the last tick, and no repeat.
+    at_stalled, stalled = receiver.wait_for("stalled", timeout=STALL_SECONDS + 40)
+    time.sleep(STALL_SECONDS + 10)
+    assert len(receiver.subjects("stalled")) == 1, receiver.received
+    assert len(receiver.subjects("failing")) == 1, receiver.received
+    assert f"silent for {STALL_SECONDS} s" in stalled["body"]
+    print("ALERTS:", json.dumps({
+        "failing": {"seconds_after_failing_tick": round(at - failing_tick_done, 1), "body": failing},
+        "stalled": {"seconds_after_last_tick": round(at_stalled - last_tick, 1), "body": stalled},
+    }, indent=1))
