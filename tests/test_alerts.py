@@ -143,7 +143,7 @@ def test_tick_and_partition_events_carry_resources_payloads_and_related_runs(fre
     outcome = report.partitions[PARTNER_A]
     assert roles["silver"] == f"prefect.flow-run.{outcome.silver.flow_run_id}"
     assert roles["gold"] == f"prefect.flow-run.{outcome.gold.flow_run_id}"
-    assert materialized["payload"]["dealers"] == [1] and materialized["payload"]["rows"] == 2
+    assert materialized["payload"]["dealers"] == [1] and materialized["payload"]["rows"] == 3  # A's bronze rows
     assert materialized["payload"]["source_watermark"] == "2026-10-09T00:00:00.000000Z"
     assert materialized["payload"]["consecutive_failures"] == 0
 
