@@ -4,7 +4,7 @@
     .venv/bin/python bench/load_data.py --rows 500000   # a smaller set, in its own databases
     .venv/bin/python bench/load_data.py --force         # rebuild even if already loaded
 
-The tables are exactly the contract's (created by `flows.source.billing_metadata`
+The tables are exactly the contract's (created by `usage_pipeline.schema.billing_metadata`
 and `v3_metadata`). Rows are generated inside MariaDB with `INSERT ... SELECT`
 from the SEQUENCE engine (`seq_1_to_N`), so nothing is shipped over the wire:
 
@@ -36,8 +36,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.demo_data import partner_uuid  # noqa: E402
-from flows.source import billing_metadata, dealer, service_data, usage, v3_metadata  # noqa: E402
+from usage_pipeline.demo_data import partner_uuid  # noqa: E402
+from usage_pipeline.schema import billing_metadata, dealer, service_data, usage, v3_metadata  # noqa: E402
 
 FULL_ROWS = 5_000_000
 PARTNERS = 20

@@ -10,7 +10,7 @@
     reconciliation and the first tick, which query every dealer).
 (b) bronze extract: the relevant-usage join through pymysql (`pl.read_database`
     on a SQLAlchemy connection) and through connectorx, vs the bronze flow's
-    `flows.source.extract_relevant_usage`, whole and for one dealer.
+    `usage_pipeline.extract.extract_relevant_usage`, whole and for one dealer.
 (c) end to end: real ticks through a local Prefect server and
     `usage-pipeline serve`, against the bench databases, with a temporary lake.
 
@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-
 from load_data import ADMIN_URL, FULL_ROWS, BenchSet, ensure_loaded  # noqa: E402
-from flows.cursor import Cursor  # noqa: E402
-from flows.detection import (  # noqa: E402
+
+from usage_pipeline.cursor import Cursor  # noqa: E402
+from usage_pipeline.detection import (  # noqa: E402
     PartitionOutcome,
     RunOutcome,
     SourceSnapshot,
@@ -54,17 +54,10 @@ from flows.detection import (  # noqa: E402
     plan_tick,
     probe_candidates,
 )
-from flows.source import (  # noqa: E402
-    BRONZE_FIELDS,
-    dealer_directory,
-    extract_relevant_usage,
-    probe_raw_max,
-    read_frame,
-    relevant_stats,
-    relevant_usage,
-    usage,
-)
-from flows.transforms import normalize_bronze  # noqa: E402
+from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, read_frame  # noqa: E402
+from usage_pipeline.queries import dealer_directory, probe_raw_max, relevant_stats  # noqa: E402
+from usage_pipeline.schema import relevant_usage, usage  # noqa: E402
+from usage_pipeline.transforms import normalize_bronze  # noqa: E402
 
 # The baseline bronze extract: the relevant-usage join as one query, columns as the source holds them.
 BASELINE_EXTRACT = sa.select(*BRONZE_FIELDS).select_from(relevant_usage)
@@ -269,12 +262,12 @@ def bench_bronze(engine: sa.Engine, bench: BenchSet, dealer: int, reps: int, sli
         ("full relevant extract", BASELINE_EXTRACT, reps),
         (f"one dealer ({dealer})", BASELINE_EXTRACT.where(usage.c.usage_FK_dealer_id == dealer), slice_reps),
     ):
-        baseline = measure(lambda: read_pymysql(engine, stmt), n)
-        project = measure(lambda: read_frame(engine, stmt, uri), n)
+        baseline = measure(lambda stmt=stmt: read_pymysql(engine, stmt), n)
+        project = measure(lambda stmt=stmt: read_frame(engine, stmt, uri), n)
         a, b = baseline.result, project.result
         assert a.height == b.height and a["usage_id"].sum() == b["usage_id"].sum(), "extracts differ"
         dealers = None if "full" in label else [dealer]
-        pipeline = measure(lambda: extract_relevant_usage(engine, uri, dealers), n)
+        pipeline = measure(lambda dealers=dealers: extract_relevant_usage(engine, uri, dealers), n)
         assert pipeline.result.equals(normalize_bronze(b)), "extract_relevant_usage differs from the baseline's rows"
         timings = [
             ("pymysql `pl.read_database` (baseline)", baseline),
@@ -311,7 +304,7 @@ def bench_e2e(bench: BenchSet, dealer: int, reps: int, keep: bool) -> str:
     # only warnings on the console (the flows' INFO logs still go to the API and serve.log).
     os.environ.setdefault("PREFECT_HOME", str(work / "client-home"))
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
-    from flows import local_prefect
+    from orchestration import local_prefect
 
     server, url = local_prefect.start_server(work / "prefect-home", work / "server.log")
     processes = [server]
@@ -322,7 +315,7 @@ def bench_e2e(bench: BenchSet, dealer: int, reps: int, keep: bool) -> str:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             env = dict(os.environ, **env_source)
             env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL")
-            done = subprocess.run([sys.executable, "-m", "flows.cli", "setup"], env=env, cwd=ROOT,
+            done = subprocess.run([sys.executable, "-m", "orchestration.cli", "setup"], env=env, cwd=ROOT,
                                   capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"usage-pipeline setup failed: {done.stderr}")
@@ -346,8 +339,8 @@ def bench_e2e(bench: BenchSet, dealer: int, reps: int, keep: bool) -> str:
 
 def run_ticks(dealer: int, reps: int, serve_log: Path, lake: Path) -> str:
     from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-    from flows.runtime import read_cursor_value
     from flows.usage_change_detection import usage_change_detection
+    from orchestration.runtime import read_cursor_value
 
     def tick() -> tuple[float, Any]:
         started = time.perf_counter()

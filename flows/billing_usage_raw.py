@@ -15,12 +15,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from blocks.setup import BILLING_BLOCK
-from flows.lake import lake_root
-from flows.materialize import refresh_bronze
-from flows.runtime import load_source
-from flows.source import extract_relevant_usage
-from flows.transforms import BadSourceRows
+from orchestration.runtime import load_source
+from orchestration.setup import BILLING_BLOCK
+from usage_pipeline.extract import extract_relevant_usage
+from usage_pipeline.materialize import BronzeResult, refresh_bronze
+from usage_pipeline.settings import load_settings
+from usage_pipeline.transforms import BadSourceRows
 
 
 def unless_bad_rows(task, task_run, state) -> bool:
@@ -64,7 +64,7 @@ def bronze_run_name() -> str:
 
 
 @flow(name="billing-usage-raw", flow_run_name=bronze_run_name)
-def billing_usage_raw(dealer_ids: list[int] | None = None) -> dict[str, object]:
-    result = refresh_bronze(lake_root(), extract, dealer_ids)
-    get_run_logger().info("Bronze %s refresh: %s now holds %d row(s)", result["mode"], result["path"], result["rows"])
+def billing_usage_raw(dealer_ids: list[int] | None = None) -> BronzeResult:
+    result = refresh_bronze(load_settings().lake_path, extract, dealer_ids)
+    get_run_logger().info("Bronze %s refresh: %s now holds %d row(s)", result.describe(), result.path, result.rows)
     return result

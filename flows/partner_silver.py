@@ -10,11 +10,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from flows.lake import lake_root
-from flows.materialize import build_silver
 from flows.partner_gold import partner_gold
-from flows.partners import PartnerUUID, layer_tag, parse_partner_uuid, partner_tag
-from flows.runtime import partner_slot, read_dealer_directory, run_subflow, tag_current_run
+from orchestration.runtime import partner_slot, read_dealer_directory, run_subflow, tag_current_run
+from usage_pipeline.materialize import SilverResult, build_silver
+from usage_pipeline.partners import PartnerUUID, layer_tag, parse_partner_uuid, partner_tag
+from usage_pipeline.settings import load_settings
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
@@ -24,14 +24,15 @@ def partner_dealers(partner_uuid: str) -> list[int]:
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")
-def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True) -> dict[str, object]:
+def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True) -> SilverResult:
     partner = parse_partner_uuid(partner_uuid)
+    settings = load_settings()
     tag_current_run(partner, "silver")
-    with partner_slot(partner):
-        result = build_silver(lake_root(), partner, partner_dealers(partner))
+    with partner_slot(partner, settings.max_concurrent_partitions):
+        result = build_silver(settings.lake_path, partner, partner_dealers(partner))
     get_run_logger().info(
         "Silver for partner %s: %d dealer(s), %d bronze row(s) -> %d daily and %d monthly row(s)",
-        partner, len(result["dealers"]), result["bronze_rows"], result["aggregated_rows"], result["monthly_rows"],
+        partner, len(result.dealers), result.bronze_rows, result.aggregated_rows, result.monthly_rows,
     )
     if cascade:  # after the slot is released: gold takes the partner's slot itself
         gold = run_subflow(partner_gold, {"partner_uuid": partner}, f"gold-{partner}",

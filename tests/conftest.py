@@ -45,8 +45,8 @@ def pipeline_environ() -> dict[str, str]:
 
 
 def recreate_source_tables(billing: sa.Engine, v3: sa.Engine) -> None:
-    """Empty source tables exactly as the contract declares them (flows.source metadata)."""
-    from flows.source import billing_metadata, v3_metadata
+    """Empty source tables exactly as the contract declares them (usage_pipeline.schema metadata)."""
+    from usage_pipeline.schema import billing_metadata, v3_metadata
 
     for metadata, engine in ((billing_metadata, billing), (v3_metadata, v3)):
         metadata.drop_all(engine)
@@ -91,7 +91,7 @@ def prefect_server(tmp_path_factory) -> Iterator[str]:
     """A real `prefect server start` on a free port, with its own SQLite database."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import local_prefect
+    from orchestration import local_prefect
 
     home = tmp_path_factory.mktemp("prefect-home")
     process, url = local_prefect.start_server(home, home / "server.log")
@@ -111,11 +111,11 @@ def lake_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pipeline(prefect_server, source_engines, lake_root, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """`usage-pipeline setup` against MariaDB, then `usage-pipeline serve` running the deployments."""
-    from flows import local_prefect
+    from orchestration import local_prefect
 
     env = dict(os.environ, **pipeline_environ())
     result = subprocess.run(
-        [os.sys.executable, "-m", "flows.cli", "setup"], env=env, capture_output=True, text=True, timeout=120
+        [os.sys.executable, "-m", "orchestration.cli", "setup"], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert PIPELINE_PASSWORD not in result.stdout + result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.cursor import Cursor
+from usage_pipeline.cursor import Cursor
 
 
 def combined(cursor: Cursor) -> dict[str, Any]:

@@ -12,10 +12,12 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterTags
 
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from flows.cursor import Cursor, parse_cursor
-from flows.lake import STATE_FILE, lake_root, read_state_document
-from flows.runtime import read_cursor_value
-from flows.usage_change_detection import TickReport, usage_change_detection
+from flows.usage_change_detection import usage_change_detection
+from orchestration.runtime import read_cursor_value
+from usage_pipeline.cursor import Cursor, parse_cursor
+from usage_pipeline.lake import STATE_FILE, read_state_document
+from usage_pipeline.settings import load_settings
+from usage_pipeline.tick_report import TickReport
 
 
 def tick(**parameters: object) -> tuple[object, TickReport | None]:
@@ -27,7 +29,7 @@ def tick(**parameters: object) -> tuple[object, TickReport | None]:
 
 def cursor() -> Cursor:
     """The cursor as the next tick reads it: the block's value and the pipeline's state store."""
-    state, _ = read_state_document(lake_root())
+    state, _ = read_state_document(load_settings().lake_path)
     value, warnings = parse_cursor(read_cursor_value(), state)
     assert not warnings, warnings
     return value

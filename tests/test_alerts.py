@@ -21,7 +21,7 @@ import pytest
 from prefect.automations import Automation
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-from flows.alerts import FAILING, STALLED
+from orchestration.alerts import FAILING, STALLED
 from tests.conftest import pipeline_environ
 from tests.pipeline_helpers import tick
 from tests.sourcedata import PARTNER_A, PARTNER_B, SourceBuilder
@@ -71,7 +71,7 @@ def receiver():
 
 
 def setup_command(**env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "setup"], env={**os.environ, **pipeline_environ(), **env},
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", "setup"], env={**os.environ, **pipeline_environ(), **env},
                           capture_output=True, text=True, timeout=120)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.cursors import combined
-from flows.cursor import (
+from usage_pipeline.cursor import (
     Cursor,
     DealerSeen,
     PartitionStatus,
@@ -546,7 +546,7 @@ def test_aware_utc_datetimes_from_parsing_compare_equal_to_naive_source_values()
     """The source gives naive UTC datetimes; parsed cursor values must compare equal, not raise."""
     parsed = parse_timestamp("2026-01-20T12:00:00.000000+00:00")
     assert parsed == datetime(2026, 1, 20, 12)
-    assert parsed == datetime(2026, 1, 20, 12, tzinfo=timezone.utc).replace(tzinfo=None)
+    assert parsed == datetime(2026, 1, 20, 12, tzinfo=UTC).replace(tzinfo=None)
 
 
 # --- the block and the state store -----------------------------------------------------------------

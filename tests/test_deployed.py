@@ -27,7 +27,7 @@ import httpx
 import polars as pl
 import pytest
 
-from flows.local_prefect import SERVER_SETTINGS, free_port
+from orchestration.local_prefect import SERVER_SETTINGS, free_port
 from tests.conftest import PIPELINE_PASSWORD, pipeline_environ, recreate_source_tables
 from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files, rewritten
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
@@ -431,7 +431,7 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     for partner in ALL_PARTNERS:
         intervals = sorted(_times(r) for r in all_runs if _partner_of(r) == partner)
         assert len(intervals) >= 4, (partner, len(intervals))
-        for (_, end), (next_start, _) in zip(intervals, intervals[1:]):
+        for (_, end), (next_start, _) in zip(intervals, intervals[1:], strict=False):
             assert end <= next_start, f"runs of {partner} overlap: one ends {end}, the next starts {next_start}"
 
     # 8. The pipeline password is in no log: server, workers (flow-run output), CLI, and the API's run logs.

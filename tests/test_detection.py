@@ -14,15 +14,15 @@ from datetime import datetime, timedelta
 import pytest
 
 from tests.cursors import combined
-from flows.cursor import Cursor, DealerSeen, PartitionStatus, parse_cursor
-from flows.detection import (
-    partition_freshness,
+from usage_pipeline.cursor import Cursor, DealerSeen, PartitionStatus, parse_cursor
+from usage_pipeline.detection import (
     DealerStats,
     PartitionOutcome,
     Plan,
     RunOutcome,
     advance_cursor,
     assemble_snapshot,
+    partition_freshness,
     plan_tick,
     probe_candidates,
 )

@@ -1,6 +1,6 @@
 """The bronze extract against real sources: MariaDB through connectorx and pymysql, and SQLite.
 
-Money crosses the wire as integer units (flows.source.money_units); these
+Money crosses the wire as integer units (usage_pipeline.extract.money_units); these
 tests pin that it comes back exact at the edges of DECIMAL(18,4), and that the
 full refresh (usage scan + client-side join) and a dealer slice (server join)
 return the same rows as the plain server join of the source's columns.
@@ -16,16 +16,11 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from flows.source import (
-    BRONZE_FIELDS,
-    billing_metadata,
-    extract_relevant_usage,
-    join_services,
-    relevant_usage,
-)
-from flows.transforms import BRONZE_SCHEMA, BadSourceRows, normalize_bronze
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
+from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, join_services
+from usage_pipeline.schema import billing_metadata, relevant_usage
+from usage_pipeline.transforms import BRONZE_SCHEMA, BadSourceRows, normalize_bronze
 
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
 

@@ -13,21 +13,21 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flows import lake
-from flows.lake import (
+from usage_pipeline import lake
+from usage_pipeline.lake import (
     DATA_FILE,
     GOLD_TABLES,
     SILVER_TABLES,
     STALE_TEMP_SECONDS,
     ObjectPath,
     bronze_path,
-    lake_root,
     partition_path,
+    resolve_lake_root,
     write_parquet_atomic,
 )
-from flows.materialize import build_gold, build_silver, refresh_bronze
-from flows.partners import InvalidPartnerUUID
-from flows.transforms import normalize_bronze
+from usage_pipeline.materialize import build_gold, build_silver, refresh_bronze
+from usage_pipeline.partners import InvalidPartnerUUID
+from usage_pipeline.transforms import normalize_bronze
 
 P = "aaaaaaaa-0000-4000-8000-000000000001"
 
@@ -94,13 +94,10 @@ def test_invalid_partner_uuid_is_a_value_error():
     assert issubclass(InvalidPartnerUUID, ValueError)
 
 
-def test_lake_root_from_environment_or_default(tmp_path, monkeypatch):
-    monkeypatch.setenv("USAGE_LAKE_ROOT", str(tmp_path / "elsewhere"))
-    assert lake_root() == (tmp_path / "elsewhere").resolve()
-    monkeypatch.delenv("USAGE_LAKE_ROOT")
+def test_a_path_root_is_resolved_to_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert lake_root() == (tmp_path / "lake").resolve()
-    assert lake_root().is_absolute()
+    assert resolve_lake_root("elsewhere") == (tmp_path / "elsewhere").resolve()
+    assert resolve_lake_root("lake").is_absolute()
 
 
 # --- atomic writes ---------------------------------------------------------------------------------
@@ -245,9 +242,8 @@ def test_module_constants():
 # --- object-storage roots (file:// goes through the same polars object-store path as s3://) --------
 
 
-def test_url_root_from_environment_is_an_object_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("USAGE_LAKE_ROOT", f"file://{tmp_path}/lake/")
-    root = lake_root()
+def test_a_url_root_is_an_object_path(tmp_path):
+    root = resolve_lake_root(f"file://{tmp_path}/lake/")
     assert isinstance(root, ObjectPath) and root == f"file://{tmp_path}/lake"
     assert partition_path(root, "gold", "usage_report", P) == f"file://{tmp_path}/lake/gold/usage_report/partner={P}/data.parquet"
     with pytest.raises(InvalidPartnerUUID):
@@ -274,7 +270,7 @@ def test_layers_build_the_same_files_under_a_url_root(tmp_path):
     }))
     local, url = tmp_path / "local", ObjectPath(f"file://{tmp_path}/url")
     for root in (local, url):
-        assert refresh_bronze(root, lambda _: bronze, None)["rows"] == 3
+        assert refresh_bronze(root, lambda _: bronze, None).rows == 3
         build_silver(root, P, [1])
         build_gold(root, P)
     for layer, table in [("silver", t) for t in SILVER_TABLES] + [("gold", t) for t in GOLD_TABLES]:

@@ -17,9 +17,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from flows.lake import state_path
 from flows.partner_silver import partner_silver
-from flows.runtime import read_cursor_value
+from orchestration.runtime import read_cursor_value
 from tests.cursors import combined
 from tests.pipeline_helpers import (
     BRONZE_FILE,
@@ -32,6 +31,7 @@ from tests.pipeline_helpers import (
     tick,
 )
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
+from usage_pipeline.lake import state_path
 
 pytestmark = pytest.mark.integration
 ALL_PARTNERS = {PARTNER_A, PARTNER_B, PARTNER_C}
@@ -49,7 +49,7 @@ def materialized(fresh, lake_root):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=dict(os.environ), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=dict(os.environ), capture_output=True,
                           text=True, timeout=120)
 
 

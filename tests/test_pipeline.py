@@ -9,10 +9,9 @@ import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
 
-from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from flows.runtime import read_cursor_value
+from blocks.usage_cursor import CURSOR_DOCUMENT
+from orchestration.runtime import read_cursor_value
 from tests.pipeline_helpers import (
-    save_cursor_value,
     BRONZE_FILE,
     child_runs,
     cursor,
@@ -20,6 +19,7 @@ from tests.pipeline_helpers import (
     partition_files,
     read,
     rewritten,
+    save_cursor_value,
     tick,
 )
 from tests.sourcedata import (

@@ -22,13 +22,14 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from flows.cursor import Cursor
-from flows.detection import advance_cursor, plan_tick, PartitionOutcome, RunOutcome
-from flows.materialize import build_gold, build_silver, refresh_bronze
-from flows.source import dealer_directory, extract_relevant_usage, read_snapshot
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, V3_DB, recreate_source_tables
 from tests.pipeline_helpers import read
 from tests.sourcedata import RELEVANT_JOIN, SourceBuilder, active_services_truth, usage_report_truth
+from usage_pipeline.cursor import Cursor
+from usage_pipeline.detection import PartitionOutcome, RunOutcome, advance_cursor, plan_tick
+from usage_pipeline.extract import extract_relevant_usage
+from usage_pipeline.materialize import build_gold, build_silver, refresh_bronze
+from usage_pipeline.queries import dealer_directory, read_snapshot
 
 pytestmark = pytest.mark.integration
 ROUNDS = int(os.environ.get("USAGE_PROPERTY_ROUNDS", "200"))

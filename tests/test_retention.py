@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows import local_prefect
+from orchestration import local_prefect
 
 pytestmark = pytest.mark.integration
 

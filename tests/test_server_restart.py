@@ -17,11 +17,11 @@ from datetime import datetime
 import polars as pl
 import pytest
 
-from flows import local_prefect
-from flows.lake import read_state_document
+from orchestration import local_prefect
 from tests.conftest import pipeline_environ
 from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
+from usage_pipeline.lake import read_state_document
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path)
     api = Api(url)
     serve = None
     try:
-        setup = subprocess.run([sys.executable, "-m", "flows.cli", "setup"], env=env, capture_output=True, text=True)
+        setup = subprocess.run([sys.executable, "-m", "orchestration.cli", "setup"], env=env, capture_output=True, text=True)
         assert setup.returncode == 0, setup.stderr
         serve = local_prefect.start_serve(logs / "serve.log", env=env)
 

@@ -1,4 +1,4 @@
-"""Unit tests for the configuration half of blocks/setup.py (CONTRACT.md sections 2 and 3); no server."""
+"""Unit tests for the configuration half of orchestration/setup.py (CONTRACT.md sections 2 and 3); no server."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import pytest
 from prefect_sqlalchemy import SyncDriver
 from pydantic import SecretStr
 
-from blocks.setup import (
+from orchestration.setup import (
     BILLING_BLOCK,
     V3_BLOCK,
     SetupError,
-    max_concurrent_partitions,
-    partition_run_mode,
     source_configs,
 )
 
@@ -40,7 +38,7 @@ def full_env() -> dict[str, str]:
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for name in ALL_VARIABLES + ["USAGE_MAX_CONCURRENT_PARTITIONS", "USAGE_PARTITION_RUNS"]:
+    for name in ALL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return monkeypatch
@@ -191,46 +189,3 @@ def test_bad_port_is_a_setup_error_naming_the_variable(variable, port):
 
 def test_setup_error_is_a_value_error():
     assert issubclass(SetupError, ValueError)
-
-
-# --- USAGE_MAX_CONCURRENT_PARTITIONS ------------------------------------------------------------
-
-
-def test_max_concurrent_partitions_defaults_to_8(clean_env):
-    assert max_concurrent_partitions() == 8
-
-
-@pytest.mark.parametrize("value, expected", [("1", 1), ("3", 3), ("64", 64)])
-def test_max_concurrent_partitions_reads_the_environment(clean_env, value, expected):
-    clean_env.setenv("USAGE_MAX_CONCURRENT_PARTITIONS", value)
-    assert max_concurrent_partitions() == expected
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", "", "eight"])
-def test_max_concurrent_partitions_rejects_non_positive_or_non_integer(clean_env, value):
-    clean_env.setenv("USAGE_MAX_CONCURRENT_PARTITIONS", value)
-    with pytest.raises(SetupError) as caught:
-        max_concurrent_partitions()
-    assert "USAGE_MAX_CONCURRENT_PARTITIONS" in str(caught.value)
-    assert repr(value) in str(caught.value)
-
-
-# --- USAGE_PARTITION_RUNS -----------------------------------------------------------------------
-
-
-def test_partition_runs_default_to_in_process_subflows(clean_env):
-    assert partition_run_mode() == "subflow"
-
-
-@pytest.mark.parametrize("value", ["subflow", "deployment"])
-def test_partition_runs_reads_the_environment(clean_env, value):
-    clean_env.setenv("USAGE_PARTITION_RUNS", value)
-    assert partition_run_mode() == value
-
-
-@pytest.mark.parametrize("value", ["", "Deployment", "worker", "subflows"])
-def test_partition_runs_rejects_unknown_modes(clean_env, value):
-    clean_env.setenv("USAGE_PARTITION_RUNS", value)
-    with pytest.raises(SetupError) as caught:
-        partition_run_mode()
-    assert "USAGE_PARTITION_RUNS" in str(caught.value) and repr(value) in str(caught.value)

@@ -8,7 +8,7 @@ from decimal import Decimal
 import polars as pl
 import pytest
 
-from flows.transforms import (
+from usage_pipeline.transforms import (
     ACTIVE_SERVICES_SCHEMA,
     AGGREGATED_SCHEMA,
     BRONZE_SCHEMA,
@@ -16,8 +16,8 @@ from flows.transforms import (
     USAGE_REPORT_SCHEMA,
     BadSourceRows,
     active_services,
-    billing_usage_aggregated,
     billing_monthly_usage_by_service,
+    billing_usage_aggregated,
     merge_bronze,
     money_from_units,
     normalize_bronze,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from flows.partners import is_partner_uuid
+from usage_pipeline.partners import is_partner_uuid
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 OPERATOR_KEYS = ("global_last_modified", "dealer_last_modified")
@@ -42,7 +42,7 @@ def parse_timestamp(value: object) -> datetime | None:
         raise ValueError(f"expected an ISO-8601 string or null, got {type(value).__name__}")
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(timezone.utc).replace(tzinfo=None)
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
 
 

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 from prefect.artifacts import create_table_artifact
 
-from flows.cursor import Cursor, format_timestamp
-from flows.detection import partition_freshness
+from usage_pipeline.cursor import Cursor, format_timestamp
+from usage_pipeline.detection import partition_freshness
 
 if TYPE_CHECKING:
-    from flows.usage_change_detection import TickReport
+    from usage_pipeline.tick_report import TickReport
 
 
 def tick_rows(report: TickReport) -> list[dict[str, object]]:

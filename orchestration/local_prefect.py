@@ -77,7 +77,7 @@ def start_server(
 def start_serve(log: Path, extra_args: Iterable[str] = ("--no-schedule",), env: dict | None = None) -> subprocess.Popen:
     """`usage-pipeline serve` in the background; returns once its four deployments exist."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", *extra_args],
+        [sys.executable, "-m", "orchestration.cli", "serve", *extra_args],
         env=env or dict(os.environ), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
     )
     api = (env or os.environ)["PREFECT_API_URL"]

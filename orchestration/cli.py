@@ -6,58 +6,39 @@ import argparse
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-DETECTION_INTERVAL_SECONDS = 300
 RUNNER_POLL_SECONDS = 1.0
+DETECTION = "usage-change-detection"
 
 
 def cmd_setup(_: argparse.Namespace) -> int:
-    from blocks.setup import run_setup
-    from flows.alerts import setup_alerts
+    from orchestration.alerts import setup_alerts
+    from orchestration.setup import run_setup
+    from usage_pipeline.settings import load_settings
 
-    for line in run_setup() + setup_alerts():
+    settings = load_settings()
+    for line in run_setup(settings) + setup_alerts(settings):
         print(line)
     return 0
-
-
-def deployments(schedule: bool) -> list:
-    """The four deployments of CONTRACT.md section 3, as prefect.yaml declares them too."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-
-    from flows.billing_usage_raw import billing_usage_raw
-    from flows.partner_gold import partner_gold
-    from flows.partner_silver import partner_silver
-    from flows.usage_change_detection import usage_change_detection
-
-    return [
-        usage_change_detection.to_deployment(
-            name="usage-change-detection",
-            interval=DETECTION_INTERVAL_SECONDS if schedule else None,
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-            tags=["usage-pipeline", "layer:detection"],
-        ),
-        billing_usage_raw.to_deployment(name="billing-usage-raw", tags=["usage-pipeline", "layer:bronze"]),
-        partner_silver.to_deployment(name="partner-silver", tags=["usage-pipeline", "layer:silver"]),
-        partner_gold.to_deployment(name="partner-gold", tags=["usage-pipeline", "layer:gold"]),
-    ]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
-    from blocks.setup import max_concurrent_partitions
+    from orchestration.deployments import runner_deployments
+    from usage_pipeline.settings import load_settings
 
     # A tick runs bronze, then at most N partition runs at a time: N + 2 processes.
-    serve(*deployments(schedule=not args.no_schedule), limit=max_concurrent_partitions() + 2,
+    serve(*runner_deployments(schedule=not args.no_schedule), limit=load_settings().max_concurrent_partitions + 2,
           query_seconds=RUNNER_POLL_SECONDS)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the embedded source, run three scripted ticks, then keep the UI and the schedule up."""
-    from flows import local_prefect
+    from orchestration import local_prefect
 
     state_dir = Path(".usage-pipeline").resolve()
     state_dir.mkdir(exist_ok=True)
@@ -94,8 +75,9 @@ def build_demo_source():
     """A fresh embedded SQLite source under demo-source/, and `usage-pipeline setup` pointed at it."""
     import sqlalchemy as sa
 
-    from blocks.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
-    from flows import demo_data
+    from orchestration.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
+    from usage_pipeline import demo_data
+    from usage_pipeline.settings import load_settings
 
     DEMO_SOURCE_DIR.mkdir(exist_ok=True)
     paths = {block: (DEMO_SOURCE_DIR / name).resolve() for block, name in DEMO_FILES.items()}
@@ -105,16 +87,18 @@ def build_demo_source():
     demo_data.create_schema(billing, v3)
     made = demo_data.populate(billing, v3)
     print(f"Demo source: {made['usage_rows']} usage rows in {paths['billing-db']}, dealers in {paths['v3-db']}")
-    for line in run_setup(environ={}):
+    for line in run_setup(load_settings(), environ={}):
         print(f"setup: {line}")
     return billing, made
 
 
 def run_demo_ticks(billing, made: dict) -> None:
     """A first tick, a tick after one dealer changed, and a tick that finds nothing; then the lake's files."""
-    from flows import demo_data
-    from flows.lake import lake_root
-    from flows.usage_change_detection import usage_change_detection
+    from orchestration.deployments import load_deployment_flow
+    from usage_pipeline import demo_data
+    from usage_pipeline.settings import load_settings
+
+    usage_change_detection = load_deployment_flow(DETECTION)
 
     def tick(title: str) -> None:
         started = time.perf_counter()
@@ -126,12 +110,12 @@ def run_demo_ticks(billing, made: dict) -> None:
 
     tick("First tick (no cursor: bronze and every partition)")
     partner, dealers = next(iter(made["partners"].items()))
-    touched = demo_data.touch_dealer(billing, dealers[0], datetime.now(timezone.utc).replace(tzinfo=None))
+    touched = demo_data.touch_dealer(billing, dealers[0], datetime.now(UTC).replace(tzinfo=None))
     print(f"\nTouched {touched} usage row(s) of dealer {dealers[0]} (partner {partner})")
     tick("Second tick (one dealer changed: bronze slice and one partition)")
     tick("Third tick (nothing changed)")
 
-    root = lake_root()
+    root = load_settings().lake_path
     print(f"\nLake files under {root}:")
     for path in sorted(root.rglob("*.parquet")) if isinstance(root, Path) else []:
         print(f"   {path.relative_to(root)}")
@@ -139,11 +123,12 @@ def run_demo_ticks(billing, made: dict) -> None:
 
 def print_next_steps(ui: str, made: dict) -> None:
     from blocks.usage_cursor import CURSOR_DOCUMENT
+    from orchestration.deployments import spec
 
     partner, dealers = next(iter(made["partners"].items()))
-    detection = "usage-change-detection/usage-change-detection"
+    detection = f"{DETECTION}/{DETECTION}"
     print(f"""
-The Prefect UI is at {ui}  (detection runs every {DETECTION_INTERVAL_SECONDS} s; Ctrl-C stops everything)
+The Prefect UI is at {ui}  (detection runs every {spec(DETECTION).interval_seconds:.0f} s; Ctrl-C stops everything)
 Things to try, in another shell from this directory (export PREFECT_API_URL={ui}/api):
   - Runs: open the last usage-change-detection run, tab Artifacts: the partition freshness table.
   - Edit the cursor: Blocks -> Usage Cursor / {CURSOR_DOCUMENT} -> Edit; remove dealer "{dealers[0]}" from
@@ -170,21 +155,21 @@ def wait_for_interrupt() -> None:
 
 
 def cmd_cursor_show(_: argparse.Namespace) -> int:
-    from flows.operator import show_cursor
+    from orchestration.operator import show_cursor
 
     print("\n".join(show_cursor()))
     return 0
 
 
 def cmd_cursor_reset(args: argparse.Namespace) -> int:
-    from flows.operator import reset_cursor
+    from orchestration.operator import reset_cursor
 
     print("\n".join(reset_cursor(args.all, args.partner or [], args.dealer or [])))
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from flows.operator import explain
+    from orchestration.operator import explain
 
     print("\n".join(explain(args.dealer_id)))
     return 0

@@ -14,13 +14,13 @@ import json
 import os
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from flows.partners import parse_partner_uuid
+from usage_pipeline.partners import parse_partner_uuid
 
 BRONZE_TABLE = "billing_usage_raw"
 SILVER_TABLES = ("billing_usage_aggregated", "billing_monthly_usage_by_service")
@@ -54,11 +54,11 @@ class ObjectPath(str):
 LakePath = Path | ObjectPath
 
 
-def lake_root() -> LakePath:
-    raw = os.environ.get("USAGE_LAKE_ROOT") or "lake"
-    if "://" in raw:
-        return ObjectPath(raw.rstrip("/"))
-    return Path(raw).resolve()
+def resolve_lake_root(value: str) -> LakePath:
+    """USAGE_LAKE_ROOT as the lake uses it: an object-storage URL, or a local path made absolute."""
+    if "://" in value:
+        return ObjectPath(value.rstrip("/"))
+    return Path(value).resolve()
 
 
 def bronze_path(root: LakePath) -> LakePath:
@@ -91,7 +91,7 @@ def read_state_document(root: LakePath) -> tuple[dict[str, Any] | None, str | No
 def write_state_document(root: LakePath, document: dict[str, Any]) -> None:
     """One row: the JSON document, and when it was written (for people reading the file)."""
     frame = pl.DataFrame(
-        {"written_at": [datetime.now(timezone.utc).replace(tzinfo=None)], "document": [json.dumps(document)]}
+        {"written_at": [datetime.now(UTC).replace(tzinfo=None)], "document": [json.dumps(document)]}
     )
     write_parquet_atomic(frame, state_path(root))
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import polars as pl
 
-from flows.lake import GOLD_TABLES, SILVER_TABLES, LakePath, bronze_path, partition_path, write_parquet_atomic
-from flows.transforms import (
+from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES, LakePath, bronze_path, partition_path, write_parquet_atomic
+from usage_pipeline.transforms import (
     BRONZE_SCHEMA,
     active_services,
     billing_monthly_usage_by_service,
@@ -19,15 +21,42 @@ from flows.transforms import (
 Extract = Callable[[list[int] | None], pl.DataFrame]
 
 
-def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None) -> dict[str, object]:
+@dataclass(frozen=True)
+class BronzeResult:
+    mode: Literal["full", "slice"]  # slice: only `dealers` were re-read and replaced
+    dealers: list[int] | None
+    extracted_rows: int
+    rows: int  # in the bronze file now
+    path: str
+
+    def describe(self) -> str:
+        return "full" if self.mode == "full" else f"{len(self.dealers or [])} dealer(s)"
+
+
+@dataclass(frozen=True)
+class SilverResult:
+    partner: str
+    dealers: list[int]
+    bronze_rows: int
+    aggregated_rows: int
+    monthly_rows: int
+
+
+@dataclass(frozen=True)
+class GoldResult:
+    partner: str
+    usage_report_rows: int
+    active_services_rows: int
+
+
+def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None) -> BronzeResult:
     """Full refresh (no dealers, or no bronze yet), else replace only the dealers' slice."""
     path = bronze_path(root)
     dealers = None if dealer_ids is None or not path.exists() else sorted(set(dealer_ids))
     fresh = extract(dealers)
     frame = fresh if dealers is None else merge_bronze(pl.read_parquet(path), fresh, dealers)
     write_parquet_atomic(frame, path)
-    mode = "full" if dealers is None else f"{len(dealers)} dealer(s)"
-    return {"mode": mode, "extracted_rows": fresh.height, "rows": frame.height, "path": str(path)}
+    return BronzeResult("full" if dealers is None else "slice", dealers, fresh.height, frame.height, str(path))
 
 
 def read_bronze_rows(root: LakePath, dealers: list[int]) -> pl.DataFrame:
@@ -40,23 +69,22 @@ def read_bronze_rows(root: LakePath, dealers: list[int]) -> pl.DataFrame:
     return pl.scan_parquet(path).filter(pl.col("dealer_id").is_in(dealers)).collect()
 
 
-def build_silver(root: LakePath, partner: str, dealers: list[int]) -> dict[str, object]:
+def build_silver(root: LakePath, partner: str, dealers: list[int]) -> SilverResult:
     rows = read_bronze_rows(root, dealers)
     aggregated = billing_usage_aggregated(rows, partner)
     monthly = billing_monthly_usage_by_service(aggregated, partner)
-    for table, frame in zip(SILVER_TABLES, (aggregated, monthly)):
+    for table, frame in zip(SILVER_TABLES, (aggregated, monthly), strict=True):
         write_parquet_atomic(frame, partition_path(root, "silver", table, partner))
-    return {"partner": partner, "dealers": dealers, "bronze_rows": rows.height,
-            "aggregated_rows": aggregated.height, "monthly_rows": monthly.height}
+    return SilverResult(partner, dealers, rows.height, aggregated.height, monthly.height)
 
 
-def build_gold(root: LakePath, partner: str) -> dict[str, object]:
+def build_gold(root: LakePath, partner: str) -> GoldResult:
     silver = partition_path(root, "silver", SILVER_TABLES[0], partner)
     if not silver.exists():
         raise FileNotFoundError(f"silver file {silver} is missing; run partner-silver for {partner} first")
     aggregated = pl.read_parquet(silver)
     report = usage_report(aggregated, partner)
     active = active_services(aggregated, partner)
-    for table, frame in zip(GOLD_TABLES, (report, active)):
+    for table, frame in zip(GOLD_TABLES, (report, active), strict=True):
         write_parquet_atomic(frame, partition_path(root, "gold", table, partner))
-    return {"partner": partner, "usage_report_rows": report.height, "active_services_rows": active.height}
+    return GoldResult(partner, report.height, active.height)

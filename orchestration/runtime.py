@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import Flow, get_run_logger, tags as run_tags
+from prefect import Flow, get_run_logger
+from prefect import tags as run_tags
 from prefect.client.orchestration import get_client
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError as SlotTaken
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect_sqlalchemy import SqlAlchemyConnector
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from blocks.setup import V3_BLOCK, PARTITIONS_LIMIT, ensure_limit, max_concurrent_partitions, partner_limit
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from flows.detection import RunOutcome
-from flows.partners import layer_tag, partner_tag
-from flows.source import dealer_directory
+from orchestration.setup import PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, partner_limit
+from usage_pipeline.detection import RunOutcome
+from usage_pipeline.partners import layer_tag, partner_tag
+from usage_pipeline.queries import dealer_directory
 
 # Leases are renewed while a run holds a slot; a crashed holder frees it after this long.
 SLOT_LEASE_SECONDS = 120
@@ -41,9 +41,9 @@ class Source:
     """An engine for one connector block, plus what is needed to describe its errors safely."""
 
     block: str
-    engine: Engine
-    connectorx_uri: str | None  # Arrow-native bulk reads; None for SQLite
-    password: str | None
+    engine: Engine  # its repr hides the password
+    connectorx_uri: str | None = field(repr=False)  # Arrow-native bulk reads (password inside); None for SQLite
+    password: str | None = field(repr=False)
 
     def error(self, exc: BaseException) -> SourceError:
         text = f"{type(exc).__name__}: {exc}"
@@ -59,8 +59,8 @@ def load_source(block: str) -> Source:
         connector = SqlAlchemyConnector.load(block)
     except (ValueError, ObjectNotFound) as exc:
         raise SourceError(f"{block}: connector block not found; run `usage-pipeline setup` ({exc})") from None
-    url = connector._rendered_url  # the block's own parsed URL, secrets included
-    engine = sa.create_engine(url, connect_args=connector.connect_args or {}, pool_pre_ping=True)
+    engine = connector.get_engine(pool_pre_ping=True)  # the block's URL and connect_args
+    url = engine.url
     connectorx_uri = None
     if url.get_backend_name() in ("mysql", "mariadb"):
         connectorx_uri = url.set(drivername="mysql").render_as_string(hide_password=False)
@@ -122,12 +122,22 @@ def tag_current_run(partner_uuid: str, layer: str) -> None:
         client.update_flow_run(current_flow_run.id, tags=sorted(tags | wanted))
 
 
+def slot_taken(exc: SlotTaken) -> bool:
+    """Whether a slot was refused because it is held (HTTP 423 Locked), not for another reason.
+
+    Prefect 3.8.8 raises one exception type for both and keeps the server's answer as its
+    cause; tests/test_faults.py (two ticks at once) fails if that ever changes.
+    """
+    cause = exc.__cause__
+    return isinstance(cause, PrefectHTTPStatusError) and cause.response.status_code == 423
+
+
 @contextmanager
-def partner_slot(partner_uuid: str) -> Iterator[None]:
+def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[None]:
     """Hold one slot of the partner's limit (one run per partner) and of the global partition limit."""
     name = partner_limit(partner_uuid)
     ensure_limit(name, 1)
-    ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions())
+    ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions)
     logger = get_run_logger()
     logger.info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
     with concurrency([name, PARTITIONS_LIMIT], occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS):
@@ -151,16 +161,14 @@ def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: lis
     except Exception as exc:  # the engine itself failed (e.g. the API is gone): this child failed
         return RunOutcome(run_name, "Crashed", False, f"{type(exc).__name__}: {exc}")
     result = state.result(raise_on_failure=False) if state.is_completed() else None
-    rows = result.get("bronze_rows") if isinstance(result, dict) else None
+    rows = getattr(result, "bronze_rows", None)  # a silver run's SilverResult
     return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id),
                       rows)
 
 
-def child_run_timeout() -> float:
-    return float(os.environ.get("USAGE_CHILD_RUN_TIMEOUT_SECONDS", "3600"))
-
-
-def run_child(deployment: str, parameters: dict[str, Any], run_name: str, tags: list[str]) -> RunOutcome:
+def run_child(
+    deployment: str, parameters: dict[str, Any], run_name: str, tags: list[str], timeout_seconds: float
+) -> RunOutcome:
     """Run a deployment as a subflow of the current run and wait for its final state.
 
     `run_deployment` does not raise when the child fails, so the state is checked here;
@@ -176,7 +184,7 @@ def run_child(deployment: str, parameters: dict[str, Any], run_name: str, tags: 
                 flow_run_name=run_name,
                 tags=tags,
                 idempotency_key=key,
-                timeout=child_run_timeout(),
+                timeout=timeout_seconds,
                 poll_interval=CHILD_POLL_SECONDS,
             )
             break
@@ -187,6 +195,6 @@ def run_child(deployment: str, parameters: dict[str, Any], run_name: str, tags: 
             time.sleep(2**attempt)
     state = flow_run.state
     if state is None or not state.is_final():
-        message = f"not finished after {child_run_timeout():.0f}s (state {state.name if state else 'unknown'})"
+        message = f"not finished after {timeout_seconds:.0f}s (state {state.name if state else 'unknown'})"
         return RunOutcome(run_name, state.name if state else "Unknown", False, message, str(flow_run.id))
     return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(flow_run.id))

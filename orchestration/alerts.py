@@ -7,7 +7,6 @@ so there is always exactly one of each.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from uuid import UUID
 
@@ -16,28 +15,13 @@ from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import BlockDocumentFilter, BlockDocumentFilterName
 
-from flows.events import FAILED_EVENT, FAILURES_LABEL, PARTITION_RESOURCE_PREFIX, TICK_EVENT, TICK_RESOURCE
+from orchestration.events import FAILED_EVENT, FAILURES_LABEL, PARTITION_RESOURCE_PREFIX, TICK_EVENT, TICK_RESOURCE
+from usage_pipeline.settings import Settings
 
 STALLED = "usage-detection-stalled"
 FAILING = "usage-partition-failing"
-DEFAULT_STALL_SECONDS = 900
-DEFAULT_FAILED_TICKS = 3
-MIN_STALL_SECONDS = 10  # the shortest `within` Prefect accepts for a proactive trigger
-
-
 class AlertSetupError(ValueError):
-    """An alert variable or block that cannot work; the message names it."""
-
-
-def positive_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise AlertSetupError(f"{name} must be an integer >= {minimum}, got {raw!r}")
-    return value
+    """An alert block that cannot be found; the message names it."""
 
 
 def notification_block_id(name: str) -> UUID:
@@ -120,18 +104,15 @@ def ensure_automation(wanted: Automation) -> str:
     return "updated"
 
 
-def setup_alerts() -> list[str]:
+def setup_alerts(settings: Settings) -> list[str]:
     """Create or update both automations when USAGE_ALERT_BLOCK is set; otherwise say how to."""
-    block = os.environ.get("USAGE_ALERT_BLOCK")
-    stall = positive_int("USAGE_ALERT_STALL_SECONDS", DEFAULT_STALL_SECONDS, MIN_STALL_SECONDS)
-    failed = positive_int("USAGE_ALERT_FAILED_TICKS", DEFAULT_FAILED_TICKS)
-    if not block:
+    stall, failed = settings.alert_stall_seconds, settings.alert_failed_ticks
+    if not settings.alert_block:
         return [
             "alerts: off. To turn them on, create a Prefect notification block (Blocks -> Add, e.g. Slack Webhook"
             " or Custom Webhook) and re-run setup with USAGE_ALERT_BLOCK=<block-type-slug>/<block name>"
-            f" (thresholds: USAGE_ALERT_STALL_SECONDS, default {DEFAULT_STALL_SECONDS};"
-            f" USAGE_ALERT_FAILED_TICKS, default {DEFAULT_FAILED_TICKS})"
+            f" (thresholds: USAGE_ALERT_STALL_SECONDS={stall}, USAGE_ALERT_FAILED_TICKS={failed})"
         ]
-    block_id = notification_block_id(block)
+    block_id = notification_block_id(settings.alert_block)
     done = [f"{a.name} {ensure_automation(a)}" for a in automations(block_id, stall, failed)]
-    return [f"alerts to {block}: {', '.join(done)} (stalled after {stall} s, failing after {failed} ticks)"]
+    return [f"alerts to {settings.alert_block}: {', '.join(done)} (stalled after {stall} s, failing after {failed} ticks)"]

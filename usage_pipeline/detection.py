@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from flows.cursor import Cursor, DealerSeen, PartitionStatus
+from usage_pipeline.cursor import Cursor, DealerSeen, PartitionStatus
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,17 @@ def dealers_of_partners(cursor: Cursor, partners: dict[int, str | None], wanted:
     return mapped | held
 
 
+def changed_dealers(cursor: Cursor, snapshot: SourceSnapshot, start_over: str | None) -> dict[int, str]:
+    """Every dealer whose partition(s) must rematerialize, with the reason; all of them when starting over."""
+    if start_over:
+        return {dealer: start_over for dealer in snapshot.relevant}
+    changes = {}
+    for dealer in set(snapshot.checked) | set(snapshot.relevant) | set(cursor.dealer_last_modified):
+        if reason := dealer_reason(cursor, snapshot, dealer):
+            changes[dealer] = reason
+    return dict(sorted(changes.items()))
+
+
 def plan_tick(
     cursor: Cursor, snapshot: SourceSnapshot, requested: frozenset[str] = frozenset(), full_refresh: bool = False
 ) -> Plan:
@@ -191,46 +202,27 @@ def plan_tick(
     """
     partners = snapshot.partners
     first_run = cursor.is_first_run or full_refresh
+    start_over = ("full refresh requested" if full_refresh else "first run") if first_run else None
     live = sorted({p for p in partners.values() if p})
 
-    changes: dict[int, str] = {}
-    reasons: dict[str, list[str]] = {}
-    if first_run:
-        why = "full refresh requested" if full_refresh else "first run"
-        changes = {dealer: why for dealer in snapshot.relevant}
-        reasons = {partner: [why] for partner in live}
+    changes = changed_dealers(cursor, snapshot, start_over)
+    if start_over:
+        reasons = {partner: [start_over] for partner in live}
+    elif cursor.dealer_seen is None:  # the pipeline's state was lost: no partition is known to be current
+        reasons = {partner: ["no pipeline state"] for partner in live}
     else:
-        if cursor.dealer_seen is None:  # the pipeline's state was lost: no partition is known to be current
-            reasons = {partner: ["no pipeline state"] for partner in live}
-        for dealer in set(snapshot.checked) | set(snapshot.relevant) | set(cursor.dealer_last_modified):
-            reason = dealer_reason(cursor, snapshot, dealer)
-            if reason:
-                changes[dealer] = reason
-
+        reasons = {}
     dealer_partitions: dict[int, frozenset[str]] = {}
-    for dealer, reason in sorted(changes.items()):
-        affected = affected_partitions(cursor, snapshot, dealer)
-        dealer_partitions[dealer] = affected
-        for partner in sorted(affected):
+    for dealer, reason in changes.items():
+        dealer_partitions[dealer] = affected_partitions(cursor, snapshot, dealer)
+        for partner in sorted(dealer_partitions[dealer]):
             if first_run:  # includes a partner the dealer left: it must be emptied too
                 reasons.setdefault(partner, [reason])
             else:
                 reasons.setdefault(partner, []).append(f"dealer {dealer}: {reason}")
     for partner in sorted(cursor.retry_partitions):
-        status = cursor.partitions[partner]
-        reasons.setdefault(partner, []).append(f"retry after {status.failures} failed tick(s)")
-
-    unknown = []
-    requested_dealers: set[int] = set()
-    for partner in sorted(requested):
-        dealers = dealers_of_partners(cursor, partners, frozenset([partner]))
-        if not dealers and partner not in live:
-            unknown.append(partner)
-            continue
-        reasons.setdefault(partner, []).append("requested by operator")
-        requested_dealers |= dealers
-        for dealer in dealers:
-            dealer_partitions[dealer] = dealer_partitions.get(dealer, frozenset()) | {partner}
+        reasons.setdefault(partner, []).append(f"retry after {cursor.partitions[partner].failures} failed tick(s)")
+    unknown, requested_dealers = add_requested(cursor, partners, requested, reasons, dealer_partitions)
 
     if first_run or cursor.dealer_seen is None:
         bronze_dealers = None
@@ -239,13 +231,36 @@ def plan_tick(
         bronze_dealers = sorted(set(changes) | retried | requested_dealers) if reasons or changes else []
     return Plan(
         first_run=first_run,
-        dealer_changes=dict(sorted(changes.items())),
+        dealer_changes=changes,
         dealer_partitions=dealer_partitions,
         partitions=dict(sorted(reasons.items())),
         bronze_dealers=bronze_dealers,
         unmapped_dealers=sorted(d for d in changes if partners.get(d) is None),
         unknown_partners=unknown,
     )
+
+
+def add_requested(
+    cursor: Cursor,
+    partners: dict[int, str | None],
+    requested: frozenset[str],
+    reasons: dict[str, list[str]],
+    dealer_partitions: dict[int, frozenset[str]],
+) -> tuple[list[str], set[int]]:
+    """Plan the operator's partners (in place): their dealers wait for them. Returns the unknown
+    partners (no dealer maps to them, none was materialized under them) and the dealers to re-read."""
+    live = {p for p in partners.values() if p}
+    unknown, dealers_to_read = [], set()
+    for partner in sorted(requested):
+        dealers = dealers_of_partners(cursor, partners, frozenset([partner]))
+        if not dealers and partner not in live:
+            unknown.append(partner)
+            continue
+        reasons.setdefault(partner, []).append("requested by operator")
+        dealers_to_read |= dealers
+        for dealer in dealers:
+            dealer_partitions[dealer] = dealer_partitions.get(dealer, frozenset()) | {partner}
+    return unknown, dealers_to_read
 
 
 def advance_cursor(
@@ -264,14 +279,26 @@ def advance_cursor(
     """
     bronze_ok = bronze is None or bronze.ok
     succeeded = {p for p, outcome in partitions.items() if outcome.ok and bronze_ok}
+    advanced = advance_dealers(cursor, snapshot, plan, succeeded if bronze_ok else None)
+    if bronze_ok:
+        errors = {p: partitions[p].error if p in partitions else "not run" for p in plan.partitions}
+    else:
+        errors = {p: f"bronze {bronze.state}: {bronze.message or 'no message'}" for p in plan.partitions}
+    statuses = partition_statuses(cursor, snapshot, plan, succeeded, errors, advanced.dealer_last_modified, now)
+    return advanced.with_changes(
+        partitions=statuses, reconciled_at=now if snapshot.reconciled else cursor.reconciled_at
+    )
 
+
+def advance_dealers(cursor: Cursor, snapshot: SourceSnapshot, plan: Plan, succeeded: set[str] | None) -> Cursor:
+    """Record what the snapshot says of every dealer that waited for no partition, or only for
+    `succeeded` ones (None: bronze failed, so only dealers that waited for nothing)."""
     written = dict(cursor.dealer_last_modified)
     seen_all = dict(cursor.dealer_seen or {})
     fingerprints = dict(cursor.fingerprints)
-    dealers = set(snapshot.raw_max) | set(snapshot.relevant) | set(written) | set(seen_all)
-    for dealer in dealers:
+    for dealer in set(snapshot.raw_max) | set(snapshot.relevant) | set(written) | set(seen_all):
         affected = plan.dealer_partitions.get(dealer)
-        if affected is not None and not (bronze_ok and affected <= succeeded):
+        if affected is not None and (succeeded is None or not affected <= succeeded):
             continue
         stats = snapshot.relevant.get(dealer)
         if stats is None:
@@ -289,40 +316,36 @@ def advance_cursor(
             )
         else:
             seen_all.pop(dealer, None)
-
-    statuses = dict(cursor.partitions)
-    for partner in plan.partitions:
-        old = statuses.get(partner, PartitionStatus())
-        if partner in succeeded:
-            marks = [
-                written[d] for d, p in snapshot.partners.items() if p == partner and written.get(d) is not None
-            ]
-            statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None))
-            continue
-        if not bronze_ok:
-            error = f"bronze {bronze.state}: {bronze.message or 'no message'}"  # type: ignore[union-attr]
-        elif partner in partitions:
-            error = partitions[partner].error
-        else:
-            error = "not run"
-        statuses[partner] = PartitionStatus(
-            materialized_at=old.materialized_at,
-            source_watermark=old.source_watermark,
-            failures=old.failures + 1,
-            last_error=error,
-        )
-    live = {p for p in snapshot.partners.values() if p}
-    statuses = {p: s for p, s in statuses.items() if p in live or s.failures > 0}
-
     marks = [ts for ts in written.values() if ts is not None]
     return cursor.with_changes(
         global_last_modified=max(marks, default=None),
         dealer_last_modified=written,
         dealer_seen=seen_all,
-        partitions=statuses,
         fingerprints=fingerprints,
-        reconciled_at=now if snapshot.reconciled else cursor.reconciled_at,
     )
+
+
+def partition_statuses(
+    cursor: Cursor,
+    snapshot: SourceSnapshot,
+    plan: Plan,
+    succeeded: set[str],
+    errors: dict[str, str | None],
+    written: dict[int, datetime | None],
+    now: datetime,
+) -> dict[str, PartitionStatus]:
+    """Freshness after the tick: planned partitions are fresh or one failure further; gone ones dropped."""
+    statuses = dict(cursor.partitions)
+    for partner in plan.partitions:
+        if partner in succeeded:
+            marks = [written[d] for d, p in snapshot.partners.items() if p == partner and written.get(d) is not None]
+            statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None))
+        else:
+            old = statuses.get(partner, PartitionStatus())
+            statuses[partner] = PartitionStatus(old.materialized_at, old.source_watermark, old.failures + 1,
+                                                errors[partner])
+    live = {p for p in snapshot.partners.values() if p}
+    return {p: s for p, s in statuses.items() if p in live or s.failures > 0}
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from prefect.events import emit_event
 
-from flows.cursor import format_timestamp
+from usage_pipeline.cursor import format_timestamp
 
 if TYPE_CHECKING:
-    from flows.detection import RunOutcome
-    from flows.usage_change_detection import TickReport
+    from usage_pipeline.detection import RunOutcome
+    from usage_pipeline.tick_report import TickReport
 
 TICK_EVENT = "usage.detection.tick"
 TICK_RESOURCE = "usage.detection"

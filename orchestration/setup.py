@@ -6,14 +6,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector, SyncDriver
 import sqlalchemy as sa
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector, SyncDriver
 from pydantic import SecretStr
 
 from blocks.usage_cursor import UsageCursor
+from usage_pipeline.queries import has_dealer_modified_index
+from usage_pipeline.schema import INDEX_ADVICE
+from usage_pipeline.settings import Settings
 
 BILLING_BLOCK = "billing-db"
 V3_BLOCK = "v3-db"
@@ -25,34 +28,10 @@ CONNECT_TIMEOUT_SECONDS = 10
 
 PARTITIONS_LIMIT = "usage-partitions"
 DETECTION_LIMIT = "usage-change-detection"
-DEFAULT_MAX_CONCURRENT_PARTITIONS = 8
 
 
 class SetupError(ValueError):
     """Configuration that cannot work; the message names the variable to fix."""
-
-
-def max_concurrent_partitions() -> int:
-    raw = os.environ.get("USAGE_MAX_CONCURRENT_PARTITIONS", str(DEFAULT_MAX_CONCURRENT_PARTITIONS))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SetupError(f"USAGE_MAX_CONCURRENT_PARTITIONS must be a positive integer, got {raw!r}")
-    return value
-
-
-PARTITION_RUN_MODES = ("subflow", "deployment")
-
-
-def partition_run_mode() -> str:
-    """How a tick runs silver/gold: `subflow` in its own process (sub-second overhead, the default)
-    or `deployment`, one worker run each (spreads heavy partitions over the pool's machines)."""
-    value = os.environ.get("USAGE_PARTITION_RUNS", PARTITION_RUN_MODES[0])
-    if value not in PARTITION_RUN_MODES:
-        raise SetupError(f"USAGE_PARTITION_RUNS must be one of {', '.join(PARTITION_RUN_MODES)}, got {value!r}")
-    return value
 
 
 def partner_limit(partner_uuid: str) -> str:
@@ -122,9 +101,7 @@ def ensure_limit(name: str, limit: int, update: bool = False) -> None:
 
 def index_check(billing: SqlAlchemyConnector) -> str:
     """Say whether detection's index exists; the pipeline never creates it (read-only source)."""
-    from flows.source import INDEX_ADVICE, has_dealer_modified_index
-
-    engine = sa.create_engine(billing._rendered_url, connect_args=billing.connect_args or {})
+    engine = billing.get_engine()
     try:
         if has_dealer_modified_index(engine):
             return "index (usage_FK_dealer_id, usage_modified): present"
@@ -135,7 +112,7 @@ def index_check(billing: SqlAlchemyConnector) -> str:
         engine.dispose()
 
 
-def run_setup(environ: dict[str, str] | None = None) -> list[str]:
+def run_setup(settings: Settings, environ: dict[str, str] | None = None) -> list[str]:
     """Register block types, save connector blocks and limits; return what was done, for printing."""
     configs = source_configs(environ)
     UsageCursor.register_type_and_schema()
@@ -145,7 +122,7 @@ def run_setup(environ: dict[str, str] | None = None) -> list[str]:
         config.connector.save(config.block, overwrite=True)
         done.append(f"block {config.block}: {config.description}")
     done.append(index_check(configs[0].connector))
-    ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions(), update=True)
+    ensure_limit(PARTITIONS_LIMIT, settings.max_concurrent_partitions, update=True)
     ensure_limit(DETECTION_LIMIT, 1, update=True)
-    done.append(f"concurrency limits: {PARTITIONS_LIMIT}={max_concurrent_partitions()}, {DETECTION_LIMIT}=1")
+    done.append(f"concurrency limits: {PARTITIONS_LIMIT}={settings.max_concurrent_partitions}, {DETECTION_LIMIT}=1")
     return done

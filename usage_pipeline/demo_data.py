@@ -16,7 +16,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from flows.source import billing_metadata, dealer, service_data, usage, v3_metadata
+from usage_pipeline.schema import billing_metadata, dealer, service_data, usage, v3_metadata
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def populate(billing: Engine, v3: Engine, shape: DemoShape = DemoShape(), now: d
     dealers = []
     dealer_rows = []
     dealer_id = 1
-    for index, partner in enumerate(partners):
+    for partner in partners:
         for _ in range(shape.dealers_per_partner):
             dealer_rows.append({"dealer_id": dealer_id, "dealer_name": f"Dealer {dealer_id}", "dealer_partner_uuid": partner})
             dealers.append(dealer_id)

@@ -11,14 +11,15 @@ from typing import Any
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from blocks.setup import BILLING_BLOCK
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from flows.cursor import Cursor, format_timestamp, parse_cursor
-from flows.explain import explain_dealer
-from flows.lake import lake_root, read_state_document, state_path
-from flows.partners import parse_partner_uuid
-from flows.report import freshness_rows
-from flows.runtime import load_source, read_cursor_value, load_dealer_directory
+from orchestration.report import freshness_rows
+from orchestration.runtime import load_dealer_directory, load_source, read_cursor_value
+from orchestration.setup import BILLING_BLOCK
+from usage_pipeline.cursor import Cursor, format_timestamp, parse_cursor
+from usage_pipeline.explain import explain_dealer
+from usage_pipeline.lake import read_state_document, state_path
+from usage_pipeline.partners import parse_partner_uuid
+from usage_pipeline.settings import load_settings
 
 DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
 SHOW_COLUMNS = ("partner", "dealers", "state", "last_success", "source_watermark", "failed_ticks", "last_error")
@@ -31,7 +32,7 @@ class OperatorError(ValueError):
 def load_cursor() -> tuple[Cursor, Any, list[str]]:
     """The cursor as the next tick reads it, the block's raw value, and every warning."""
     block_value = read_cursor_value()
-    state, problem = read_state_document(lake_root())
+    state, problem = read_state_document(load_settings().lake_path)
     cursor, warnings = parse_cursor(block_value, state)
     if cursor.dealer_seen is None and not cursor.is_first_run:
         warnings.append(f"{problem}: the next tick re-checks every dealer and rebuilds every partition")
@@ -46,7 +47,7 @@ def show_cursor() -> list[str]:
     lines.append(
         f"cursor: global_last_modified {format_timestamp(cursor.global_last_modified) or 'null'},"
         f" {len(cursor.dealer_last_modified)} dealer entr{'y' if len(cursor.dealer_last_modified) == 1 else 'ies'}"
-        f"; pipeline state: {state_path(lake_root())}"
+        f"; pipeline state: {state_path(load_settings().lake_path)}"
     )
     if cursor.is_first_run and block_value is not None:
         lines.append("The cursor is empty: the next tick rebuilds bronze and every partition.")

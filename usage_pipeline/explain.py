@@ -13,21 +13,20 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from flows.cursor import Cursor, format_timestamp
-from flows.detection import (
+from usage_pipeline.cursor import Cursor, format_timestamp
+from usage_pipeline.detection import (
     DealerStats,
     SourceSnapshot,
     affected_partitions,
     dealer_reason,
     probe_candidates,
 )
-from flows.source import (
+from usage_pipeline.queries import as_datetime, relevant_stats
+from usage_pipeline.schema import (
     RELEVANT_CSA_CATEGORY_IDS,
     RELEVANT_SERVICE,
     RELEVANT_STATUS_IDS,
     RELEVANT_SYSTEM_ID,
-    _as_datetime,
-    relevant_stats,
     service_data,
     usage,
 )
@@ -79,7 +78,7 @@ def dealer_rows(conn: Connection, dealer: int) -> DealerRows:
     total, relevant_rows, no_service, system, status, category, raw_max, relevant_max = conn.execute(stmt).one()
     return DealerRows(
         int(total), int(relevant_rows), int(no_service), int(system), int(status), int(category),
-        _as_datetime(raw_max), _as_datetime(relevant_max),
+        as_datetime(raw_max), as_datetime(relevant_max),
     )
 
 

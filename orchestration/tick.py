@@ -1,0 +1,202 @@
+"""The detection tick's body: the plain values of usage_pipeline wired to Prefect.
+
+snapshot -> plan -> bronze -> partitions (silver then gold, concurrently) -> new
+cursor, with the flow runs, artifacts and events operators see. The flows to run
+come in as `Layers`, so this module imports no flow module.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import Flow, get_run_logger
+
+from orchestration.runtime import (
+    SourceError,
+    load_source,
+    read_cursor_value,
+    read_dealer_directory,
+    run_child,
+    run_subflow,
+    write_cursor_value,
+)
+from orchestration.setup import BILLING_BLOCK
+from usage_pipeline.cursor import Cursor, parse_cursor
+from usage_pipeline.detection import PartitionOutcome, Plan, RunOutcome, SourceSnapshot, advance_cursor, plan_tick
+from usage_pipeline.lake import LakePath, read_state_document, write_state_document
+from usage_pipeline.partners import layer_tag, partner_tag
+from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
+from usage_pipeline.schema import INDEX_ADVICE
+from usage_pipeline.settings import Settings
+from usage_pipeline.tick_report import TickReport, reconcile_due
+
+SLOW_PROBE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The flows a tick runs, as subflows of itself or as deployment runs (USAGE_PARTITION_RUNS)."""
+
+    bronze: Flow
+    silver: Flow
+    gold: Flow
+
+
+def take_snapshot(cursor: Cursor, now: datetime, requested: frozenset[str], reconcile_seconds: float) -> SourceSnapshot:
+    """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
+    logger = get_run_logger()
+    partners = read_dealer_directory()
+    billing = load_source(BILLING_BLOCK)
+    try:
+        with billing.engine.connect() as conn:
+            snapshot, probe_seconds = read_snapshot(
+                conn, cursor, reconcile_due(cursor, now, reconcile_seconds), partners, requested
+            )
+        if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
+            logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
+    except Exception as exc:
+        raise billing.error(exc) from None
+    finally:
+        billing.engine.dispose()
+    logger.info(
+        "Found usage data for %d dealer(s); checked %d under the billing filters%s",
+        len(snapshot.raw_max), len(snapshot.checked), " (full reconciliation)" if snapshot.reconciled else "",
+    )
+    return snapshot
+
+
+def log_plan(plan: Plan) -> None:
+    logger = get_run_logger()
+    if plan.is_empty:
+        logger.debug("No usage changes detected")
+        return
+    if plan.dealer_changes:
+        logger.info("Detected changes for %d dealer(s): %s", len(plan.dealer_changes), sorted(plan.dealer_changes))
+    if plan.unknown_partners:
+        logger.warning(
+            "Requested partner(s) %s: no dealer maps to them in v3 and nothing was materialized for them; not rebuilt",
+            plan.unknown_partners,
+        )
+    if plan.unmapped_dealers:
+        logger.warning(
+            "Dealer(s) %s changed but map to no partner in v3; their usage is not in any partition",
+            plan.unmapped_dealers,
+        )
+    logger.info("Mapped to %d affected partner partition(s)", len(plan.partitions))
+    for partner, reasons in plan.partitions.items():
+        logger.info("Partition %s: %s", partner, "; ".join(reasons))
+    if plan.runs_bronze:
+        logger.info(
+            "Creating %d run request(s): 1 bronze (billing-usage-raw) + %d silver/gold partition(s)",
+            1 + len(plan.partitions), len(plan.partitions),
+        )
+
+
+def run_layer(flow: Flow, parameters: dict[str, Any], name: str, tags: list[str], settings: Settings) -> RunOutcome:
+    """One child run, named and tagged the same whichever way it runs (USAGE_PARTITION_RUNS)."""
+    if settings.partition_runs == "deployment":
+        return run_child(flow.name, parameters, name, tags, settings.child_run_timeout_seconds)
+    return run_subflow(flow, parameters, name, tags)
+
+
+def run_bronze(plan: Plan, layers: Layers, settings: Settings) -> RunOutcome:
+    name = "bronze-full" if plan.bronze_dealers is None else f"bronze-{len(plan.bronze_dealers)}-dealers"
+    return run_layer(layers.bronze, {"dealer_ids": plan.bronze_dealers}, name, [layer_tag("bronze")], settings)
+
+
+def materialize_partition(partner: str, layers: Layers, settings: Settings) -> PartitionOutcome:
+    """Silver (not cascading: gold follows here), then gold if silver succeeded."""
+    tags = [partner_tag(partner)]
+    silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False}, f"silver-{partner}",
+                       [*tags, layer_tag("silver")], settings)
+    if not silver.ok:
+        return PartitionOutcome(partner, silver, None)
+    gold = run_layer(layers.gold, {"partner_uuid": partner}, f"gold-{partner}", [*tags, layer_tag("gold")], settings)
+    return PartitionOutcome(partner, silver, gold)
+
+
+def materialize_partitions(partners: list[str], layers: Layers, settings: Settings) -> dict[str, PartitionOutcome]:
+    """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS chains in flight.
+
+    Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
+    """
+    with ThreadPoolExecutor(max_workers=settings.max_concurrent_partitions, thread_name_prefix="partition") as pool:
+        futures = {
+            partner: pool.submit(
+                contextvars.copy_context().run, materialize_partition, partner, layers, settings
+            )
+            for partner in partners
+        }
+        return {partner: future.result() for partner, future in futures.items()}
+
+
+def read_cursor(root: LakePath) -> tuple[Cursor, object, dict | None]:
+    """The cursor as the block and the pipeline's state store hold it, with a warning per problem."""
+    logger = get_run_logger()
+    block_value = read_cursor_value()
+    state, problem = read_state_document(root)
+    cursor, warnings = parse_cursor(block_value, state)
+    for warning in warnings:
+        logger.warning(warning)
+    if cursor.dealer_seen is None and not cursor.is_first_run:
+        logger.warning("%s: re-checking every dealer and rebuilding every partition", problem)
+    return cursor, block_value, state
+
+
+def save_cursor(root: LakePath, cursor: Cursor, block_value: object, state: dict | None) -> bool:
+    """State first, then the block: a crash between them leaves the block behind the state, which the
+    next tick reads as an operator edit of those dealers and redoes (never the reverse, which could skip)."""
+    if cursor.state_document() != state:
+        write_state_document(root, cursor.state_document())
+    if cursor.block_value() != block_value:
+        return write_cursor_value(cursor.block_value(), block_value)
+    return False
+
+
+def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: frozenset[str], full_refresh: bool) -> TickReport:
+    logger = get_run_logger()
+    report = TickReport(dry_run=dry_run, requested=requested, full_refresh=full_refresh)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    root = settings.lake_path
+
+    cursor, block_value, state = read_cursor(root)
+    report.cursor = cursor
+
+    logger.info("Checking dealer timestamps for usage changes")
+    started = time.perf_counter()
+    try:
+        snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds)
+        report.source_seconds, report.snapshot_reconciled = time.perf_counter() - started, snapshot.reconciled
+    except SourceError as exc:
+        logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
+        report.skipped = str(exc)
+        return report
+
+    plan = report.plan = plan_tick(cursor, snapshot, requested, full_refresh)
+    log_plan(plan)
+    if dry_run:
+        logger.info("Dry run: nothing submitted, cursor unchanged")
+        return report
+
+    if plan.runs_bronze:
+        report.bronze = run_bronze(plan, layers, settings)
+        if not report.bronze.ok:
+            logger.error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
+        elif plan.partitions:
+            report.partitions = materialize_partitions(list(plan.partitions), layers, settings)
+
+    new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
+    for partner, status in new_cursor.partitions.items():
+        if status.failures >= settings.alert_failed_ticks:
+            logger.error(
+                "Partition %s has failed %d ticks in a row (last error: %s); it is retried every tick",
+                partner, status.failures, status.last_error,
+            )
+    report.cursor_saved = save_cursor(root, new_cursor, block_value, state)
+    report.cursor = new_cursor
+    return report

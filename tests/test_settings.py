@@ -1,0 +1,77 @@
+"""Unit tests for usage_pipeline/settings.py: every USAGE_* variable, read once, errors naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from usage_pipeline.lake import ObjectPath
+from usage_pipeline.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(ENV_PREFIX + name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_defaults(clean_env, tmp_path):
+    settings = load_settings()
+    assert settings.lake_path == (tmp_path / "lake").resolve()
+    assert (settings.max_concurrent_partitions, settings.partition_runs) == (8, "subflow")
+    assert (settings.reconcile_seconds, settings.child_run_timeout_seconds) == (3600, 3600)
+    assert (settings.alert_block, settings.alert_stall_seconds, settings.alert_failed_ticks) == (None, 900, 3)
+
+
+def test_every_variable_is_read_from_the_environment(clean_env):
+    values = {"LAKE_ROOT": "s3://bucket/lake/", "MAX_CONCURRENT_PARTITIONS": "3", "RECONCILE_SECONDS": "60",
+              "CHILD_RUN_TIMEOUT_SECONDS": "30.5", "PARTITION_RUNS": "deployment", "ALERT_BLOCK": "slack-webhook/ops",
+              "ALERT_STALL_SECONDS": "600", "ALERT_FAILED_TICKS": "5"}
+    for name, value in values.items():
+        clean_env.setenv(ENV_PREFIX + name, value)
+    settings = load_settings()
+    assert settings.lake_path == ObjectPath("s3://bucket/lake")
+    assert settings.max_concurrent_partitions == 3 and settings.reconcile_seconds == 60
+    assert settings.child_run_timeout_seconds == 30.5 and settings.partition_runs == "deployment"
+    assert settings.alert_block == "slack-webhook/ops"
+    assert (settings.alert_stall_seconds, settings.alert_failed_ticks) == (600, 5)
+
+
+def test_a_relative_lake_root_is_made_absolute(clean_env, tmp_path):
+    clean_env.setenv("USAGE_LAKE_ROOT", "elsewhere")
+    assert load_settings().lake_path == (tmp_path / "elsewhere").resolve()
+    assert isinstance(load_settings().lake_path, Path)
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("USAGE_MAX_CONCURRENT_PARTITIONS", "0"),
+        ("USAGE_MAX_CONCURRENT_PARTITIONS", "-1"),
+        ("USAGE_MAX_CONCURRENT_PARTITIONS", "abc"),
+        ("USAGE_MAX_CONCURRENT_PARTITIONS", "1.5"),
+        ("USAGE_MAX_CONCURRENT_PARTITIONS", ""),
+        ("USAGE_RECONCILE_SECONDS", "hourly"),
+        ("USAGE_RECONCILE_SECONDS", "0"),
+        ("USAGE_CHILD_RUN_TIMEOUT_SECONDS", "-5"),
+        ("USAGE_PARTITION_RUNS", "worker"),
+        ("USAGE_PARTITION_RUNS", "Deployment"),
+        ("USAGE_PARTITION_RUNS", ""),
+        ("USAGE_ALERT_STALL_SECONDS", "9"),
+        ("USAGE_ALERT_FAILED_TICKS", "0"),
+        ("USAGE_LAKE_ROOT", ""),
+    ],
+)
+def test_a_bad_value_is_an_error_naming_the_variable_and_the_value(clean_env, variable, value):
+    clean_env.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert variable in str(caught.value) and repr(value) in str(caught.value)
+
+
+def test_settings_error_is_a_value_error():
+    """The CLI turns ValueErrors into exit status 2 with the message on stderr."""
+    assert issubclass(SettingsError, ValueError)

@@ -1,0 +1,156 @@
+"""The bronze extract: relevant usage in bulk, Arrow-native where the source allows, cast to the bronze schema."""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
+
+from usage_pipeline.queries import dealer_batches
+from usage_pipeline.schema import RELEVANT_SERVICE, relevant_usage, service_data, usage
+from usage_pipeline.transforms import BRONZE_SCHEMA, MONEY, BadSourceRows, empty, money_from_units, normalize_bronze
+
+READ_CONNECTIONS = 2  # bulk reads at once, each on its own connection (so not for an in-memory SQLite)
+MONEY_COLUMNS = ("quantity", "amount")
+MONEY_UNITS = 10**MONEY.scale
+SERVICE_KEYS = ("customer_id", "service_id")  # what a usage row joins its service row on
+
+USAGE_FIELDS = (  # a bronze row as the source holds it: the usage part ...
+    usage.c.usage_id.label("usage_id"),
+    usage.c.usage_FK_dealer_id.label("dealer_id"),
+    usage.c.usage_FK_customer_id.label("customer_id"),
+    usage.c.usage_FK_service_id.label("service_id"),
+    usage.c.usage_date.label("usage_date"),
+    usage.c.usage_quantity.label("quantity"),
+    usage.c.usage_amount.label("amount"),
+    usage.c.usage_modified.label("usage_modified"),
+)
+SERVICE_FIELDS = (  # ... and the part its service row adds
+    service_data.c.service_data_FK_service_status_id.label("service_status_id"),
+    service_data.c.service_data_service_name.label("service_name"),
+)
+BRONZE_FIELDS = USAGE_FIELDS + SERVICE_FIELDS
+
+
+class money_units(sa.sql.functions.FunctionElement):
+    """A DECIMAL(18,4) as an exact integer count of 0.0001 units (`money_from_units` undoes it).
+
+    Decoding DECIMAL text was 40 % of the client's work on a full extract; an
+    integer decodes at almost no cost.
+    """
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(money_units)
+def _money_units(element: money_units, compiler, **kw) -> str:
+    """DECIMAL arithmetic is exact (MySQL, MariaDB)."""
+    (column,) = element.clauses
+    return compiler.process(sa.cast(column * MONEY_UNITS, sa.BigInteger), **kw)
+
+
+@compiles(money_units, "sqlite")
+def _money_units_sqlite(element: money_units, compiler, **kw) -> str:
+    """SQLite keeps a NUMERIC as INTEGER when it is whole, else as REAL: scale the first, round the second."""
+    (column,) = element.clauses
+    scaled = column * MONEY_UNITS
+    whole = sa.func.typeof(column) == "integer"
+    return compiler.process(sa.case((whole, scaled), else_=sa.cast(sa.func.round(scaled), sa.BigInteger)), **kw)
+
+
+def on_the_wire(fields: tuple[sa.Label, ...]) -> tuple[sa.Label, ...]:
+    """What an extract selects for `fields`: money in units, the rest as it is."""
+    return tuple(money_units(f.element).label(f.name) if f.name in MONEY_COLUMNS else f for f in fields)
+
+
+def bronze_statements(dealers: list[int]) -> list[sa.Select]:
+    """Some dealers' relevant usage, joined by the server (few rows: its index lookups are cheap)."""
+    base = sa.select(*on_the_wire(BRONZE_FIELDS)).select_from(relevant_usage)
+    return [base.where(usage.c.usage_FK_dealer_id.in_(batch)) for batch in dealer_batches(dealers)]
+
+
+def full_extract_statements() -> tuple[sa.Select, sa.Select]:
+    """All usage rows, and the relevant service rows, to be joined on SERVICE_KEYS by the client.
+
+    For a full refresh this beats the server's join (about 2x on 5 M rows): the server fetches
+    every usage row by key for the join, where a plain scan of `usage` streams it in order.
+    """
+    services = sa.select(
+        service_data.c.service_data_FK_customer_id.label(SERVICE_KEYS[0]),
+        service_data.c.service_data_FK_service_id.label(SERVICE_KEYS[1]),
+        *SERVICE_FIELDS,
+    ).where(RELEVANT_SERVICE)
+    return sa.select(*on_the_wire(USAGE_FIELDS)), services
+
+
+def render_sql(stmt: sa.Select, engine: Engine) -> str:
+    """Literal SQL for engines that take text (connectorx); values are ints from our own code."""
+    return str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+
+
+def read_frame(engine: Engine, stmt: sa.Select, connectorx_uri: str | None) -> pl.DataFrame:
+    """Run a bulk read: Arrow-native through connectorx where the source supports it."""
+    if connectorx_uri is not None:
+        return pl.read_database_uri(render_sql(stmt, engine), connectorx_uri, engine="connectorx")
+    with engine.connect() as conn:
+        return pl.read_database(stmt, conn, infer_schema_length=None)
+
+
+def join_services(usage_rows: pl.DataFrame, services: pl.DataFrame) -> pl.DataFrame:
+    """Usage rows with their relevant service's columns (inner join on SERVICE_KEYS), in `usage` order.
+
+    The two INT keys are packed into one Int64 (customer * 2**32 + service, one-to-one
+    for 32-bit ids), which joins in about half the time of a two-column key.
+    """
+    _check_int_keys(usage_rows, "usage")
+    _check_int_keys(services, "service data")
+    customer, service = (pl.col(k).cast(pl.Int32) for k in SERVICE_KEYS)
+    packed = (customer.cast(pl.Int64) * 2**32 + service).alias("_service_key")
+    return (
+        usage_rows.with_columns(packed)
+        .join(services.with_columns(packed).drop(SERVICE_KEYS), on="_service_key", how="inner", maintain_order="left")
+        .drop("_service_key")
+    )
+
+
+def _check_int_keys(frame: pl.DataFrame, table: str) -> None:
+    """The contract's keys are INT; a wider id would not pack into the join key."""
+    for key in SERVICE_KEYS:
+        ids = frame[key]
+        beyond = ids.filter(ids.cast(pl.Int32, strict=False).is_null() & ids.is_not_null())
+        if beyond.len():
+            raise BadSourceRows(f"{table} has {beyond.len()} {key} value(s) beyond INT, e.g. {beyond.head(3).to_list()}")
+
+
+def extract_relevant_usage(
+    engine: Engine, connectorx_uri: str | None, dealers: list[int] | None, on_progress=None
+) -> pl.DataFrame:
+    """The bronze extract (all relevant usage, or some dealers'), cast to the bronze schema.
+
+    Statements run READ_CONNECTIONS at a time: a full refresh reads the service
+    rows while `usage` streams, and joins them here, keeping `usage` order. The
+    first failed read stops the reads not yet started.
+    """
+    statements = list(full_extract_statements()) if dealers is None else bronze_statements(dealers)
+    with ThreadPoolExecutor(max_workers=READ_CONNECTIONS) as pool:
+        reads = [pool.submit(read_frame, engine, stmt, connectorx_uri) for stmt in statements]
+        remaining = set(reads)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.exception() is not None:
+                    pool.shutdown(cancel_futures=True)
+                    raise future.exception()
+            if on_progress is not None:
+                on_progress(len(reads) - len(remaining), len(reads))
+    frames = [money_from_units(read.result(), MONEY_COLUMNS) for read in reads]
+    if dealers is None:
+        return normalize_bronze(join_services(*frames))
+    if not frames:
+        return empty(BRONZE_SCHEMA)
+    return normalize_bronze(pl.concat(frames, how="diagonal_relaxed"))
+

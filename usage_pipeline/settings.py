@@ -1,0 +1,52 @@
+"""Every `USAGE_*` setting in one typed object, read from the environment once and validated at start.
+
+A bad value fails where it is read (the start of a tick, `usage-pipeline setup`)
+with a message naming the variable, never as a bare conversion error mid-tick.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from usage_pipeline.lake import LakePath, resolve_lake_root
+
+ENV_PREFIX = "USAGE_"
+PartitionRunMode = Literal["subflow", "deployment"]
+
+
+class SettingsError(ValueError):
+    """A `USAGE_*` variable that cannot work; the message names it."""
+
+
+class Settings(BaseSettings):
+    """The pipeline's configuration (README "Deploying with workers" and "Monitoring and alerts")."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    lake_root: str = Field("lake", min_length=1, description="a path, or an object-storage URL (s3://...)")
+    max_concurrent_partitions: int = Field(8, ge=1, description="partition runs at a time, in all")
+    reconcile_seconds: float = Field(3600, gt=0, description="how often a tick re-checks every dealer")
+    child_run_timeout_seconds: float = Field(3600, gt=0, description="longest wait for a deployment child run")
+    partition_runs: PartitionRunMode = Field("subflow", description="run silver/gold in the tick's process or on workers")
+    alert_block: str | None = Field(None, description="notification block for the alerts: <type-slug>/<name>")
+    alert_stall_seconds: int = Field(900, ge=10, description="alert when no tick arrives for this long")
+    alert_failed_ticks: int = Field(3, ge=1, description="alert when a partition failed this many ticks in a row")
+
+    @property
+    def lake_path(self) -> LakePath:
+        return resolve_lake_root(self.lake_root)
+
+
+def load_settings() -> Settings:
+    """Read the environment now; raise SettingsError naming the first bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ENV_PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+            problems.append(f"{name}: {error['msg']}, got {error.get('input')!r}")
+        raise SettingsError("; ".join(problems)) from None

@@ -1,0 +1,50 @@
+"""What one tick decided and did, as a plain value: the flow's result, the artifacts' and events' source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from usage_pipeline.cursor import Cursor
+from usage_pipeline.detection import PartitionOutcome, Plan, RunOutcome
+
+
+@dataclass
+class TickReport:
+    """Everything one tick decided and did; returned as the flow's result and shown in the UI."""
+
+    dry_run: bool
+    requested: frozenset[str] = frozenset()  # partners the operator asked to rebuild
+    full_refresh: bool = False
+    plan: Plan | None = None
+    bronze: RunOutcome | None = None
+    partitions: dict[str, PartitionOutcome] = field(default_factory=dict)
+    cursor: Cursor | None = None
+    cursor_saved: bool = False
+    source_seconds: float | None = None  # time spent querying v3 and billing for the snapshot
+    snapshot_reconciled: bool = False
+    skipped: str | None = None  # why the tick did nothing (source down, another tick running)
+
+    @property
+    def ok(self) -> bool:
+        return (self.bronze is None or self.bronze.ok) and all(o.ok for o in self.partitions.values())
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"skipped: {self.skipped}"
+        assert self.plan is not None
+        unknown = f"; unknown partner(s) not rebuilt: {', '.join(self.plan.unknown_partners)}" if self.plan.unknown_partners else ""
+        if self.plan.is_empty:
+            return "no changes" + unknown
+        text = self.plan.describe() + unknown
+        if self.dry_run:
+            return f"dry run: {text} would run" + (" (with bronze)" if self.plan.runs_bronze else "")
+        if self.bronze is not None and not self.bronze.ok:
+            return f"{text}, bronze failed: {self.bronze.state}"
+        good = sum(o.ok for o in self.partitions.values())
+        return f"{text}, {good}/{len(self.partitions)} ok"
+
+
+def reconcile_due(cursor: Cursor, now: datetime, every_seconds: float) -> bool:
+    """Whether this tick re-checks every dealer (catches changes that leave MAX(usage_modified) alone)."""
+    return cursor.reconciled_at is None or (now - cursor.reconciled_at).total_seconds() >= every_seconds
