@@ -24,6 +24,8 @@ from usage_pipeline.transforms import BRONZE_SCHEMA, BadSourceRows, normalize_br
 
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
 
+pytestmark = pytest.mark.integration
+
 
 def connectorx_uri(transport: str) -> str | None:
     """What the bronze flow passes for a MariaDB source (connectorx), or None to read through pymysql."""
