@@ -32,7 +32,10 @@ RETENTION = {
     "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(30 * 24 * 3600),
     "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P7D",
 }
-SERVER_SETTINGS = {**DURABLE_LEASES, **RETENTION}
+# A run waiting for a partner's slot is told by the server when to ask again: by default up to
+# 30 s after the holder released it. One second keeps a manual run queued behind a tick's close.
+SLOT_WAIT = {"PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+SERVER_SETTINGS = {**DURABLE_LEASES, **RETENTION, **SLOT_WAIT}
 
 
 def free_port() -> int:
