@@ -1,0 +1,138 @@
+"""Headless Chromium on a Prefect server's default (V2) UI, for tests/test_ui.py.
+
+Selectors are those of Prefect 3.8.8's V2 UI. Every step waits for what it needs
+(the UI loads its data after the page), so a loaded machine only makes it slower.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from selenium import webdriver
+from selenium.common.exceptions import (
+    ElementClickInterceptedException,
+    ElementNotInteractableException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+BROWSER_COMMANDS = ("chromium", "chromedriver")  # Debian packages chromium, chromium-driver
+TIMEOUT = 60  # seconds for any one step on a loaded 2-core machine
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs"
+
+# The edit page's value editor is CodeMirror 6: its EditorView hangs off the .cm-content element.
+# Read and write its document, not the DOM, which holds only the lines on screen.
+EDITOR_TEXT_JS = """const editor = document.querySelector('.cm-content');
+return editor && editor.cmView ? editor.cmView.view.state.doc.toString() : null;"""
+SET_EDITOR_TEXT_JS = """const view = document.querySelector('.cm-content').cmView.view;
+view.dispatch({changes: {from: 0, to: view.state.doc.length, insert: arguments[0]}});"""
+
+# A toast slides in (opacity 0 to 1): wait until it is fully shown, so a screenshot shows it.
+TOAST_SHOWN_JS = """const toast = [...document.querySelectorAll('li[data-sonner-toast]')]
+    .find(t => t.textContent.includes(arguments[0]));
+return !!toast && getComputedStyle(toast).opacity === '1';"""
+
+T = TypeVar("T")
+
+
+def missing_commands() -> list[str]:
+    return [command for command in BROWSER_COMMANDS if shutil.which(command) is None]
+
+
+class Browser:
+    """One headless Chromium on `ui` (the server's address without /api); paths are below /v2."""
+
+    def __init__(self, ui: str) -> None:
+        self.ui = ui
+        self.profile = tempfile.mkdtemp(prefix="usage-ui-chromium-")
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        # Offline-safe: no sandbox (root in CI), no background downloads or sign-in.
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1400,1000", f"--user-data-dir={self.profile}"):
+            options.add_argument(flag)
+        self.driver: WebDriver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        self.driver.set_page_load_timeout(TIMEOUT)
+
+    def quit(self) -> None:
+        self.driver.quit()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def open(self, path: str) -> None:
+        self.driver.get(f"{self.ui}/v2{path}")
+
+    def wait(self, condition: Callable[[WebDriver], T], what: str) -> T:
+        """Poll `condition` until it returns something truthy; fail naming `what` and the page."""
+        return WebDriverWait(self.driver, TIMEOUT, poll_frequency=0.1,
+                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+            condition, f"{what} (page {self.driver.current_url})")
+
+    def element(self, xpath: str) -> WebElement:
+        """The first displayed element matching `xpath`, once there is one."""
+        return self.wait(lambda d: next((e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()), None),
+                         f"no visible {xpath}")
+
+    def elements(self, xpath: str) -> list[WebElement]:
+        return self.driver.find_elements(By.XPATH, xpath)
+
+    def table_rows(self) -> list[dict[str, str]]:
+        """The page's table as {column: cell text} per row."""
+        columns = [th.text for th in self.elements("//main//table/thead//th")]
+        return [dict(zip(columns, (td.text for td in row.find_elements(By.XPATH, "./td"))))
+                for row in self.elements("//main//table/tbody/tr")]
+
+    def click(self, xpath: str) -> None:
+        """Click once the element is there and takes clicks (a toast or an opening menu may cover it briefly)."""
+
+        def clicked(driver: WebDriver) -> bool:
+            try:
+                next(e for e in driver.find_elements(By.XPATH, xpath) if e.is_displayed()).click()
+            except (StopIteration, ElementClickInterceptedException, ElementNotInteractableException):
+                return False
+            return True
+
+        self.wait(clicked, f"cannot click {xpath}")
+
+    def wait_for_url(self, check: Callable[[str], bool], what: str) -> str:
+        return self.wait(lambda d: check(d.current_url) and d.current_url, what)
+
+    def wait_for_toast(self, text: str) -> None:
+        self.wait(lambda d: d.execute_script(TOAST_SHOWN_JS, text), f"no toast saying {text!r}")
+
+    def editor_json(self) -> dict:
+        """The value editor's text parsed, once it is a JSON object (the editor starts empty while the
+        block loads, and the block page's code snippet is still there for a moment after Edit)."""
+        seen: list[str | None] = [None]
+
+        def parsed(driver: WebDriver) -> dict | None:
+            seen[0] = driver.execute_script(EDITOR_TEXT_JS)
+            try:
+                value = json.loads(seen[0] or "")
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+
+        try:
+            return self.wait(parsed, "value editor")
+        except TimeoutException:
+            raise AssertionError(f"value editor does not show a JSON object but {seen[0]!r}") from None
+
+    def set_editor_text(self, text: str) -> None:
+        self.driver.execute_script(SET_EDITOR_TEXT_JS, text)
+
+    def screenshot(self, name: str) -> None:
+        """docs/<name>.png: what the test saw, overwritten on every run."""
+        SCREENSHOTS.mkdir(exist_ok=True)
+        self.driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
