@@ -90,7 +90,7 @@ class Browser:
     def table_rows(self) -> list[dict[str, str]]:
         """The page's table as {column: cell text} per row."""
         columns = [th.text for th in self.elements("//main//table/thead//th")]
-        return [dict(zip(columns, (td.text for td in row.find_elements(By.XPATH, "./td"))))
+        return [dict(zip(columns, (td.text for td in row.find_elements(By.XPATH, "./td")), strict=True))
                 for row in self.elements("//main//table/tbody/tr")]
 
     def click(self, xpath: str) -> None:
