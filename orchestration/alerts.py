@@ -11,9 +11,9 @@ from datetime import timedelta
 from uuid import UUID
 
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
-from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import BlockDocumentFilter, BlockDocumentFilterName
+from prefect.exceptions import ObjectNotFound
 
 from orchestration.events import FAILED_EVENT, FAILURES_LABEL, PARTITION_RESOURCE_PREFIX, TICK_EVENT, TICK_RESOURCE
 from usage_pipeline.settings import Settings
@@ -26,12 +26,13 @@ class AlertSetupError(ValueError):
 
 def notification_block_id(name: str) -> UUID:
     """`slug/name` (e.g. custom-webhook/ops) or a bare document name that exactly one block has."""
-    if "/" in name:
-        try:
-            return Block.load(name)._block_document_id
-        except ValueError as exc:
-            raise AlertSetupError(f"USAGE_ALERT_BLOCK={name!r}: no such block ({exc})") from None
     with get_client(sync_client=True) as client:
+        if "/" in name:
+            slug, document = name.split("/", 1)
+            try:
+                return client.read_block_document_by_name(document, slug).id
+            except ObjectNotFound:
+                raise AlertSetupError(f"USAGE_ALERT_BLOCK={name!r}: no block {document!r} of type {slug!r}") from None
         documents = client.read_block_documents(
             block_document_filter=BlockDocumentFilter(name=BlockDocumentFilterName(any_=[name]))
         )

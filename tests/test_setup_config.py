@@ -189,3 +189,14 @@ def test_bad_port_is_a_setup_error_naming_the_variable(variable, port):
 
 def test_setup_error_is_a_value_error():
     assert issubclass(SetupError, ValueError)
+
+
+def test_a_source_repr_hides_the_password_and_the_connectorx_uri():
+    import sqlalchemy as sa
+
+    from orchestration.runtime import Source
+
+    url = f"mysql+pymysql://reporter:{PASSWORD_BILLING}@billing.example.internal:3306/billing"
+    source = Source("billing-db", sa.create_engine(url), url.replace("+pymysql", ""), PASSWORD_BILLING)
+    assert PASSWORD_BILLING not in repr(source) and PASSWORD_BILLING not in str(source)
+    assert "billing-db" in repr(source)

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from usage_pipeline.partners import is_partner_uuid
 
@@ -44,6 +44,37 @@ def parse_timestamp(value: object) -> datetime | None:
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
+
+
+class DealerSeenDocument(TypedDict):
+    raw_max: str | None
+    relevant: bool
+    last_modified: str | None
+    partner: str | None
+
+
+class PartitionDocument(TypedDict):
+    materialized_at: str | None
+    source_watermark: str | None
+    failures: int
+    last_error: str | None
+
+
+class StateDocument(TypedDict):
+    """The pipeline's state file (`usage_pipeline/lake.py`), as `Cursor.state_document` writes it
+    and `parse_cursor` reads it back. Dealer ids are JSON keys, so strings."""
+
+    dealer_seen: dict[str, DealerSeenDocument] | None
+    partitions: dict[str, PartitionDocument]
+    reconciled_at: str | None
+    fingerprints: dict[str, str]
+
+
+class BlockValue(TypedDict):
+    """The `usage-cursor` block's `value` (CONTRACT.md section 4)."""
+
+    global_last_modified: str | None
+    dealer_last_modified: dict[str, str | None]
 
 
 @dataclass(frozen=True)
@@ -91,7 +122,7 @@ class Cursor:
     def retry_partitions(self) -> set[str]:
         return {uuid for uuid, status in self.partitions.items() if status.failures > 0}
 
-    def block_value(self) -> dict[str, Any]:
+    def block_value(self) -> BlockValue:
         """The operator keys, as the `usage-cursor` block stores them."""
         return {
             "global_last_modified": format_timestamp(self.global_last_modified),
@@ -100,7 +131,7 @@ class Cursor:
             },
         }
 
-    def state_document(self) -> dict[str, Any]:
+    def state_document(self) -> StateDocument:
         """The pipeline's bookkeeping, as its store keeps it."""
         return {
             "dealer_seen": None

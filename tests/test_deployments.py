@@ -1,0 +1,38 @@
+"""prefect.yaml declares the four deployments once; `usage-pipeline serve` builds the same ones from it."""
+
+from __future__ import annotations
+
+from orchestration.deployments import deployment_specs, runner_deployments
+
+CONTRACT = {  # CONTRACT.md section 3
+    "usage-change-detection": ("usage-change-detection", 300.0),
+    "billing-usage-raw": ("billing-usage-raw", None),
+    "partner-silver": ("partner-silver", None),
+    "partner-gold": ("partner-gold", None),
+}
+
+
+def test_prefect_yaml_declares_the_contract_deployments():
+    specs = {spec.name: spec for spec in deployment_specs()}
+    assert set(specs) == set(CONTRACT)
+    assert {name: spec.interval_seconds for name, spec in specs.items()} == {n: c[1] for n, c in CONTRACT.items()}
+    detection = specs["usage-change-detection"]
+    assert (detection.concurrency_limit, detection.collision_strategy) == (1, "CANCEL_NEW")
+    assert all("usage-pipeline" in spec.tags for spec in specs.values())
+
+
+def test_serve_builds_exactly_what_prefect_yaml_declares():
+    specs = {spec.name: spec for spec in deployment_specs()}
+    served = {d.name: d for d in runner_deployments(schedule=True)}
+    assert set(served) == set(specs)
+    for name, deployment in served.items():
+        spec = specs[name]
+        assert deployment.flow_name == CONTRACT[name][0]
+        assert deployment.tags == spec.tags and deployment.description == spec.description
+        intervals = [s.schedule.interval.total_seconds() for s in deployment.schedules or []]
+        assert intervals == ([spec.interval_seconds] if spec.interval_seconds else [])
+        options = deployment.concurrency_options
+        strategy = options.collision_strategy.value if options else None
+        assert (deployment.concurrency_limit, strategy) == (spec.concurrency_limit, spec.collision_strategy)
+    unscheduled = {d.name: d.schedules for d in runner_deployments(schedule=False)}
+    assert not unscheduled["usage-change-detection"]
