@@ -378,16 +378,16 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     assert rewritten(before, file_ids(stack.lake)) == set(before)
     assert stack.get(f"/block_documents/{document['id']}")["data"]["value"]["dealer_last_modified"]
 
-    # 6. One partner's silver by hand from the CLI: only A's silver files, tagged by the flow itself.
+    # 6. One partner's silver by hand from the CLI: A's silver, then its gold (cascade), tagged by the flows.
     before = file_ids(stack.lake)
     silver_id, silver_run, wall = stack.deployment_run("partner-silver/partner-silver", f"partner_uuid={PARTNER_A}")
-    stack.timings["manual partner-silver run"] = wall
+    stack.timings["manual partner-silver run (gold cascades)"] = wall
     assert silver_run["state_type"] == "COMPLETED", silver_run["state"]["message"]
     assert {f"partner:{PARTNER_A}", "layer:silver"} <= set(silver_run["tags"]), silver_run["tags"]
-    assert rewritten(before, file_ids(stack.lake)) == {
-        f"silver/{table}/partner={PARTNER_A}/data.parquet"
-        for table in ("billing_usage_aggregated", "billing_monthly_usage_by_service")
-    }
+    assert rewritten(before, file_ids(stack.lake)) == partition_files(PARTNER_A)
+    (gold,) = stack.children(silver_id)
+    assert gold["name"] == f"gold-{PARTNER_A}" and gold["state_type"] == "COMPLETED", gold
+    assert {f"partner:{PARTNER_A}", "layer:gold"} <= set(gold["tags"]), gold["tags"]
 
     # 7. One worker: the same ticks again (the fan-out tick takes about a minute more, so it is opt-in).
     stack.stop(WORKERS[1])

@@ -1,0 +1,266 @@
+"""End to end through `prefect deployment run`: how close a tick is to the cost of any served run.
+
+    cd /work/wt12 && /work/main/.venv/bin/python bench/e2e_cli.py                   # SQLite-backed server
+    cd /work/wt12 && /work/main/.venv/bin/python bench/e2e_cli.py --server both     # SQLite, then PostgreSQL
+
+Issue "A tick close to its work". Operators start a tick with
+`prefect deployment run usage-change-detection/usage-change-detection --watch`,
+so that is what is timed: the wall time of the CLI in a subprocess. Each tick is
+shown as a multiple of a floor taken in the same run, because the machine is
+shared. The floor is a no-op flow served by the same `prefect.serve` process as
+the project's four deployments, so it pays the same runner, CLI and server costs.
+Ticks run against the bench databases of `bench/load_data.py`, which are only
+read, and write to a temporary lake. The one-dealer tick follows
+`usage-pipeline cursor reset --dealer ID`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# This checkout's packages first. The venv's editable install maps `flows` and `blocks` to another checkout.
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import prefect  # noqa: E402
+from prefect import flow  # noqa: E402
+
+from orchestration import local_prefect  # noqa: E402
+
+FLOOR = "bench-floor"
+FLOOR_DEPLOYMENT = f"{FLOOR}/{FLOOR}"
+DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
+# The dealer that bench/run.py's (c) picks: mapped, with the median number of relevant rows (1,664).
+DEFAULT_DEALER = 1879
+RUN_TIMEOUT_SECONDS = 1800
+PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))
+POSTGRES = ("psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-c")
+SERVERS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+
+# What each tick's final state message must say (TickReport.summary).
+FIRST_TICK = r"\d+ dealer\(s\) -> (\d+) partition\(s\), \1/\1 ok"
+ONE_DEALER = re.escape("1 dealer(s) -> 1 partition(s), 1/1 ok")
+NO_CHANGE = "no changes"
+# What a server under contention leaves in the logs (README "Notes on the numbers": SQLite's lock).
+LOG_PROBLEMS = ("503 Service Unavailable", "database is locked", "Traceback")
+
+
+@flow(name=FLOOR)
+def bench_floor() -> None:
+    """Does nothing, so its run costs only what every served run costs."""
+
+
+def serve_with_floor() -> None:
+    """`usage-pipeline serve --no-schedule` (`cmd_serve`) plus the floor deployment, all in the same runner."""
+    from prefect import serve
+
+    from orchestration.cli import RUNNER_POLL_SECONDS
+    from orchestration.deployments import runner_deployments
+    from usage_pipeline.settings import load_settings
+
+    serve(
+        *runner_deployments(schedule=False),
+        bench_floor.to_deployment(name=FLOOR),
+        limit=load_settings().max_concurrent_partitions + 2,
+        query_seconds=RUNNER_POLL_SECONDS,
+    )
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_checked(command: list[str], env: dict[str, str] | None = None) -> str:
+    """Run a command from the project root and return its stdout; raise with its output if it fails."""
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+@contextmanager
+def prefect_server(kind: str, work: Path) -> Iterator[str]:
+    """A local server started as the project starts it; for PostgreSQL, on a database made for this run."""
+    settings, database = {}, None
+    if kind == "postgres":
+        database = f"usage_bench_e2e_{os.getpid()}"
+        run_checked([*POSTGRES, f"CREATE DATABASE {database}"])
+        settings["PREFECT_API_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
+    try:
+        server, url = local_prefect.start_server(work / "prefect-home", work / "server.log", settings=settings)
+        try:
+            yield url
+        finally:
+            local_prefect.stop(server)
+    finally:
+        if database:
+            run_checked([*POSTGRES, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"])
+
+
+def pipeline_env(api_url: str, work: Path) -> dict[str, str]:
+    """What an operator's shell holds: the bench databases (read only), a temporary lake, this server."""
+    from load_data import FULL_ROWS, BenchSet  # bench/ is on sys.path: this script's directory
+
+    bench = BenchSet(FULL_ROWS)
+    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_HOME=str(work / "client-home"),
+               USAGE_LAKE_ROOT=str(work / "lake"))
+    for prefix, database in (("BILLING_CDRS_DB", bench.billing_db), ("V3_DB", bench.v3_db)):
+        env.update({f"{prefix}_HOST": "127.0.0.1", f"{prefix}_PORT": "3306", f"{prefix}_USER": "root",
+                    f"{prefix}_PASSWORD": "", f"{prefix}_DATABASE": database})
+    return env
+
+
+@contextmanager
+def serving(env: dict[str, str], log: Path) -> Iterator[None]:
+    """This script's `--serve-only` in the background, until all five deployments exist."""
+    process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-only"],
+                               env=env, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    try:
+        api = env["PREFECT_API_URL"]
+        names = (*local_prefect.DEPLOYMENT_NAMES, FLOOR_DEPLOYMENT)
+        local_prefect.wait_until(
+            lambda: all(httpx.get(f"{api}/deployments/name/{name}", timeout=2).status_code == 200 for name in names),
+            "serve", 120, process,
+        )
+        yield
+    finally:
+        local_prefect.stop(process)
+
+
+def deployment_run(name: str, env: dict[str, str], expected: str | None = None) -> tuple[float, str]:
+    """`prefect deployment run NAME --watch`, timed around the CLI. The run's final state is read back over REST;
+    it must be Completed (not Skipped) with a message matching `expected`. Returns the wall time and the message."""
+    started = time.perf_counter()
+    output = run_checked([PREFECT_CLI, "deployment", "run", name, "--watch"], env)
+    wall = time.perf_counter() - started
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", output)
+    if run_id is None:
+        raise RuntimeError(f"no flow run id in the output of `prefect deployment run {name}`:\n{output}")
+    state = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id[1]}", timeout=10).raise_for_status().json()["state"]
+    message = state["message"] or ""
+    if (state["type"], state["name"]) != ("COMPLETED", "Completed") or (expected and not re.fullmatch(expected, message)):
+        raise RuntimeError(f"{name} run {run_id[1]} ended {state['name']}: {message!r} (expected {expected!r})")
+    return wall, message
+
+
+@dataclass(frozen=True)
+class Measurement:
+    label: str
+    walls: list[float]
+    target: float | None  # at most this multiple of the floor
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+    def row(self, floor: float) -> list[str]:
+        wall = f"{self.median:.2f} s" + (f" ({min(self.walls):.2f}–{max(self.walls):.2f})" if len(self.walls) > 1 else "")
+        times = self.median / floor
+        target = "-" if self.target is None else f"≤ {self.target:g}×: " + ("met" if times <= self.target else "**not met**")
+        return [self.label, wall, f"{times:.2f}×", target]
+
+
+def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Measurement], list[str]]:
+    """Every measurement against one server: a first tick, then `reps` rounds of floor, one-dealer and no-change."""
+    work = Path(tempfile.mkdtemp(prefix=f"usage-bench-e2e-{kind}-"))
+    try:
+        with prefect_server(kind, work) as url:
+            env = pipeline_env(url, work)
+            run_checked([sys.executable, "-m", "orchestration.cli", "setup"], env)
+            with serving(env, work / "serve.log"):
+                progress(f"{kind}: first tick")
+                first, first_message = deployment_run(DETECTION_DEPLOYMENT, env, FIRST_TICK)
+                floor, one, quiet, messages = [], [], [], {}
+                for rep in range(1, reps + 1):
+                    progress(f"{kind}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
+                    floor.append(deployment_run(FLOOR_DEPLOYMENT, env)[0])
+                    reset = run_checked([sys.executable, "-m", "orchestration.cli", "cursor", "reset",
+                                         "--dealer", str(dealer)], env)
+                    if not reset.startswith("Removed the cursor entries"):
+                        raise RuntimeError(f"cursor reset --dealer {dealer}: {reset}")
+                    wall, messages["one-dealer"] = deployment_run(DETECTION_DEPLOYMENT, env, ONE_DEALER)
+                    one.append(wall)
+                    wall, messages["no-change"] = deployment_run(DETECTION_DEPLOYMENT, env, NO_CHANGE)
+                    quiet.append(wall)
+        logs = "".join((work / name).read_text(errors="replace") for name in ("serve.log", "server.log"))
+    finally:
+        if keep:
+            progress(f"(kept {work}: server.log, serve.log, lake/)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    measurements = [
+        Measurement(f"floor: served no-op flow `{FLOOR}` ({reps} runs)", floor, None),
+        Measurement("first tick: empty lake, no cursor (1 run)", [first], 3),
+        Measurement(f"one-dealer tick after `cursor reset --dealer {dealer}` ({reps} runs)", one, 1.5),
+        Measurement(f"no-change tick ({reps} runs)", quiet, 1.2),
+    ]
+    problems = ", ".join(f"{logs.count(text)} × `{text}`" for text in LOG_PROBLEMS)
+    notes = [
+        f"Every run ended Completed. State messages: first tick `{first_message}`; "
+        f"one-dealer `{messages['one-dealer']}`; no-change `{messages['no-change']}`.  ",
+        f"Serve and server logs: {problems}.  ",
+    ]
+    return measurements, notes
+
+
+def table(measurements: list[Measurement]) -> str:
+    floor = measurements[0].median
+    rows = [["measurement", "wall (median, min–max)", "× floor", "target"], ["---"] * 4]
+    rows += [m.row(floor) for m in measurements]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", choices=[*SERVERS, "both"], default="sqlite",
+                        help="the Prefect server's database (default sqlite; both: SQLite, then PostgreSQL)")
+    parser.add_argument("--reps", type=int, default=3, help="rounds of floor, one-dealer and no-change runs (default 3)")
+    parser.add_argument("--dealer", type=int, default=DEFAULT_DEALER,
+                        help=f"the mapped dealer whose cursor entry is reset (default {DEFAULT_DEALER})")
+    parser.add_argument("--keep", action="store_true", help="keep each server's temp dir (logs, lake)")
+    parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the benchmark's serve process
+    args = parser.parse_args(argv)
+    if args.serve_only:
+        serve_with_floor()
+        return 0
+
+    started = time.perf_counter()
+    command = shlex.join([sys.executable, *sys.argv])
+    print(f"Command (from {ROOT}): `{command}`\n", flush=True)
+    for kind in SERVERS if args.server == "both" else [args.server]:
+        load_before = load_average()
+        measurements, notes = bench_server(kind, args.reps, args.dealer, args.keep)
+        print("\n".join([
+            f"#### Prefect {prefect.__version__} server on {SERVERS[kind]}, {datetime.now():%Y-%m-%d %H:%M}",
+            "",
+            table(measurements),
+            "",
+            *notes,
+            f"Load average before {load_before}; after {load_average()}.",
+            "",
+        ]), flush=True)
+    print(f"Total wall time: {time.perf_counter() - started:,.0f} s.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
