@@ -198,6 +198,9 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
                     wall, messages["no-change"] = deployment_run(DETECTION_DEPLOYMENT, env, NO_CHANGE)
                     quiet.append(wall)
         logs = "".join((work / name).read_text(errors="replace") for name in ("serve.log", "server.log"))
+    except BaseException:
+        keep = True  # the logs say why a run failed
+        raise
     finally:
         if keep:
             progress(f"(kept {work}: server.log, serve.log, lake/)")

@@ -29,6 +29,9 @@ def demo(harness, tmp_path, monkeypatch):
     """The demo source in tmp_path, the blocks pointing at it, an empty lake there."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("USAGE_LAKE_ROOT", str(tmp_path / "lake"))
+    # One partition at a time: the harness's SQLite server serializes writes anyway, and on a loaded
+    # machine concurrent subflows meet "database is locked" there (the real-server tests run them 8 wide).
+    monkeypatch.setenv("USAGE_MAX_CONCURRENT_PARTITIONS", "1")
     DEMO_SOURCE_DIR.mkdir()
     billing, v3 = (sa.create_engine(f"sqlite:///{(DEMO_SOURCE_DIR / DEMO_FILES[b]).resolve()}") for b in DEMO_FILES)
     demo_data.create_schema(billing, v3)
