@@ -84,8 +84,8 @@ def test_cursor_edit_page_shows_the_stored_value(browser, api, fresh):
     browser.open("/blocks")
     browser.click(f"//a[contains(@href, '/blocks/block/{block_id}')][normalize-space()='usage-change-detection']")
     browser.wait_for_url(lambda url: url.endswith(f"/blocks/block/{block_id}"), "block page did not open")
-    browser.click("//button[normalize-space()='Open menu']")
-    browser.click("//*[@role='menuitem'][normalize-space()='Edit']")
+    browser.element("//main//*[normalize-space(text())='Dealer Last Modified']")  # the value, so the page has loaded
+    browser.choose("//button[normalize-space()='Open menu']", "Edit")
     browser.wait_for_url(lambda url: url.endswith(f"/blocks/block/{block_id}/edit"), "edit page did not open")
 
     shown = browser.editor_json()
@@ -154,8 +154,7 @@ def test_custom_run_form_rebuilds_the_partner_entered(browser, api, first_tick, 
     deployment = api.get(f"/deployments/name/{DETECTION}")
     browser.open("/deployments")
     browser.click(f"//a[contains(@href, '/deployments/deployment/{deployment['id']}')]")
-    browser.click("//button[normalize-space()='Run']")
-    browser.click("//*[@role='menuitem'][normalize-space()='Custom run']")
+    browser.choose("//button[normalize-space()='Run']", "Custom run")
     partners = "//label[normalize-space()='partners (Optional)']/ancestor::div[contains(@class, 'group')][1]"
     browser.element(f"{partners}//*[normalize-space(text())='No items in this list']")
     browser.click(f"{partners}//button[normalize-space()='Add item']")

@@ -43,6 +43,8 @@ TOAST_SHOWN_JS = """const toast = [...document.querySelectorAll('li[data-sonner-
     .find(t => t.textContent.includes(arguments[0]));
 return !!toast && getComputedStyle(toast).opacity === '1';"""
 
+TOAST_TEXTS_JS = "return [...document.querySelectorAll('li[data-sonner-toast]')].map(t => t.textContent);"
+
 T = TypeVar("T")
 
 
@@ -73,11 +75,24 @@ class Browser:
     def open(self, path: str) -> None:
         self.driver.get(f"{self.ui}/v2{path}")
 
-    def wait(self, condition: Callable[[WebDriver], T], what: str) -> T:
-        """Poll `condition` until it returns something truthy; fail naming `what` and the page."""
-        return WebDriverWait(self.driver, TIMEOUT, poll_frequency=0.1,
-                             ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
-            condition, f"{what} (page {self.driver.current_url})")
+    def wait(self, condition: Callable[[WebDriver], T], what: str | Callable[[], str]) -> T:
+        """Poll `condition` until it returns something truthy; fail naming `what`, the page, the toasts
+        seen meanwhile (an error toast lasts a few seconds only) and a screenshot."""
+        toasts: dict[str, None] = {}
+
+        def watched(driver: WebDriver) -> T:
+            toasts.update(dict.fromkeys(driver.execute_script(TOAST_TEXTS_JS)))
+            return condition(driver)
+
+        try:
+            return WebDriverWait(self.driver, TIMEOUT, poll_frequency=0.1,
+                                 ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+                watched)
+        except TimeoutException:
+            screenshot = tempfile.mkstemp(prefix="usage-ui-failure-", suffix=".png")[1]
+            self.driver.save_screenshot(screenshot)
+            raise AssertionError(f"{what() if callable(what) else what} after {TIMEOUT}s on {self.driver.current_url}"
+                                 f" (toasts {list(toasts)}, screenshot {screenshot})") from None
 
     def element(self, xpath: str) -> WebElement:
         """The first displayed element matching `xpath`, once there is one."""
@@ -92,6 +107,26 @@ class Browser:
         columns = [th.text for th in self.elements("//main//table/thead//th")]
         return [dict(zip(columns, (td.text for td in row.find_elements(By.XPATH, "./td")), strict=True))
                 for row in self.elements("//main//table/tbody/tr")]
+
+    def choose(self, menu: str, item: str) -> None:
+        """Open the dropdown menu whose button is `menu` and click `item`; a page still loading
+        may close a menu right after it opened, so it is opened again until the item takes the click."""
+        item_xpath = f"//*[@role='menuitem'][normalize-space()='{item}']"
+
+        def chosen(driver: WebDriver) -> bool:
+            try:
+                items = [e for e in driver.find_elements(By.XPATH, item_xpath) if e.is_displayed()]
+                if items:
+                    items[0].click()
+                    return True
+                button = next(e for e in driver.find_elements(By.XPATH, menu) if e.is_displayed())
+                if button.get_attribute("aria-expanded") != "true":
+                    button.click()
+            except (StopIteration, ElementClickInterceptedException, ElementNotInteractableException):
+                pass
+            return False
+
+        self.wait(chosen, f"cannot choose {item!r} from menu {menu}")
 
     def click(self, xpath: str) -> None:
         """Click once the element is there and takes clicks (a toast or an opening menu may cover it briefly)."""
@@ -124,10 +159,7 @@ class Browser:
                 return None
             return value if isinstance(value, dict) else None
 
-        try:
-            return self.wait(parsed, "value editor")
-        except TimeoutException:
-            raise AssertionError(f"value editor does not show a JSON object but {seen[0]!r}") from None
+        return self.wait(parsed, lambda: f"value editor does not show a JSON object but {seen[0]!r}")
 
     def set_editor_text(self, text: str) -> None:
         self.driver.execute_script(SET_EDITOR_TEXT_JS, text)
