@@ -141,16 +141,18 @@ Things to try, in another shell from this directory (export PREFECT_API_URL={ui}
 
 
 def wait_for_interrupt() -> None:
-    """Until Ctrl-C or SIGTERM; the caller then stops the server and the serve process."""
+    """Until Ctrl-C or SIGTERM; the caller then stops the server and the serve process.
+
+    Both signals get a handler of their own: a shell that starts the demo in the background
+    hands it SIGINT ignored, and `kill -INT` must still stop it.
+    """
     import signal
 
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.append(True))
+    while not stop:
+        time.sleep(0.5)
     print("\nStopping the served deployments and the Prefect server ...", flush=True)
 
 
