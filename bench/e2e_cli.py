@@ -1,7 +1,7 @@
 """End to end through `prefect deployment run`: how close a tick is to the cost of any served run.
 
-    cd /work/wt12 && /work/main/.venv/bin/python bench/e2e_cli.py                   # SQLite-backed server
-    cd /work/wt12 && /work/main/.venv/bin/python bench/e2e_cli.py --server both     # SQLite, then PostgreSQL
+    .venv/bin/python bench/e2e_cli.py                   # SQLite-backed server
+    .venv/bin/python bench/e2e_cli.py --server both     # SQLite, then PostgreSQL
 
 Issue "A tick close to its work". Operators start a tick with
 `prefect deployment run usage-change-detection/usage-change-detection --watch`,
@@ -33,8 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# This checkout's packages first. The venv's editable install maps `flows` and `blocks` to another checkout.
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # this checkout's packages, whatever the venv was installed from
 
 import httpx  # noqa: E402
 import prefect  # noqa: E402

@@ -65,6 +65,7 @@ class Browser:
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--window-size=1400,1000", f"--user-data-dir={self.profile}"):
             options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
         self.driver: WebDriver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         self.driver.set_page_load_timeout(TIMEOUT)
 
@@ -90,6 +91,13 @@ class Browser:
                 watched)
         except TimeoutException:
             screenshot = tempfile.mkstemp(prefix="usage-ui-failure-", suffix=".png")[1]
+            import json as _j
+            with open(screenshot + ".net", "w") as f:
+                for entry in self.driver.get_log("performance"):
+                    m = _j.loads(entry["message"])["message"]
+                    if m["method"] in ("Network.requestWillBeSent", "Network.responseReceived", "Network.loadingFailed"):
+                        p = m["params"]
+                        f.write(_j.dumps({"m": m["method"], "id": p.get("requestId"), "url": (p.get("request") or p.get("response") or {}).get("url"), "method": (p.get("request") or {}).get("method"), "body": (p.get("request") or {}).get("postData", "")[:300], "status": (p.get("response") or {}).get("status"), "err": p.get("errorText")}) + "\n")
             self.driver.save_screenshot(screenshot)
             raise AssertionError(f"{what() if callable(what) else what} after {TIMEOUT}s on {self.driver.current_url}"
                                  f" (toasts {list(toasts)}, screenshot {screenshot})") from None
