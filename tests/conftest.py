@@ -145,3 +145,16 @@ def fresh(pipeline, source_engines, lake_root, mariadb_admin):
         except ObjectNotFound:
             pass
     return billing, v3
+
+
+@pytest.fixture
+def materialized(fresh, lake_root):
+    """The standard source (tests/sourcedata.py) after a successful first tick; returns its builder."""
+    from tests.pipeline_helpers import tick
+    from tests.sourcedata import SourceBuilder
+
+    builder = SourceBuilder(*fresh)
+    builder.standard()
+    state, _ = tick()
+    assert state.is_completed(), state.message
+    return builder

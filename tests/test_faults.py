@@ -30,15 +30,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def materialized(fresh, lake_root):
-    builder = SourceBuilder(*fresh)
-    builder.standard()
-    state, _ = tick()
-    assert state.is_completed(), state.message
-    return builder
-
-
-@pytest.fixture
 def broken_block(pipeline):
     """Point a connector block at a closed port for one test, then restore it."""
     saved = {}

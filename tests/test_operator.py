@@ -30,22 +30,13 @@ from tests.pipeline_helpers import (
     save_cursor_value,
     tick,
 )
-from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
+from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C
 from usage_pipeline.lake import state_path
 
 pytestmark = pytest.mark.integration
 ALL_PARTNERS = {PARTNER_A, PARTNER_B, PARTNER_C}
 SILVER_FILES_A = {f"silver/{t}/partner={PARTNER_A}/data.parquet" for t in
                   ("billing_usage_aggregated", "billing_monthly_usage_by_service")}
-
-
-@pytest.fixture
-def materialized(fresh, lake_root):
-    builder = SourceBuilder(*fresh)
-    builder.standard()
-    state, _ = tick()
-    assert state.is_completed(), state.message
-    return builder
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -236,13 +227,14 @@ def test_a_deleted_state_store_warns_and_rebuilds_every_partition(materialized, 
 
 
 KILLED_BETWEEN_WRITES = """
-import os, sys
-import flows.usage_change_detection as tick_module
+import os
+import orchestration.tick
+from flows.usage_change_detection import usage_change_detection
 def killed(*args, **kwargs):
     print("state written; killed before the block write", flush=True)
     os._exit(9)
-tick_module.write_cursor_value = killed
-state = tick_module.usage_change_detection(return_state=True)
+orchestration.tick.write_cursor_value = killed  # the block write of save_cursor
+usage_change_detection(return_state=True)
 """
 
 
