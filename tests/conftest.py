@@ -53,6 +53,15 @@ def recreate_source_tables(billing: sa.Engine, v3: sa.Engine) -> None:
         metadata.create_all(engine)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast tier first: quick feedback, and its harness server is the first this process talks to.
+
+    Prefect keeps process-wide services (events, lease renewal) bound to the first API they
+    talk to; a harness entered after the session's server meets "Lease not found" there.
+    """
+    items.sort(key=lambda item: item.path.name != "test_fast_tick.py")
+
+
 @pytest.fixture(scope="session")
 def mariadb_admin() -> Iterator[sa.Engine]:
     """Root engine on the real MariaDB; creates the test databases and the read-only pipeline user."""

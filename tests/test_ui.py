@@ -73,7 +73,7 @@ def stored_cursor(api: RestApi) -> tuple[str, dict]:
 
 
 def save_and_wait_for_block_page(browser: Browser, block_id: str) -> None:
-    browser.click(SAVE)
+    browser.submit(SAVE)
     browser.wait_for_url(lambda url: url.endswith(f"/blocks/block/{block_id}"), "Save did not return to the block page")
     browser.wait_for_toast("Block updated successfully")
 
@@ -162,7 +162,7 @@ def test_custom_run_form_rebuilds_the_partner_entered(browser, api, first_tick, 
     browser.screenshot("ui-custom-run-partners")
     before = file_ids(lake_root)
 
-    browser.click("//button[@type='submit'][normalize-space()='Submit']")
+    browser.submit("//button[@type='submit'][normalize-space()='Submit']")
     view_run = browser.element("//a[normalize-space()='View run'][contains(@href, '/runs/flow-run/')]")
     run_id = view_run.get_attribute("href").rstrip("/").rsplit("/", 1)[1]
 

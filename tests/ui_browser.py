@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlparse
 
 from selenium import webdriver
 from selenium.common.exceptions import (
@@ -44,6 +46,7 @@ TOAST_SHOWN_JS = """const toast = [...document.querySelectorAll('li[data-sonner-
 return !!toast && getComputedStyle(toast).opacity === '1';"""
 
 TOAST_TEXTS_JS = "return [...document.querySelectorAll('li[data-sonner-toast]')].map(t => t.textContent);"
+ERROR_TOASTS_JS = "return document.querySelectorAll(\"li[data-sonner-toast][data-type='error']\").length;"
 
 T = TypeVar("T")
 
@@ -65,7 +68,6 @@ class Browser:
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
                      "--window-size=1400,1000", f"--user-data-dir={self.profile}"):
             options.add_argument(flag)
-        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
         self.driver: WebDriver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         self.driver.set_page_load_timeout(TIMEOUT)
 
@@ -91,13 +93,6 @@ class Browser:
                 watched)
         except TimeoutException:
             screenshot = tempfile.mkstemp(prefix="usage-ui-failure-", suffix=".png")[1]
-            import json as _j
-            with open(screenshot + ".net", "w") as f:
-                for entry in self.driver.get_log("performance"):
-                    m = _j.loads(entry["message"])["message"]
-                    if m["method"] in ("Network.requestWillBeSent", "Network.responseReceived", "Network.loadingFailed"):
-                        p = m["params"]
-                        f.write(_j.dumps({"m": m["method"], "id": p.get("requestId"), "url": (p.get("request") or p.get("response") or {}).get("url"), "method": (p.get("request") or {}).get("method"), "body": (p.get("request") or {}).get("postData", "")[:300], "status": (p.get("response") or {}).get("status"), "err": p.get("errorText")}) + "\n")
             self.driver.save_screenshot(screenshot)
             raise AssertionError(f"{what() if callable(what) else what} after {TIMEOUT}s on {self.driver.current_url}"
                                  f" (toasts {list(toasts)}, screenshot {screenshot})") from None
@@ -135,6 +130,26 @@ class Browser:
             return False
 
         self.wait(chosen, f"cannot choose {item!r} from menu {menu}")
+
+    def submit(self, button: str) -> None:
+        """Click the form's `button` until the page leaves the form.
+
+        A SQLite-backed server answers 503 while its database is locked (often on a loaded machine);
+        the UI then shows an error toast ("Unknown error while updating block.") and keeps the form
+        as it was, and the operator clicks again. So does this, as RestApi retries 503s.
+        """
+        form = urlparse(self.driver.current_url).path
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            self.wait(lambda d: d.execute_script(ERROR_TOASTS_JS) == 0, "an error toast does not go away")
+            self.click(button)
+            outcome = self.wait(lambda d: "left" if urlparse(d.current_url).path != form
+                                else "error" if d.execute_script(ERROR_TOASTS_JS) else None,
+                                f"{button} neither left the form nor showed an error")
+            if outcome == "left":
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{button} still fails after {TIMEOUT}s: {self.driver.execute_script(TOAST_TEXTS_JS)}")
 
     def click(self, xpath: str) -> None:
         """Click once the element is there and takes clicks (a toast or an opening menu may cover it briefly)."""
