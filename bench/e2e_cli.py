@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, whatever the venv was
 
 import httpx  # noqa: E402
 import prefect  # noqa: E402
+from load_data import FULL_ROWS, BenchSet, buffer_pool, mariadb_buffer_pool_mib  # noqa: E402 (bench/ is on sys.path)
 from prefect import flow  # noqa: E402
 
 from orchestration import local_prefect  # noqa: E402
@@ -113,8 +114,6 @@ def prefect_server(kind: str, work: Path) -> Iterator[str]:
 
 def pipeline_env(api_url: str, work: Path) -> dict[str, str]:
     """What an operator's shell holds: the bench databases (read only), a temporary lake, this server."""
-    from load_data import FULL_ROWS, BenchSet  # bench/ is on sys.path: this script's directory
-
     bench = BenchSet(FULL_ROWS)
     env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_HOME=str(work / "client-home"),
                USAGE_LAKE_ROOT=str(work / "lake"))
@@ -141,9 +140,18 @@ def serving(env: dict[str, str], log: Path) -> Iterator[None]:
         local_prefect.stop(process)
 
 
-def deployment_run(name: str, env: dict[str, str], expected: str | None = None) -> tuple[float, str]:
+@dataclass(frozen=True)
+class CliRun:
+    wall: float
+    message: str
+    run_id: str
+    started_at: datetime  # when the CLI was started (UTC)
+
+
+def deployment_run(name: str, env: dict[str, str], expected: str | None = None) -> CliRun:
     """`prefect deployment run NAME --watch`, timed around the CLI. The run's final state is read back over REST;
-    it must be Completed (not Skipped) with a message matching `expected`. Returns the wall time and the message."""
+    it must be Completed (not Skipped) with a message matching `expected`."""
+    started_at = datetime.now(UTC)
     started = time.perf_counter()
     output = run_checked([PREFECT_CLI, "deployment", "run", name, "--watch"], env)
     wall = time.perf_counter() - started
@@ -154,7 +162,50 @@ def deployment_run(name: str, env: dict[str, str], expected: str | None = None) 
     message = state["message"] or ""
     if (state["type"], state["name"]) != ("COMPLETED", "Completed") or (expected and not re.fullmatch(expected, message)):
         raise RuntimeError(f"{name} run {run_id[1]} ended {state['name']}: {message!r} (expected {expected!r})")
-    return wall, message
+    return CliRun(wall, message, run_id[1], started_at)
+
+
+def timeline(run: CliRun, api: str, partitions_in_detail: bool = True) -> str:
+    """Where the seconds of one CLI run went: the run's and its subflows' state changes and log lines,
+    as seconds since the CLI started, read back from the server. Without `partitions_in_detail`
+    (a first tick's 40 partition runs), silver and gold runs are summed up in two lines."""
+    def since(stamp: str) -> float:
+        return (datetime.fromisoformat(stamp) - run.started_at).total_seconds()
+
+    def post(path: str, body: dict) -> list[dict]:
+        return httpx.post(f"{api}{path}", json=body, timeout=30).raise_for_status().json()
+
+    runs = {run.run_id: "tick"}
+    frontier = [run.run_id]
+    while frontier:  # subflows of subflows too (a manual silver's gold)
+        children = post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
+        frontier = [child["id"] for child in children if child["id"] not in runs]
+        runs.update({child["id"]: child["name"] for child in children})
+    detailed = {run_id for run_id, name in runs.items()
+                if partitions_in_detail or not name.startswith(("silver-", "gold-"))}
+    events = [(0.0, "cli", "`prefect deployment run --watch` started")]
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for run_id, name in runs.items():
+        states = httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=30)
+        stamps = [(since(state["timestamp"]), state["name"]) for state in states.raise_for_status().json()]
+        if run_id in detailed:
+            events += [(at, name, f"state {state}") for at, state in stamps]
+        else:
+            spans.setdefault(name.split("-")[0], []).append((min(stamps)[0], max(stamps)[0]))
+    for layer, layer_spans in spans.items():
+        first, last = min(start for start, _ in layer_spans), max(end for _, end in layer_spans)
+        durations = [end - start for start, end in layer_spans]
+        events += [(first, f"{len(layer_spans)} {layer} runs", f"first Pending; each took {statistics.median(durations):.2f} s"
+                    f" (median; {min(durations):.2f}–{max(durations):.2f}) from Pending to Completed"),
+                   (last, f"{len(layer_spans)} {layer} runs", "last Completed")]
+    logs = post("/logs/filter", {"logs": {"flow_run_id": {"any_": sorted(detailed)}}, "sort": "TIMESTAMP_ASC",
+                                 "limit": 200})
+    events += [(since(log["timestamp"]), runs.get(log["flow_run_id"], "?"), log["message"].splitlines()[0][:110])
+               for log in logs if not log["message"].startswith("Partition ")]
+    events.append((run.wall, "cli", "exited"))
+    lines = ["| s | run | what |", "| ---: | --- | --- |"]
+    lines += [f"| {at:.2f} | {name} | {text.replace('|', '/')} |" for at, name, text in sorted(events)]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -175,7 +226,8 @@ class Measurement:
 
 
 def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Measurement], list[str]]:
-    """Every measurement against one server: a first tick, then `reps` rounds of floor, one-dealer and no-change."""
+    """Every measurement against one server: a first tick, then `reps` rounds of floor, one-dealer and no-change.
+    The notes end with the timelines of the first tick and of the last one-dealer tick."""
     work = Path(tempfile.mkdtemp(prefix=f"usage-bench-e2e-{kind}-"))
     try:
         with prefect_server(kind, work) as url:
@@ -183,19 +235,19 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
             run_checked([sys.executable, "-m", "orchestration.cli", "setup"], env)
             with serving(env, work / "serve.log"):
                 progress(f"{kind}: first tick")
-                first, first_message = deployment_run(DETECTION_DEPLOYMENT, env, FIRST_TICK)
-                floor, one, quiet, messages = [], [], [], {}
+                first = deployment_run(DETECTION_DEPLOYMENT, env, FIRST_TICK)
+                first_timeline = timeline(first, url, partitions_in_detail=False)
+                floor, one, quiet = [], [], []
                 for rep in range(1, reps + 1):
                     progress(f"{kind}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
-                    floor.append(deployment_run(FLOOR_DEPLOYMENT, env)[0])
+                    floor.append(deployment_run(FLOOR_DEPLOYMENT, env))
                     reset = run_checked([sys.executable, "-m", "orchestration.cli", "cursor", "reset",
                                          "--dealer", str(dealer)], env)
                     if not reset.startswith("Removed the cursor entries"):
                         raise RuntimeError(f"cursor reset --dealer {dealer}: {reset}")
-                    wall, messages["one-dealer"] = deployment_run(DETECTION_DEPLOYMENT, env, ONE_DEALER)
-                    one.append(wall)
-                    wall, messages["no-change"] = deployment_run(DETECTION_DEPLOYMENT, env, NO_CHANGE)
-                    quiet.append(wall)
+                    one.append(deployment_run(DETECTION_DEPLOYMENT, env, ONE_DEALER))
+                    quiet.append(deployment_run(DETECTION_DEPLOYMENT, env, NO_CHANGE))
+                one_timeline = timeline(one[-1], url)
         logs = "".join((work / name).read_text(errors="replace") for name in ("serve.log", "server.log"))
     except BaseException:
         keep = True  # the logs say why a run failed
@@ -206,16 +258,29 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
         else:
             shutil.rmtree(work, ignore_errors=True)
     measurements = [
-        Measurement(f"floor: served no-op flow `{FLOOR}` ({reps} runs)", floor, None),
-        Measurement("first tick: empty lake, no cursor (1 run)", [first], 3),
-        Measurement(f"one-dealer tick after `cursor reset --dealer {dealer}` ({reps} runs)", one, 1.5),
-        Measurement(f"no-change tick ({reps} runs)", quiet, 1.2),
+        Measurement(f"floor: served no-op flow `{FLOOR}` ({reps} runs)", [r.wall for r in floor], None),
+        Measurement("first tick: empty lake, no cursor (1 run)", [first.wall], 3),
+        Measurement(f"one-dealer tick after `cursor reset --dealer {dealer}` ({reps} runs)", [r.wall for r in one], 1.5),
+        Measurement(f"no-change tick ({reps} runs)", [r.wall for r in quiet], 1.2),
     ]
     problems = ", ".join(f"{logs.count(text)} × `{text}`" for text in LOG_PROBLEMS)
     notes = [
-        f"Every run ended Completed. State messages: first tick `{first_message}`; "
-        f"one-dealer `{messages['one-dealer']}`; no-change `{messages['no-change']}`.  ",
+        f"Every run ended Completed. State messages: first tick `{first.message}`; "
+        f"one-dealer `{one[-1].message}`; no-change `{quiet[-1].message}`.  ",
         f"Serve and server logs: {problems}.  ",
+        "",
+        f"<details><summary>Timeline of the first tick ({first.wall:.2f} s)</summary>",
+        "",
+        first_timeline,
+        "",
+        "</details>",
+        "",
+        f"<details><summary>Timeline of the last one-dealer tick ({one[-1].wall:.2f} s)</summary>",
+        "",
+        one_timeline,
+        "",
+        "</details>",
+        "",
     ]
     return measurements, notes
 
@@ -239,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dealer", type=int, default=DEFAULT_DEALER,
                         help=f"the mapped dealer whose cursor entry is reset (default {DEFAULT_DEALER})")
     parser.add_argument("--keep", action="store_true", help="keep each server's temp dir (logs, lake)")
+    parser.add_argument("--buffer-pool-mib", type=int, default=0,
+                        help="MariaDB's innodb_buffer_pool_size for the run, restored after it (bench/run.py's flag;"
+                             " 0, the default, leaves the server alone)")
     parser.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the benchmark's serve process
     args = parser.parse_args(argv)
     if args.serve_only:
@@ -248,20 +316,44 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     command = shlex.join([sys.executable, *sys.argv])
     print(f"Command (from {ROOT}): `{command}`\n", flush=True)
-    for kind in SERVERS if args.server == "both" else [args.server]:
-        load_before = load_average()
-        measurements, notes = bench_server(kind, args.reps, args.dealer, args.keep)
-        print("\n".join([
-            f"#### Prefect {prefect.__version__} server on {SERVERS[kind]}, {datetime.now():%Y-%m-%d %H:%M}",
-            "",
-            table(measurements),
-            "",
-            *notes,
-            f"Load average before {load_before}; after {load_average()}.",
-            "",
-        ]), flush=True)
+    with buffer_pool(args.buffer_pool_mib, progress):
+        print(warm_source(), "\n", flush=True)
+        for kind in SERVERS if args.server == "both" else [args.server]:
+            bench_one_server(kind, args)
     print(f"Total wall time: {time.perf_counter() - started:,.0f} s.", flush=True)
     return 0
+
+
+def warm_source() -> str:
+    """Read what a first tick reads, untimed, so that every measured tick finds the source in
+    MariaDB's buffer pool (the issue measured warm ticks; bench/run.py warms up the same way)."""
+    import sqlalchemy as sa
+
+    from usage_pipeline.extract import extract_relevant_usage
+
+    bench = BenchSet(FULL_ROWS)
+    engine = sa.create_engine(bench.billing_url())
+    started = time.perf_counter()
+    try:
+        rows = extract_relevant_usage(engine, bench.connectorx_uri(), None).height
+    finally:
+        engine.dispose()
+    return f"Warm-up: one full relevant extract ({rows:,} rows) in {time.perf_counter() - started:.1f} s before the runs."
+
+
+def bench_one_server(kind: str, args: argparse.Namespace) -> None:
+    load_before = load_average()
+    measurements, notes = bench_server(kind, args.reps, args.dealer, args.keep)
+    print("\n".join([
+        f"#### Prefect {prefect.__version__} server on {SERVERS[kind]}, {datetime.now():%Y-%m-%d %H:%M}",
+        "",
+        table(measurements),
+        "",
+        *notes,
+        f"MariaDB innodb_buffer_pool_size {mariadb_buffer_pool_mib()} MiB. "
+        f"Load average before {load_before}; after {load_average()}.",
+        "",
+    ]), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,6 +252,53 @@ def ensure_loaded(rows: int = FULL_ROWS, force: bool = False) -> BenchSet:
     finally:
         billing.dispose()
         v3.dispose()
+
+
+@contextmanager
+def buffer_pool(mib: int, say: Callable[[str], None] = print) -> Iterator[None]:
+    """MariaDB's innodb_buffer_pool_size at `mib` MiB inside the block, restored after it (0: leave it alone).
+
+    SET GLOBAL, online in MariaDB 10.11; needs SUPER. The server's 128 MiB default is smaller than
+    the 663 MiB set, so a full join then reads from disk (bench/README.md, "Buffer pool").
+    """
+    before = set_buffer_pool(mib) if mib else None
+    if before is not None and before != mib:
+        say(f"innodb_buffer_pool_size: {before} MiB -> {mib} MiB for this run")
+    try:
+        yield
+    finally:
+        if before is not None and before != mib:
+            set_buffer_pool(before, wait=False)
+            say(f"(innodb_buffer_pool_size set back to {before} MiB)")
+
+
+def mariadb_buffer_pool_mib() -> int:
+    admin = sa.create_engine(ADMIN_URL)
+    try:
+        with admin.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+    finally:
+        admin.dispose()
+
+
+def set_buffer_pool(mib: int, wait: bool = True) -> int:
+    """Resize the buffer pool, waiting for the resize unless `wait` is false; return the previous size in MiB."""
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            before = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+            if before != mib:
+                conn.exec_driver_sql(f"SET GLOBAL innodb_buffer_pool_size = {int(mib) * 1048576}")
+                deadline = time.monotonic() + 120
+                while wait and time.monotonic() < deadline:
+                    status = conn.exec_driver_sql("SHOW STATUS LIKE 'Innodb_buffer_pool_resize_status'").one()[1]
+                    size = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+                    if size == mib and ("Completed" in status or not status):
+                        break
+                    time.sleep(1)
+        return before
+    finally:
+        admin.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from load_data import ADMIN_URL, FULL_ROWS, BenchSet, ensure_loaded  # noqa: E402
+from load_data import FULL_ROWS, BenchSet, buffer_pool, ensure_loaded  # noqa: E402
 
 from usage_pipeline.cursor import Cursor  # noqa: E402
 from usage_pipeline.detection import (  # noqa: E402
@@ -439,35 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
 
     bench = ensure_loaded(args.rows)
-    restore = set_buffer_pool(args.buffer_pool_mib) if args.buffer_pool_mib else None
-    try:
+    with buffer_pool(args.buffer_pool_mib, say):
         return run(args, bench)
-    finally:
-        if restore is not None:
-            set_buffer_pool(restore, wait=False)
-            say(f"(innodb_buffer_pool_size set back to {restore} MiB)")
-
-
-def set_buffer_pool(mib: int, wait: bool = True) -> int:
-    """SET GLOBAL innodb_buffer_pool_size (online in MariaDB 10.11); return the previous size in MiB."""
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            before = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
-            if before != mib:
-                conn.exec_driver_sql(f"SET GLOBAL innodb_buffer_pool_size = {int(mib) * 1048576}")
-                deadline = time.monotonic() + 120
-                while wait and time.monotonic() < deadline:
-                    status = conn.exec_driver_sql("SHOW STATUS LIKE 'Innodb_buffer_pool_resize_status'").one()[1]
-                    size = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
-                    if size == mib and ("Completed" in status or not status):
-                        break
-                    time.sleep(1)
-                if wait:
-                    say(f"innodb_buffer_pool_size: {before} MiB -> {mib} MiB for this run")
-        return before
-    finally:
-        admin.dispose()
 
 
 def code_state() -> str:

@@ -11,16 +11,28 @@ from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from flows.partner_gold import partner_gold
-from orchestration.runtime import partner_slot, read_dealer_directory, run_subflow, tag_current_run
+from orchestration.runtime import (
+    partner_slot,
+    read_dealer_directory,
+    run_subflow,
+    tag_current_run,
+    tick_dealer_directory,
+)
 from usage_pipeline.materialize import SilverResult, build_silver
-from usage_pipeline.partners import PartnerUUID, layer_tag, parse_partner_uuid, partner_tag
+from usage_pipeline.partners import PartnerUUID, dealers_of, layer_tag, parse_partner_uuid, partner_tag
 from usage_pipeline.settings import load_settings
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+def read_partner_dealers(partner_uuid: str) -> list[int]:
+    """The partner's dealers, read from v3 now: a manual or deployment run has no tick to ask."""
+    return dealers_of(read_dealer_directory(), partner_uuid)
+
+
 def partner_dealers(partner_uuid: str) -> list[int]:
-    """The partner's dealers, read from v3 now (not from the tick), so manual runs are right too."""
-    return sorted(d for d, p in read_dealer_directory().items() if p == partner_uuid)
+    """As the running tick planned them (one v3 read per tick), else read from v3 now."""
+    directory = tick_dealer_directory()
+    return read_partner_dealers(partner_uuid) if directory is None else dealers_of(directory, partner_uuid)
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import Flow, get_run_logger
 from prefect import tags as run_tags
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import BlockDocumentUpdate
+from prefect.client.schemas.objects import BlockDocument
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError as SlotTaken
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.runtime import flow_run as current_flow_run
-from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect_sqlalchemy import SqlAlchemyConnector
 from sqlalchemy.engine import Engine
 
@@ -87,28 +90,59 @@ def read_dealer_directory() -> dict[int, str | None]:
     return partners
 
 
-def read_cursor_value() -> Any:
-    """The raw `value` of the cursor block, or None when the block does not exist."""
+# The v3 directory as the running tick read it, for the partition subflows it runs in this process.
+_TICK_DIRECTORY: ContextVar[dict[int, str | None] | None] = ContextVar("usage_tick_dealer_directory", default=None)
+
+
+@contextmanager
+def sharing_dealer_directory(partners: dict[int, str | None]) -> Iterator[None]:
+    """Let this tick's subflows use the directory it planned with instead of each reading v3 again
+    (one read per tick, and the partition holds exactly the dealers the plan gave it)."""
+    token = _TICK_DIRECTORY.set(partners)
+    try:
+        yield
+    finally:
+        _TICK_DIRECTORY.reset(token)
+
+
+def tick_dealer_directory() -> dict[int, str | None] | None:
+    """The running tick's v3 directory, or None outside a tick (manual and deployment runs read v3)."""
+    return _TICK_DIRECTORY.get()
+
+
+def read_cursor_document() -> BlockDocument | None:
     with get_client(sync_client=True) as client:
         try:
-            document = client.read_block_document_by_name(CURSOR_DOCUMENT, UsageCursor.get_block_type_slug())
+            return client.read_block_document_by_name(CURSOR_DOCUMENT, UsageCursor.get_block_type_slug())
         except ObjectNotFound:
             return None
-    return document.data.get("value")
+
+
+def read_cursor_value() -> Any:
+    """The raw `value` of the cursor block, or None when the block does not exist."""
+    document = read_cursor_document()
+    return None if document is None else document.data.get("value")
 
 
 def write_cursor_value(value: dict[str, Any], read_at_start: Any) -> bool:
     """Save the cursor unless an operator edited it during the tick (their edit wins).
 
-    Skipping the write is safe: the next tick redoes the work this tick did.
+    Skipping the write is safe: the next tick redoes the work this tick did. An existing
+    block's `value` is replaced in one request; `Block.save` would also re-register the
+    block type and schema and read the document back (about 8 requests).
     """
-    if read_cursor_value() != read_at_start:
+    document = read_cursor_document()
+    if (None if document is None else document.data.get("value")) != read_at_start:
         get_run_logger().warning(
             "The cursor block was edited during this tick; keeping the operator's edit and not saving this tick's"
             " progress (the next tick will redo it)"
         )
         return False
-    UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
+    if document is None:
+        UsageCursor(value=value).save(CURSOR_DOCUMENT)
+        return True
+    with get_client(sync_client=True) as client:
+        client.update_block_document(document.id, BlockDocumentUpdate(data={"value": value}))
     return True
 
 
@@ -149,14 +183,19 @@ def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[
             logger.info("Releasing slot %s", name)
 
 
-def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: list[str]) -> RunOutcome:
-    """Run a flow in this process as a subflow of the current run and return its final state.
+def without_subflow_heartbeats() -> AbstractContextManager:
+    """Subflows started inside get no heartbeat thread of their own: the parent's heartbeat already
+    shows this process alive, and Prefect joins a run's heartbeat thread for up to a second at its
+    end. Entered once per tick: each `temporary_settings` re-validates all settings (about 25 ms)."""
+    if get_current_settings().flows.heartbeat_frequency is None:
+        return nullcontext()
+    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
-    The subflow gets no heartbeat thread of its own: the tick's heartbeat already shows this
-    process alive, and Prefect joins a run's heartbeat thread for up to a second at its end.
-    """
+
+def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: list[str]) -> RunOutcome:
+    """Run a flow in this process as a subflow of the current run and return its final state."""
     try:
-        with run_tags(*tags), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        with run_tags(*tags), without_subflow_heartbeats():
             state = flow.with_options(flow_run_name=run_name)(**parameters, return_state=True)
     except Exception as exc:  # the engine itself failed (e.g. the API is gone): this child failed
         return RunOutcome(run_name, "Crashed", False, f"{type(exc).__name__}: {exc}")

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 from prefect_sqlalchemy import ConnectionComponents, SqlAlchemyConnector, SyncDriver
 from pydantic import SecretStr
 
@@ -84,19 +85,28 @@ def _mysql(block: str, prefix: str, values: dict[str, str | None]) -> SourceConf
     return SourceConfig(block, connector, f"mysql {values['USER']}@{values['HOST']}:{port}/{values['DATABASE']}")
 
 
+# Limits this process has seen exist, per API: a flow-run process lives for one run, and a tick's
+# 40 partition subflows would otherwise ask for the same two limits 80 times.
+_KNOWN_LIMITS: set[tuple[str, str]] = set()
+
+
 def ensure_limit(name: str, limit: int, update: bool = False) -> None:
     """Create a global concurrency limit if missing (a missing limit would be silently skipped)."""
+    known = (str(PREFECT_API_URL.value()), name)
+    if known in _KNOWN_LIMITS and not update:
+        return
     with get_client(sync_client=True) as client:
         if update:
             client.upsert_global_concurrency_limit_by_name(name, limit)
-            return
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
+        else:
             try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-            except ObjectAlreadyExists:
-                pass  # created concurrently by another run
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+                except ObjectAlreadyExists:
+                    pass  # created concurrently by another run
+    _KNOWN_LIMITS.add(known)
 
 
 def index_check(billing: SqlAlchemyConnector) -> str:

@@ -23,12 +23,24 @@ from orchestration.runtime import (
     read_dealer_directory,
     run_child,
     run_subflow,
+    sharing_dealer_directory,
+    without_subflow_heartbeats,
     write_cursor_value,
 )
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline.cursor import Cursor, parse_cursor
-from usage_pipeline.detection import PartitionOutcome, Plan, RunOutcome, SourceSnapshot, advance_cursor, plan_tick
+from usage_pipeline.detection import (
+    PartitionOutcome,
+    Plan,
+    RunOutcome,
+    SourceSnapshot,
+    advance_cursor,
+    full_bronze,
+    plan_tick,
+    with_bronze_stats,
+)
 from usage_pipeline.lake import LakePath, read_state_document, write_state_document
+from usage_pipeline.materialize import bronze_dealer_stats
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
 from usage_pipeline.schema import INDEX_ADVICE
@@ -47,7 +59,9 @@ class Layers:
     gold: Flow
 
 
-def take_snapshot(cursor: Cursor, now: datetime, requested: frozenset[str], reconcile_seconds: float) -> SourceSnapshot:
+def take_snapshot(
+    cursor: Cursor, now: datetime, requested: frozenset[str], reconcile_seconds: float, stats_from_bronze: bool
+) -> SourceSnapshot:
     """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
     partners = read_dealer_directory()
@@ -55,7 +69,7 @@ def take_snapshot(cursor: Cursor, now: datetime, requested: frozenset[str], reco
     try:
         with billing.engine.connect() as conn:
             snapshot, probe_seconds = read_snapshot(
-                conn, cursor, reconcile_due(cursor, now, reconcile_seconds), partners, requested
+                conn, cursor, reconcile_due(cursor, now, reconcile_seconds), partners, requested, stats_from_bronze
             )
         if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
             logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
@@ -63,11 +77,28 @@ def take_snapshot(cursor: Cursor, now: datetime, requested: frozenset[str], reco
         raise billing.error(exc) from None
     finally:
         billing.engine.dispose()
-    logger.info(
-        "Found usage data for %d dealer(s); checked %d under the billing filters%s",
-        len(snapshot.raw_max), len(snapshot.checked), " (full reconciliation)" if snapshot.reconciled else "",
-    )
+    if snapshot.awaiting_bronze:
+        logger.info(
+            "Found usage data for %d dealer(s); bronze is re-extracted in full, so their relevant rows are"
+            " counted from that extract", len(snapshot.raw_max),
+        )
+    else:
+        logger.info(
+            "Found usage data for %d dealer(s); checked %d under the billing filters%s",
+            len(snapshot.raw_max), len(snapshot.checked), " (full reconciliation)" if snapshot.reconciled else "",
+        )
     return snapshot
+
+
+def complete_snapshot(snapshot: SourceSnapshot, root: LakePath) -> SourceSnapshot:
+    """A start-over tick's dealer stats, from the bronze file it just wrote (instead of a second full join)."""
+    started = time.perf_counter()
+    complete = with_bronze_stats(snapshot, bronze_dealer_stats(root))
+    get_run_logger().info(
+        "Counted the relevant rows of %d dealer(s) from the bronze extract in %.2fs",
+        len(complete.relevant), time.perf_counter() - started,
+    )
+    return complete
 
 
 def log_plan(plan: Plan) -> None:
@@ -135,6 +166,21 @@ def materialize_partitions(partners: list[str], layers: Layers, settings: Settin
         return {partner: future.result() for partner, future in futures.items()}
 
 
+def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: Settings, report: TickReport) -> SourceSnapshot:
+    """Bronze, then the partitions if it succeeded; their outcomes go into `report`. Returns the
+    snapshot, completed from bronze when it awaited a full extract."""
+    report.bronze = run_bronze(plan, layers, settings)
+    if not report.bronze.ok:
+        get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
+        return snapshot
+    if snapshot.awaiting_bronze:
+        snapshot = complete_snapshot(snapshot, settings.lake_path)
+    if plan.partitions:
+        with sharing_dealer_directory(snapshot.partners):
+            report.partitions = materialize_partitions(list(plan.partitions), layers, settings)
+    return snapshot
+
+
 def read_cursor(root: LakePath) -> tuple[Cursor, object, dict | None]:
     """The cursor as the block and the pipeline's state store hold it, with a warning per problem."""
     logger = get_run_logger()
@@ -169,9 +215,11 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
 
     logger.info("Checking dealer timestamps for usage changes")
     started = time.perf_counter()
+    stats_from_bronze = full_bronze(cursor, full_refresh) and not dry_run
     try:
-        snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds)
-        report.source_seconds, report.snapshot_reconciled = time.perf_counter() - started, snapshot.reconciled
+        snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds, stats_from_bronze)
+        report.source_seconds = time.perf_counter() - started
+        report.snapshot_reconciled = snapshot.reconciled or snapshot.awaiting_bronze
     except SourceError as exc:
         logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
         report.skipped = str(exc)
@@ -184,11 +232,8 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
         return report
 
     if plan.runs_bronze:
-        report.bronze = run_bronze(plan, layers, settings)
-        if not report.bronze.ok:
-            logger.error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
-        elif plan.partitions:
-            report.partitions = materialize_partitions(list(plan.partitions), layers, settings)
+        with without_subflow_heartbeats():
+            snapshot = run_layers(plan, snapshot, layers, settings, report)
 
     new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
     for partner, status in new_cursor.partitions.items():

@@ -8,7 +8,7 @@ outcomes, and stores the new cursor through JSON as the block would.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import pytest
@@ -22,9 +22,11 @@ from usage_pipeline.detection import (
     RunOutcome,
     advance_cursor,
     assemble_snapshot,
+    full_bronze,
     partition_freshness,
     plan_tick,
     probe_candidates,
+    with_bronze_stats,
 )
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
@@ -79,11 +81,15 @@ def outcome(partner: str, silver_fails: bool = False, gold_fails: bool = False) 
     return PartitionOutcome(partner, silver, gold)
 
 
-def snapshot_for(cursor: Cursor, source: Source, reconcile: bool = False):
-    """Like take_snapshot: probe, query only the candidates (all on reconciliation), read v3."""
+def snapshot_for(cursor: Cursor, source: Source, reconcile: bool = False, from_bronze: bool = False):
+    """Like read_snapshot: probe, query only the candidates (all on reconciliation), read v3; or, for a
+    tick that re-extracts all of bronze (`from_bronze`), query nothing and await that extract."""
     candidates = probe_candidates(cursor, source.raw_max)
-    reconciled = candidates is None or reconcile
+    reconciled = candidates is None or reconcile or from_bronze
     checked = (frozenset(source.raw_max) | frozenset(cursor.dealer_last_modified)) if reconciled else frozenset(candidates)
+    if from_bronze:
+        snapshot = assemble_snapshot(cursor, dict(source.raw_max), checked, {}, dict(source.partners), False)
+        return replace(snapshot, awaiting_bronze=True)
     queried = {d: s for d, s in source.relevant.items() if d in checked}
     return assemble_snapshot(cursor, dict(source.raw_max), checked, queried, dict(source.partners), reconciled)
 
@@ -97,10 +103,12 @@ class Tick:
 
 
 def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_gold: set[str] = frozenset(),
-         bronze_ok: bool = True, reconcile: bool = False, now: datetime = NOW) -> Tick:
+         bronze_ok: bool = True, reconcile: bool = False, now: datetime = NOW, full_refresh: bool = False,
+         stats_from_bronze: bool = False) -> Tick:
+    """One tick as orchestration/tick.py runs it; `stats_from_bronze` as it does when `full_bronze`."""
     before = combined(cursor)
-    snapshot = snapshot_for(cursor, source, reconcile)
-    plan = plan_tick(cursor, snapshot)
+    snapshot = snapshot_for(cursor, source, reconcile, from_bronze=stats_from_bronze)
+    plan = plan_tick(cursor, snapshot, full_refresh=full_refresh)
     # Invariant: a changed dealer only waits for partitions that this tick actually runs.
     waited_for = set().union(*plan.dealer_partitions.values()) if plan.dealer_partitions else set()
     assert waited_for <= set(plan.partitions), (
@@ -111,6 +119,8 @@ def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_g
     if plan.runs_bronze:
         bronze = OK if bronze_ok else RunOutcome("bronze", "Failed", False, "db down")
         if bronze_ok:
+            if snapshot.awaiting_bronze:
+                snapshot = with_bronze_stats(snapshot, dict(source.relevant))  # what the full extract holds
             outcomes = {p: outcome(p, p in fail, p in fail_gold) for p in plan.partitions}
     new = advance_cursor(cursor, snapshot, plan, bronze, outcomes, now)
     assert combined(cursor) == before, "the input cursor was mutated"
@@ -165,6 +175,45 @@ def test_first_run_cursor_records_what_was_materialized(source):
         C: PartitionStatus(materialized_at=NOW, source_watermark=None),
     }
     assert new.reconciled_at == NOW
+
+
+def test_a_first_run_counted_from_bronze_ends_where_one_counted_by_the_source_does(source):
+    """A start-over tick takes its dealer stats from the full extract (no second full join): until then
+    every probed dealer may have relevant rows, so dealer 4 (irrelevant rows only) is planned too."""
+    assert full_bronze(Cursor(), full_refresh=False)
+    from_bronze = tick(Cursor(), source, stats_from_bronze=True)
+    from_source = tick(Cursor(), source)
+    assert from_bronze.plan.partitions == from_source.plan.partitions
+    assert from_bronze.plan.bronze_dealers is None
+    assert from_bronze.plan.dealer_changes == {**from_source.plan.dealer_changes, 4: "first run"}
+    assert from_bronze.cursor == from_source.cursor
+    assert from_bronze.cursor.reconciled_at == NOW
+
+
+def test_a_full_refresh_counted_from_bronze_ends_where_one_counted_by_the_source_does(settled, source):
+    source.raw_max[1] = t(90)
+    source.relevant[1] = DealerStats(t(90), "fp1b")
+    assert full_bronze(settled, full_refresh=True) and not full_bronze(settled, full_refresh=False)
+    from_bronze = tick(settled, source, full_refresh=True, stats_from_bronze=True, now=NOW + timedelta(hours=1))
+    from_source = tick(settled, source, full_refresh=True, reconcile=True, now=NOW + timedelta(hours=1))
+    assert from_bronze.plan.partitions == from_source.plan.partitions == {p: ["full refresh requested"] for p in (A, B, C)}
+    assert from_bronze.cursor == from_source.cursor
+    assert from_bronze.cursor.fingerprints[1] == "fp1b"
+
+
+def test_a_failed_bronze_leaves_a_first_run_counted_from_bronze_to_retry(source):
+    failed = tick(Cursor(), source, stats_from_bronze=True, bronze_ok=False)
+    assert failed.cursor.dealer_last_modified == {} and failed.cursor.reconciled_at is None
+    assert failed.cursor.retry_partitions == {A, B, C}
+    assert not full_bronze(failed.cursor, full_refresh=False)  # the state says what it saw: every dealer is checked
+    retry = tick(failed.cursor, source)
+    assert retry.cursor.dealer_last_modified == {1: t(1), 2: t(2), 3: t(3), 6: t(6)}
+    assert retry.cursor.retry_partitions == set()
+
+
+def test_only_a_snapshot_awaiting_bronze_takes_stats_from_it(settled, source):
+    with pytest.raises(ValueError, match="awaiting a full bronze extract"):
+        with_bronze_stats(snapshot_for(settled, source), {})
 
 
 def test_first_run_on_an_empty_source_plans_every_partition_and_is_not_repeated():

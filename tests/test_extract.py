@@ -19,8 +19,9 @@ import sqlalchemy as sa
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
 from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, join_services
+from usage_pipeline.queries import relevant_stats
 from usage_pipeline.schema import billing_metadata, relevant_usage
-from usage_pipeline.transforms import BRONZE_SCHEMA, BadSourceRows, normalize_bronze
+from usage_pipeline.transforms import BRONZE_SCHEMA, BadSourceRows, dealer_stats, normalize_bronze
 
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
 
@@ -72,6 +73,20 @@ def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport)
 
 
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
+def test_dealer_stats_from_a_full_extract_equal_the_sources(billing_source, source_engines, transport):
+    """A start-over tick counts each dealer's relevant rows from its full extract instead of a second
+    full join: both must give the same MAX and fingerprint, or the next reconciliation rebuilds them."""
+    builder = SourceBuilder(*source_engines)
+    builder.service(504, 7, name="Téléphonie ✆")  # more bytes than characters
+    builder.usage(6, 504, 7, date(2026, 10, 9), "0.0001", None)
+    builder.usage(6, 504, 7, date(2026, 10, 9), "-12.3456", datetime(2026, 10, 9, 1, 2, 3, 999999), "0.5000")
+    with billing_source.connect() as conn:
+        truth = relevant_stats(conn, None)
+    assert sorted(truth) == [1, 2, 3, 4, 5, 6, 9]
+    assert dealer_stats(extract_relevant_usage(billing_source, connectorx_uri(transport), None).lazy()) == truth
+
+
+@pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
 @pytest.mark.parametrize("emptied", ["usage", "v4_wh_service_data"])
 def test_an_empty_table_gives_an_empty_bronze_with_the_full_schema(billing_source, source_engines, transport, emptied):
     uri = connectorx_uri(transport)
@@ -99,6 +114,10 @@ def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
     full = extract_relevant_usage(engine, None, None)
     assert full.sort("usage_id")["amount"].to_list() == [Decimal(v) for v in values]
     assert full.equals(extract_relevant_usage(engine, None, [1, 2]))
+    with engine.begin() as conn:
+        conn.execute(sa.update(services).values(service_data_service_name="Téléphonie ✆"))
+        truth = relevant_stats(conn, None)
+    assert dealer_stats(extract_relevant_usage(engine, None, None).lazy()) == truth
 
 
 def test_join_services_matches_both_keys_and_keeps_usage_order():

@@ -42,12 +42,13 @@ def demo(harness, tmp_path, monkeypatch):
     return billing, made, tick, tmp_path / "lake"
 
 
-def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo):
+def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo, monkeypatch):
     billing, made, tick, lake = demo
     state, report = tick()
     assert state.is_completed(), state.message
     assert report.plan.first_run and set(report.partitions) == set(made["partners"])
     assert report.bronze.ok and report.bronze.name == "bronze-full"
+    assert report.snapshot_reconciled  # every dealer counted, from the full extract
     for partner in made["partners"]:
         gold = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
         assert set(gold["dealer_id"]) <= set(made["partners"][partner])
@@ -58,6 +59,22 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo)
     assert state.is_completed(), state.message
     assert set(report.partitions) == {partner} and report.plan.bronze_dealers == [dealers[0]]
     assert tick()[0].message == "no changes"
+
+    # The source's own SQL re-checks every dealer and agrees with what the first tick counted from bronze.
+    monkeypatch.setenv("USAGE_RECONCILE_SECONDS", "0.001")
+    state, report = tick()
+    assert report.snapshot_reconciled and state.message == "no changes"
+
+
+def test_a_ticks_partitions_use_its_dealer_directory_and_manual_runs_read_v3():
+    from flows.partner_silver import partner_dealers
+    from orchestration.runtime import sharing_dealer_directory, tick_dealer_directory
+
+    a, b = "aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002"
+    assert tick_dealer_directory() is None  # outside a tick: partner-silver reads v3 itself
+    with sharing_dealer_directory({3: a, 1: a, 2: b, 4: None}):
+        assert partner_dealers(a) == [1, 3] and partner_dealers(b) == [2]
+    assert tick_dealer_directory() is None
 
 
 def test_requested_partner_and_dry_run(demo):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -213,6 +214,27 @@ def test_merge_bronze_replaces_exactly_the_slices_of_the_given_dealers(bronze):
     assert merged.filter(pl.col("usage_id") == 2)["amount"].to_list() == [Decimal("4.5000")]
     # untouched dealers are kept byte for byte
     assert merged.filter(pl.col("dealer_id").is_in([2, 3])).equals(current.filter(pl.col("dealer_id").is_in([2, 3])))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_merge_bronze_equals_filtering_and_sorting_again(seed):
+    """The slice-and-splice merge gives exactly what replacing and re-sorting would, whatever dealers
+    change, appear or vanish, and whatever order a current file was written in."""
+    rng = random.Random(seed)
+
+    def rows(usage_ids: list[int], dealers: list[int]) -> pl.DataFrame:
+        return normalize_bronze(raw_frame([
+            (u, rng.choice(dealers), 100, 10, date(2026, 1, 1), d("1"), d(str(u)), datetime(2026, 1, 2), 3, "Voice")
+            for u in usage_ids
+        ]))
+
+    current = rows(rng.sample(range(1, 500), rng.randint(0, 120)), list(range(1, 30)))
+    if seed % 4 == 0:
+        current = current.sample(fraction=1.0, shuffle=True, seed=seed)  # written in another order
+    dealers = rng.sample(range(1, 35), rng.randint(1, 6))
+    fresh = rows(rng.sample(range(500, 900), rng.randint(0, 40)), dealers)
+    expected = pl.concat([current.filter(~pl.col("dealer_id").is_in(dealers)), fresh]).sort("dealer_id", "usage_id")
+    assert merge_bronze(current, fresh, dealers).equals(expected)
 
 
 def test_merge_bronze_with_an_empty_fresh_extract_removes_the_dealers(bronze):

@@ -6,7 +6,7 @@ sections 4 and 5 is tested as a pure function (tests/test_detection.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from usage_pipeline.cursor import Cursor, DealerSeen, PartitionStatus
@@ -20,6 +20,18 @@ class DealerStats:
     fingerprint: str
 
 
+def fingerprint(rows: int, id_sum: object, quantity_sum: object, amount_sum: object, status_sum: object,
+                name_chars_sum: object) -> str:
+    """One dealer's relevant rows in a line: the same text whether the sums came from the source's SQL
+    (queries.relevant_stats) or from the bronze extract (transforms.dealer_stats)."""
+    return f"{rows}:{id_sum}:{_money(quantity_sum)}:{_money(amount_sum)}:{status_sum}:{name_chars_sum}"
+
+
+def _money(value: object) -> str:
+    """A DECIMAL(18,4) sum rendered identically whatever numeric type the driver or polars returned."""
+    return f"{float(value):.4f}" if value is not None else "0"
+
+
 @dataclass(frozen=True)
 class SourceSnapshot:
     """What the source said this tick, complete for every dealer.
@@ -28,6 +40,10 @@ class SourceSnapshot:
     row). `relevant` holds the dealers with relevant rows: queried for the
     dealers in `checked`, carried over from the cursor for the others (the
     probe proved them untouched). `reconciled` marks a tick that checked all.
+
+    `awaiting_bronze`: a tick that re-extracts all of bronze anyway (`full_bronze`) does not ask
+    the source for every dealer's stats (a full join); `with_bronze_stats` fills `relevant` from
+    that extract once it is written. Until then every probed dealer may have relevant rows.
     """
 
     raw_max: dict[int, datetime | None]
@@ -35,6 +51,17 @@ class SourceSnapshot:
     relevant: dict[int, DealerStats]
     partners: dict[int, str | None]  # v3 directory, already validated; None = not mapped
     reconciled: bool = False
+    awaiting_bronze: bool = False
+
+    def may_have_relevant_rows(self, dealer: int) -> bool:
+        return self.awaiting_bronze or dealer in self.relevant
+
+
+def with_bronze_stats(snapshot: SourceSnapshot, stats: dict[int, DealerStats]) -> SourceSnapshot:
+    """The snapshot completed from a full bronze extract: every dealer's relevant rows, as written."""
+    if not snapshot.awaiting_bronze:
+        raise ValueError("only a snapshot awaiting a full bronze extract takes its stats from it")
+    return replace(snapshot, relevant=stats, reconciled=True, awaiting_bronze=False)
 
 
 def assemble_snapshot(
@@ -110,6 +137,11 @@ class PartitionOutcome:
         return f"{failed.name} {failed.state}: {failed.message or 'no message'}"
 
 
+def full_bronze(cursor: Cursor, full_refresh: bool) -> bool:
+    """Whether this tick re-extracts all of bronze: a first run (or reset), a full refresh, or lost state."""
+    return cursor.is_first_run or full_refresh or cursor.dealer_seen is None
+
+
 def probe_candidates(cursor: Cursor, raw_max: dict[int, datetime | None]) -> set[int] | None:
     """Dealers whose relevant MAX must be queried; None means all of them (first run or no memory).
 
@@ -167,7 +199,7 @@ def affected_partitions(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -
     """A changed dealer's rows leave the partner that held them and join the one it maps to now."""
     seen = (cursor.dealer_seen or {}).get(dealer)
     holder = seen.partner if seen else snapshot.partners.get(dealer)
-    gains = snapshot.partners.get(dealer) if dealer in snapshot.relevant else None
+    gains = snapshot.partners.get(dealer) if snapshot.may_have_relevant_rows(dealer) else None
     had_rows = dealer in cursor.dealer_last_modified or (seen is not None and seen.relevant)
     loses = holder if had_rows else None
     return frozenset(p for p in (gains, loses) if p)
@@ -183,7 +215,7 @@ def dealers_of_partners(cursor: Cursor, partners: dict[int, str | None], wanted:
 def changed_dealers(cursor: Cursor, snapshot: SourceSnapshot, start_over: str | None) -> dict[int, str]:
     """Every dealer whose partition(s) must rematerialize, with the reason; all of them when starting over."""
     if start_over:
-        return {dealer: start_over for dealer in snapshot.relevant}
+        return {dealer: start_over for dealer in (snapshot.raw_max if snapshot.awaiting_bronze else snapshot.relevant)}
     changes = {}
     for dealer in set(snapshot.checked) | set(snapshot.relevant) | set(cursor.dealer_last_modified):
         if reason := dealer_reason(cursor, snapshot, dealer):
@@ -224,7 +256,7 @@ def plan_tick(
         reasons.setdefault(partner, []).append(f"retry after {cursor.partitions[partner].failures} failed tick(s)")
     unknown, requested_dealers = add_requested(cursor, partners, requested, reasons, dealer_partitions)
 
-    if first_run or cursor.dealer_seen is None:
+    if full_bronze(cursor, full_refresh):
         bronze_dealers = None
     else:
         retried = {d for d, p in partners.items() if p in cursor.retry_partitions}

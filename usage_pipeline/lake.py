@@ -30,6 +30,9 @@ DATA_FILE = "data.parquet"
 # written the same atomic way on every kind of root, and a lake wiped by hand takes it along.
 STATE_FILE = "_pipeline/detection_state.parquet"
 ROW_GROUP_SIZE = 64_000  # small enough that a partner's dealers map to few row groups
+# lz4 writes the 3.3 M-row bronze file in about half the time of polars' default zstd (0.35 s
+# against 0.68 s) and reads it faster, for a file about 35 % larger (bench/README.md).
+COMPRESSION = "lz4"
 STALE_TEMP_SECONDS = 3600
 
 
@@ -99,14 +102,14 @@ def write_state_document(root: LakePath, document: dict[str, Any]) -> None:
 def write_parquet_atomic(frame: pl.DataFrame, path: LakePath) -> None:
     """Replace `path` with `frame` so that concurrent readers never see a partial file."""
     if isinstance(path, ObjectPath):
-        frame.write_parquet(str(path), statistics=True, row_group_size=ROW_GROUP_SIZE)
+        frame.write_parquet(str(path), compression=COMPRESSION, statistics=True, row_group_size=ROW_GROUP_SIZE)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(path)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temp, "wb") as handle:
-            frame.write_parquet(handle, statistics=True, row_group_size=ROW_GROUP_SIZE)
+            frame.write_parquet(handle, compression=COMPRESSION, statistics=True, row_group_size=ROW_GROUP_SIZE)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)

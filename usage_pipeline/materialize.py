@@ -8,12 +8,14 @@ from typing import Literal
 
 import polars as pl
 
+from usage_pipeline.detection import DealerStats
 from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES, LakePath, bronze_path, partition_path, write_parquet_atomic
 from usage_pipeline.transforms import (
     BRONZE_SCHEMA,
     active_services,
     billing_monthly_usage_by_service,
     billing_usage_aggregated,
+    dealer_stats,
     merge_bronze,
     usage_report,
 )
@@ -57,6 +59,11 @@ def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | Non
     frame = fresh if dealers is None else merge_bronze(pl.read_parquet(path), fresh, dealers)
     write_parquet_atomic(frame, path)
     return BronzeResult("full" if dealers is None else "slice", dealers, fresh.height, frame.height, str(path))
+
+
+def bronze_dealer_stats(root: LakePath) -> dict[int, DealerStats]:
+    """Every dealer's relevant-row stats, read back from the bronze file a full refresh just wrote."""
+    return dealer_stats(pl.scan_parquet(bronze_path(root)))
 
 
 def read_bronze_rows(root: LakePath, dealers: list[int]) -> pl.DataFrame:

@@ -42,3 +42,8 @@ def partner_tag(partner_uuid: str) -> str:
 
 def layer_tag(layer: str) -> str:
     return f"layer:{layer}"
+
+
+def dealers_of(directory: dict[int, str | None], partner_uuid: str) -> list[int]:
+    """The dealers the v3 directory maps to a partner, in order."""
+    return sorted(dealer for dealer, partner in directory.items() if partner == partner_uuid)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
 
 from usage_pipeline.cursor import Cursor
 from usage_pipeline.detection import (
@@ -18,6 +20,7 @@ from usage_pipeline.detection import (
     SourceSnapshot,
     assemble_snapshot,
     dealers_of_partners,
+    fingerprint,
     probe_candidates,
 )
 from usage_pipeline.partners import is_partner_uuid
@@ -51,11 +54,28 @@ def probe_raw_max(conn: Connection) -> dict[int, datetime | None]:
     return {int(d): as_datetime(ts) for d, ts in conn.execute(stmt)}
 
 
+class char_length(sa.sql.functions.FunctionElement):
+    """A string's length in characters on every source (MySQL's LENGTH counts bytes), as polars counts it."""
+
+    type = sa.Integer()
+    inherit_cache = True
+
+
+@compiles(char_length)
+def _char_length(element: char_length, compiler, **kw) -> str:
+    return f"CHAR_LENGTH({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(char_length, "sqlite")
+def _char_length_sqlite(element: char_length, compiler, **kw) -> str:
+    return f"length({compiler.process(element.clauses, **kw)})"
+
+
 def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int, DealerStats]:
     """MAX(usage_modified) and a fingerprint of the relevant rows, for `dealers` (None: all).
 
     The fingerprint (row count; sums of ids, quantities, amounts, service
-    statuses and service-name lengths) catches deletes and edits that leave MAX
+    statuses and service-name lengths in characters) catches deletes and edits that leave MAX
     unchanged, rows that move in or out of the filters through service-data
     changes, and status or name changes of their services.
     """
@@ -67,7 +87,7 @@ def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int,
         sa.func.sum(usage.c.usage_quantity),
         sa.func.sum(usage.c.usage_amount),
         sa.func.sum(service_data.c.service_data_FK_service_status_id),
-        sa.func.sum(sa.func.length(sa.func.coalesce(service_data.c.service_data_service_name, ""))),
+        sa.func.sum(char_length(sa.func.coalesce(service_data.c.service_data_service_name, ""))),
     )
     base = sa.select(*columns).select_from(relevant_usage).group_by(usage.c.usage_FK_dealer_id)
     statements = (
@@ -78,14 +98,10 @@ def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int,
     stats: dict[int, DealerStats] = {}
     for stmt in statements:
         for dealer_id, last_modified, rows, id_sum, qty_sum, amount_sum, status_sum, name_sum in conn.execute(stmt):
-            fingerprint = f"{rows}:{id_sum}:{_money(qty_sum)}:{_money(amount_sum)}:{status_sum}:{name_sum}"
-            stats[int(dealer_id)] = DealerStats(as_datetime(last_modified), fingerprint)
+            stats[int(dealer_id)] = DealerStats(
+                as_datetime(last_modified), fingerprint(rows, id_sum, qty_sum, amount_sum, status_sum, name_sum)
+            )
     return stats
-
-
-def _money(value: object) -> str:
-    """Render a DECIMAL(18,4) sum identically whatever numeric type the driver returned."""
-    return f"{float(value):.4f}" if value is not None else "0"
 
 
 def dealer_directory(conn: Connection) -> tuple[dict[int, str | None], list[str]]:
@@ -113,21 +129,27 @@ def read_snapshot(
     reconcile: bool,
     partners: dict[int, str | None],
     requested: frozenset[str] = frozenset(),
+    stats_from_bronze: bool = False,
 ) -> tuple[SourceSnapshot, float]:
     """Probe, then query only the candidates (all of them when reconciling) and the dealers of
     `requested` partners (their cursor entries advance to what is read now).
 
-    `partners` is the v3 directory (`dealer_directory`). Returns the snapshot
-    and the probe's duration in seconds (slow means the index is missing).
+    `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: the tick re-extracts
+    all of bronze (`detection.full_bronze`), so no stats are queried; the snapshot awaits them from
+    that extract. Returns the snapshot and the probe's duration in seconds (slow means the index is
+    missing).
     """
     started = time.perf_counter()
     raw_max = probe_raw_max(billing)
     probe_seconds = time.perf_counter() - started
     candidates = probe_candidates(cursor, raw_max)
-    reconciled = candidates is None or reconcile
+    reconciled = candidates is None or reconcile or stats_from_bronze
     if reconciled:
         checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
     else:
         checked = frozenset(candidates | dealers_of_partners(cursor, partners, requested))
+    if stats_from_bronze:
+        snapshot = assemble_snapshot(cursor, raw_max, checked, {}, partners, reconciled=False)
+        return replace(snapshot, awaiting_bronze=True), probe_seconds
     queried = relevant_stats(billing, None if reconciled else checked)
     return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciled), probe_seconds
