@@ -218,8 +218,7 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     stats_from_bronze = full_bronze(cursor, full_refresh) and not dry_run
     try:
         snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds, stats_from_bronze)
-        report.source_seconds = time.perf_counter() - started
-        report.snapshot_reconciled = snapshot.reconciled or snapshot.awaiting_bronze
+        report.source_seconds, report.snapshot_reconciled = time.perf_counter() - started, snapshot.reconciled
     except SourceError as exc:
         logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
         report.skipped = str(exc)
@@ -234,6 +233,7 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     if plan.runs_bronze:
         with without_subflow_heartbeats():
             snapshot = run_layers(plan, snapshot, layers, settings, report)
+        report.snapshot_reconciled = snapshot.reconciled  # a start-over tick's, once bronze counted every dealer
 
     new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
     for partner, status in new_cursor.partitions.items():

@@ -208,18 +208,32 @@ def test_writer_killed_mid_write_leaves_the_old_file_and_next_tick_repairs(mater
     assert read(lake_root, "gold", "usage_report", PARTNER_A).equals(before)
 
 
-def test_two_ticks_at_once_only_one_works(materialized, lake_root):
+def test_two_ticks_at_once_only_one_works(materialized, lake_root, monkeypatch):
+    """The first tick holds the detection slot (its work waits inside it) until the second has tried."""
+    import flows.usage_change_detection as detection
+
     materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-11 00:00:00' WHERE usage_FK_dealer_id = 3")
+    holding, second_done = threading.Event(), threading.Event()
+    run_tick = detection.run_tick
+
+    def run_tick_after_the_second(*args, **kwargs):  # only a slot holder gets here
+        holding.set()
+        assert second_done.wait(120), "the second tick never finished"
+        return run_tick(*args, **kwargs)
+
+    monkeypatch.setattr(detection, "run_tick", run_tick_after_the_second)
     results = []
     # Each thread gets a copy of this context, which holds the Prefect settings (API URL).
     threads = [
         threading.Thread(target=contextvars.copy_context().run, args=(lambda: results.append(tick()),))
         for _ in range(2)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    threads[0].start()
+    assert holding.wait(120), "the first tick never took the detection slot"
+    threads[1].start()
+    threads[1].join()
+    second_done.set()
+    threads[0].join()
     names = sorted(state.name for state, _ in results)
     assert names == ["Completed", "Skipped"], names
     worked = [report for state, report in results if state.name == "Completed"]
