@@ -91,7 +91,8 @@ _KNOWN_LIMITS: set[tuple[str, str]] = set()
 
 
 def ensure_limit(name: str, limit: int, update: bool = False) -> None:
-    """Create a global concurrency limit if missing (a missing limit would be silently skipped)."""
+    """Create a global concurrency limit if missing: Prefect skips a missing limit silently when
+    another one named in the same `concurrency()` call exists (`strict` only fails when none does)."""
     known = (str(PREFECT_API_URL.value()), name)
     if known in _KNOWN_LIMITS and not update:
         return

@@ -35,8 +35,8 @@ from usage_pipeline.detection import (
     RunOutcome,
     SourceSnapshot,
     advance_cursor,
-    full_bronze,
     plan_tick,
+    starts_over,
     with_bronze_stats,
 )
 from usage_pipeline.lake import LakePath, read_state_document, write_state_document
@@ -215,7 +215,7 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
 
     logger.info("Checking dealer timestamps for usage changes")
     started = time.perf_counter()
-    stats_from_bronze = full_bronze(cursor, full_refresh) and not dry_run
+    stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
     try:
         snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds, stats_from_bronze)
         report.source_seconds, report.snapshot_reconciled = time.perf_counter() - started, snapshot.reconciled

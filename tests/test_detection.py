@@ -22,10 +22,10 @@ from usage_pipeline.detection import (
     RunOutcome,
     advance_cursor,
     assemble_snapshot,
-    full_bronze,
     partition_freshness,
     plan_tick,
     probe_candidates,
+    starts_over,
     with_bronze_stats,
 )
 
@@ -105,7 +105,7 @@ class Tick:
 def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_gold: set[str] = frozenset(),
          bronze_ok: bool = True, reconcile: bool = False, now: datetime = NOW, full_refresh: bool = False,
          stats_from_bronze: bool = False) -> Tick:
-    """One tick as orchestration/tick.py runs it; `stats_from_bronze` as it does when `full_bronze`."""
+    """One tick as orchestration/tick.py runs it; `stats_from_bronze` as it does when `starts_over`."""
     before = combined(cursor)
     snapshot = snapshot_for(cursor, source, reconcile, from_bronze=stats_from_bronze)
     plan = plan_tick(cursor, snapshot, full_refresh=full_refresh)
@@ -180,7 +180,7 @@ def test_first_run_cursor_records_what_was_materialized(source):
 def test_a_first_run_counted_from_bronze_ends_where_one_counted_by_the_source_does(source):
     """A start-over tick takes its dealer stats from the full extract (no second full join): until then
     every probed dealer may have relevant rows, so dealer 4 (irrelevant rows only) is planned too."""
-    assert full_bronze(Cursor(), full_refresh=False)
+    assert starts_over(Cursor(), full_refresh=False)
     from_bronze = tick(Cursor(), source, stats_from_bronze=True)
     from_source = tick(Cursor(), source)
     assert from_bronze.plan.partitions == from_source.plan.partitions
@@ -193,7 +193,7 @@ def test_a_first_run_counted_from_bronze_ends_where_one_counted_by_the_source_do
 def test_a_full_refresh_counted_from_bronze_ends_where_one_counted_by_the_source_does(settled, source):
     source.raw_max[1] = t(90)
     source.relevant[1] = DealerStats(t(90), "fp1b")
-    assert full_bronze(settled, full_refresh=True) and not full_bronze(settled, full_refresh=False)
+    assert starts_over(settled, full_refresh=True) and not starts_over(settled, full_refresh=False)
     from_bronze = tick(settled, source, full_refresh=True, stats_from_bronze=True, now=NOW + timedelta(hours=1))
     from_source = tick(settled, source, full_refresh=True, reconcile=True, now=NOW + timedelta(hours=1))
     assert from_bronze.plan.partitions == from_source.plan.partitions == {p: ["full refresh requested"] for p in (A, B, C)}
@@ -205,7 +205,7 @@ def test_a_failed_bronze_leaves_a_first_run_counted_from_bronze_to_retry(source)
     failed = tick(Cursor(), source, stats_from_bronze=True, bronze_ok=False)
     assert failed.cursor.dealer_last_modified == {} and failed.cursor.reconciled_at is None
     assert failed.cursor.retry_partitions == {A, B, C}
-    assert not full_bronze(failed.cursor, full_refresh=False)  # the state says what it saw: every dealer is checked
+    assert not starts_over(failed.cursor, full_refresh=False)  # the state says what it saw: every dealer is checked
     retry = tick(failed.cursor, source)
     assert retry.cursor.dealer_last_modified == {1: t(1), 2: t(2), 3: t(3), 6: t(6)}
     assert retry.cursor.retry_partitions == set()
@@ -214,6 +214,19 @@ def test_a_failed_bronze_leaves_a_first_run_counted_from_bronze_to_retry(source)
 def test_only_a_snapshot_awaiting_bronze_takes_stats_from_it(settled, source):
     with pytest.raises(ValueError, match="awaiting a full bronze extract"):
         with_bronze_stats(snapshot_for(settled, source), {})
+
+
+def test_a_tick_that_lost_its_state_asks_the_source_not_bronze(settled, source):
+    """Lost state re-extracts bronze but plans dealer by dealer ("appeared", "disappeared"): counted
+    from bronze, a dealer new since then would have no reason and advance even if its partition failed."""
+    lost = edit(settled, lambda v: v.pop("dealer_seen"))
+    assert lost.dealer_seen is None and not starts_over(lost, full_refresh=False)
+    with pytest.raises(ValueError, match="only a start-over tick"):
+        plan_tick(lost, snapshot_for(lost, source, from_bronze=True))
+    source.raw_max[7], source.relevant[7], source.partners[7] = t(70), DealerStats(t(70), "fp7"), A
+    result = tick(lost, source, fail={A})
+    assert result.plan.bronze_dealers is None and result.plan.dealer_changes[7] == "appeared"
+    assert 7 not in result.cursor.dealer_last_modified  # waits for A, which failed
 
 
 def test_first_run_on_an_empty_source_plans_every_partition_and_is_not_repeated():

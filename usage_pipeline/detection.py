@@ -34,16 +34,17 @@ def _money(value: object) -> str:
 
 @dataclass(frozen=True)
 class SourceSnapshot:
-    """What the source said this tick, complete for every dealer.
+    """What the source said this tick, complete for every dealer (once `awaiting_bronze` is cleared).
 
     `raw_max` comes from the cheap index probe (every dealer with any usage
     row). `relevant` holds the dealers with relevant rows: queried for the
     dealers in `checked`, carried over from the cursor for the others (the
     probe proved them untouched). `reconciled` marks a tick that checked all.
 
-    `awaiting_bronze`: a tick that re-extracts all of bronze anyway (`full_bronze`) does not ask
-    the source for every dealer's stats (a full join); `with_bronze_stats` fills `relevant` from
-    that extract once it is written. Until then every probed dealer may have relevant rows.
+    `awaiting_bronze`: a start-over tick (`starts_over`) re-extracts all of bronze anyway, so it
+    does not ask the source for every dealer's stats (a full join); `with_bronze_stats` fills
+    `relevant` from that extract once it is written. Until then every probed dealer may have
+    relevant rows.
     """
 
     raw_max: dict[int, datetime | None]
@@ -137,9 +138,15 @@ class PartitionOutcome:
         return f"{failed.name} {failed.state}: {failed.message or 'no message'}"
 
 
-def full_bronze(cursor: Cursor, full_refresh: bool) -> bool:
-    """Whether this tick re-extracts all of bronze: a first run (or reset), a full refresh, or lost state."""
-    return cursor.is_first_run or full_refresh or cursor.dealer_seen is None
+def starts_over(cursor: Cursor, full_refresh: bool) -> bool:
+    """Whether this tick rebuilds everything: a first run (or reset) or a full refresh.
+
+    Only such a tick may count its dealers from its bronze extract (`awaiting_bronze`): it
+    plans every probed dealer as changed, so no dealer can advance without its partitions.
+    A tick that lost the pipeline's state re-extracts bronze too, but plans dealer by dealer
+    (what appeared, what disappeared), so it asks the source.
+    """
+    return cursor.is_first_run or full_refresh
 
 
 def probe_candidates(cursor: Cursor, raw_max: dict[int, datetime | None]) -> set[int] | None:
@@ -233,7 +240,9 @@ def plan_tick(
     `full_refresh` plans like a first run.
     """
     partners = snapshot.partners
-    first_run = cursor.is_first_run or full_refresh
+    first_run = starts_over(cursor, full_refresh)
+    if snapshot.awaiting_bronze and not first_run:
+        raise ValueError("only a start-over tick may take its dealer stats from its bronze extract")
     start_over = ("full refresh requested" if full_refresh else "first run") if first_run else None
     live = sorted({p for p in partners.values() if p})
 
@@ -256,7 +265,7 @@ def plan_tick(
         reasons.setdefault(partner, []).append(f"retry after {cursor.partitions[partner].failures} failed tick(s)")
     unknown, requested_dealers = add_requested(cursor, partners, requested, reasons, dealer_partitions)
 
-    if full_bronze(cursor, full_refresh):
+    if first_run or cursor.dealer_seen is None:
         bronze_dealers = None
     else:
         retried = {d for d, p in partners.items() if p in cursor.retry_partitions}

@@ -134,9 +134,9 @@ def read_snapshot(
     """Probe, then query only the candidates (all of them when reconciling) and the dealers of
     `requested` partners (their cursor entries advance to what is read now).
 
-    `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: the tick re-extracts
-    all of bronze (`detection.full_bronze`), so no stats are queried; the snapshot awaits them from
-    that extract. Returns the snapshot and the probe's duration in seconds (slow means the index is
+    `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: a start-over tick
+    (`detection.starts_over`) re-extracts all of bronze, so no stats are queried; the snapshot
+    awaits them from that extract. Returns the snapshot and the probe's duration in seconds (slow means the index is
     missing).
     """
     started = time.perf_counter()

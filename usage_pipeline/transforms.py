@@ -140,7 +140,8 @@ def merge_bronze(current: pl.DataFrame, fresh: pl.DataFrame, dealers: list[int])
 
     Both frames are in dealer order (`sort_by_dealer`), so the result is put together from
     slices of them, in order, without copying or sorting the 3.3 M kept rows of a one-dealer
-    tick (filter + sort took about 1 s of it; bench/README.md).
+    tick (filter + sort took about 1 s of it; bench/README.md). A dealer in `fresh` but not in
+    `dealers` replaces its old rows too: no usage row is ever in bronze twice.
     """
     current, fresh = (f if f["dealer_id"].is_sorted() else sort_by_dealer(f) for f in (current, fresh))
     replaced = pl.Series(sorted(set(dealers) | set(fresh["dealer_id"].unique().to_list())), dtype=pl.Int64)
