@@ -272,11 +272,15 @@ def buffer_pool(mib: int, say: Callable[[str], None] = print) -> Iterator[None]:
             say(f"(innodb_buffer_pool_size set back to {before} MiB)")
 
 
+def buffer_pool_mib(conn: sa.Connection) -> int:
+    return int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+
+
 def mariadb_buffer_pool_mib() -> int:
     admin = sa.create_engine(ADMIN_URL)
     try:
         with admin.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+            return buffer_pool_mib(conn)
     finally:
         admin.dispose()
 
@@ -286,13 +290,13 @@ def set_buffer_pool(mib: int, wait: bool = True) -> int:
     admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            before = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+            before = buffer_pool_mib(conn)
             if before != mib:
                 conn.exec_driver_sql(f"SET GLOBAL innodb_buffer_pool_size = {int(mib) * 1048576}")
                 deadline = time.monotonic() + 120
                 while wait and time.monotonic() < deadline:
                     status = conn.exec_driver_sql("SHOW STATUS LIKE 'Innodb_buffer_pool_resize_status'").one()[1]
-                    size = int(conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()) // 1048576
+                    size = buffer_pool_mib(conn)
                     if size == mib and ("Completed" in status or not status):
                         break
                     time.sleep(1)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from load_data import FULL_ROWS, BenchSet, buffer_pool, ensure_loaded  # noqa: E402
+from load_data import FULL_ROWS, BenchSet, buffer_pool, buffer_pool_mib, ensure_loaded  # noqa: E402
 
 from usage_pipeline.cursor import Cursor  # noqa: E402
 from usage_pipeline.detection import (  # noqa: E402
@@ -123,7 +123,7 @@ def say(text: str = "") -> None:
 def environment(bench: BenchSet, engine: sa.Engine) -> str:
     with engine.connect() as conn:
         version = conn.exec_driver_sql("SELECT VERSION()").scalar_one()
-        pool = conn.exec_driver_sql("SELECT @@innodb_buffer_pool_size").scalar_one()
+        pool = buffer_pool_mib(conn)
         sizes = dict(
             conn.exec_driver_sql(
                 "SELECT table_name, ROUND((data_length + index_length) / 1048576) FROM information_schema.tables"
@@ -144,7 +144,7 @@ def environment(bench: BenchSet, engine: sa.Engine) -> str:
         f"{bench.service_rows:,} service-data rows, {bench.dealers:,} dealers; "
         f"usage {sizes.get('usage', '?')} MiB, v4_wh_service_data {sizes.get('v4_wh_service_data', '?')} MiB on disk.\n"
         f"Machine: {cpu} CPU(s), Python {platform.python_version()}, MariaDB {version} "
-        f"(innodb_buffer_pool_size {int(pool) // 1048576} MiB), polars {pl.__version__}; load average at start {load}."
+        f"(innodb_buffer_pool_size {pool} MiB), polars {pl.__version__}; load average at start {load}."
     )
 
 

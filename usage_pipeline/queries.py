@@ -136,20 +136,20 @@ def read_snapshot(
 
     `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: a start-over tick
     (`detection.starts_over`) re-extracts all of bronze, so no stats are queried; the snapshot
-    awaits them from that extract. Returns the snapshot and the probe's duration in seconds (slow means the index is
-    missing).
+    awaits them from that extract. Returns the snapshot and the probe's duration in seconds (slow
+    means the index is missing).
     """
     started = time.perf_counter()
     raw_max = probe_raw_max(billing)
     probe_seconds = time.perf_counter() - started
     candidates = probe_candidates(cursor, raw_max)
-    reconciled = candidates is None or reconcile or stats_from_bronze
-    if reconciled:
+    check_all = candidates is None or reconcile or stats_from_bronze
+    if check_all:
         checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
     else:
         checked = frozenset(candidates | dealers_of_partners(cursor, partners, requested))
-    if stats_from_bronze:
+    if stats_from_bronze:  # reconciled once `with_bronze_stats` fills in every dealer
         snapshot = assemble_snapshot(cursor, raw_max, checked, {}, partners, reconciled=False)
         return replace(snapshot, awaiting_bronze=True), probe_seconds
-    queried = relevant_stats(billing, None if reconciled else checked)
-    return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciled), probe_seconds
+    queried = relevant_stats(billing, None if check_all else checked)
+    return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciled=check_all), probe_seconds
