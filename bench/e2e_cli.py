@@ -9,6 +9,9 @@ so that is what is timed: the wall time of the CLI in a subprocess. Each tick is
 shown as a multiple of a floor taken in the same run, because the machine is
 shared. The floor is a no-op flow served by the same `prefect.serve` process as
 the project's four deployments, so it pays the same runner, CLI and server costs.
+A second served flow, `bench-partitions-floor`, runs a first tick's 40 partition
+subflows through the tick's own code with nothing to build: the part of a first
+tick that Prefect's runs, tags and slots cost on this runner.
 Ticks run against the bench databases of `bench/load_data.py`, which are only
 read, and write to a temporary lake. The one-dealer tick follows
 `usage-pipeline cursor reset --dealer ID`.
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +48,9 @@ from orchestration import local_prefect  # noqa: E402
 
 FLOOR = "bench-floor"
 FLOOR_DEPLOYMENT = f"{FLOOR}/{FLOOR}"
+PARTITIONS_FLOOR = "bench-partitions-floor"
+PARTITIONS_FLOOR_DEPLOYMENT = f"{PARTITIONS_FLOOR}/{PARTITIONS_FLOOR}"
+FIRST_TICK_PARTITIONS = 20  # the bench set's partners, all rebuilt by a first tick
 DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
 # The dealer that bench/run.py's (c) picks: mapped, with the median number of relevant rows (1,664).
 DEFAULT_DEALER = 1879
@@ -68,6 +75,38 @@ def bench_floor() -> None:
     """Does nothing, so its run costs only what every served run costs."""
 
 
+@flow(name="bench-noop-silver", flow_run_name="silver-{partner_uuid}")
+def noop_silver(partner_uuid: str, cascade: bool = False) -> None:
+    """A partition run that holds its slots as partner-silver does, and builds nothing."""
+    from orchestration.runtime import partner_slot
+    from usage_pipeline.settings import load_settings
+
+    with partner_slot(partner_uuid, load_settings().max_concurrent_partitions):
+        pass
+
+
+@flow(name="bench-noop-gold", flow_run_name="gold-{partner_uuid}")
+def noop_gold(partner_uuid: str) -> None:
+    noop_silver.fn(partner_uuid)
+
+
+@flow(name=PARTITIONS_FLOOR)
+def bench_partitions_floor(partitions: int = FIRST_TICK_PARTITIONS) -> None:
+    """A first tick's partition phase with nothing to build: the tick's own `materialize_partitions`
+    runs a silver and a gold subflow per partner, tagged and holding slots, in this process. What is
+    left is what Prefect's subflow runs, tags and slots cost on this runner."""
+    from orchestration.runtime import without_subflow_heartbeats
+    from orchestration.tick import Layers, materialize_partitions
+    from usage_pipeline.settings import load_settings
+
+    partners = [str(uuid.UUID(int=0xBE4C0000_0000_4000_8000_000000000000 + n)) for n in range(partitions)]
+    with without_subflow_heartbeats():
+        outcomes = materialize_partitions(partners, Layers(noop_silver, noop_silver, noop_gold), load_settings())
+    failed = [outcome for outcome in outcomes.values() if not outcome.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} no-op partition(s) failed: {failed[:3]}")
+
+
 def serve_with_floor() -> None:
     """`usage-pipeline serve --no-schedule` (`cmd_serve`) plus the floor deployment, all in the same runner."""
     from prefect import serve
@@ -79,6 +118,7 @@ def serve_with_floor() -> None:
     serve(
         *runner_deployments(schedule=False),
         bench_floor.to_deployment(name=FLOOR),
+        bench_partitions_floor.to_deployment(name=PARTITIONS_FLOOR),
         limit=load_settings().max_concurrent_partitions + 2,
         query_seconds=RUNNER_POLL_SECONDS,
     )
@@ -128,12 +168,12 @@ def pipeline_env(api_url: str, work: Path) -> dict[str, str]:
 
 @contextmanager
 def serving(env: dict[str, str], log: Path) -> Iterator[None]:
-    """This script's `--serve-only` in the background, until all five deployments exist."""
+    """This script's `--serve-only` in the background, until all six deployments exist."""
     process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-only"],
                                env={**env, **CLIENT_DEBUG}, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     try:
         api = env["PREFECT_API_URL"]
-        names = (*local_prefect.DEPLOYMENT_NAMES, FLOOR_DEPLOYMENT)
+        names = (*local_prefect.DEPLOYMENT_NAMES, FLOOR_DEPLOYMENT, PARTITIONS_FLOOR_DEPLOYMENT)
         local_prefect.wait_until(
             lambda: all(httpx.get(f"{api}/deployments/name/{name}", timeout=2).status_code == 200 for name in names),
             "serve", 120, process,
@@ -240,10 +280,11 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
                 progress(f"{kind}: first tick")
                 first = deployment_run(DETECTION_DEPLOYMENT, env, FIRST_TICK)
                 first_timeline = timeline(first, url, partitions_in_detail=False)
-                floor, one, quiet = [], [], []
+                floor, partitions_floor, one, quiet = [], [], [], []
                 for rep in range(1, reps + 1):
                     progress(f"{kind}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
                     floor.append(deployment_run(FLOOR_DEPLOYMENT, env))
+                    partitions_floor.append(deployment_run(PARTITIONS_FLOOR_DEPLOYMENT, env))
                     reset = run_checked([sys.executable, "-m", "orchestration.cli", "cursor", "reset",
                                          "--dealer", str(dealer)], env)
                     if not reset.startswith("Removed the cursor entries"):
@@ -263,6 +304,8 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
             shutil.rmtree(work, ignore_errors=True)
     measurements = [
         Measurement(f"floor: served no-op flow `{FLOOR}` ({reps} runs)", [r.wall for r in floor], None),
+        Measurement(f"no-op partitions: `{PARTITIONS_FLOOR}`, {FIRST_TICK_PARTITIONS} partners' silver and gold"
+                    f" subflows ({reps} runs)", [r.wall for r in partitions_floor], None),
         Measurement("first tick: empty lake, no cursor (1 run)", [first.wall], 3),
         Measurement(f"one-dealer tick after `cursor reset --dealer {dealer}` ({reps} runs)", [r.wall for r in one], 1.5),
         Measurement(f"no-change tick ({reps} runs)", [r.wall for r in quiet], 1.2),

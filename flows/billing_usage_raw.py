@@ -15,7 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from orchestration.runtime import load_source
+from orchestration.runtime import load_source, tick_shared
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline.extract import extract_relevant_usage
 from usage_pipeline.materialize import BronzeResult, refresh_bronze
@@ -65,6 +65,9 @@ def bronze_run_name() -> str:
 
 @flow(name="billing-usage-raw", flow_run_name=bronze_run_name)
 def billing_usage_raw(dealer_ids: list[int] | None = None) -> BronzeResult:
-    result = refresh_bronze(load_settings().lake_path, extract, dealer_ids)
+    result, frame = refresh_bronze(load_settings().lake_path, extract, dealer_ids)
+    shared = tick_shared()
+    if shared is not None:  # run by a tick in its process: its silver runs read these rows from memory
+        shared.bronze = frame
     get_run_logger().info("Bronze %s refresh: %s now holds %d row(s)", result.describe(), result.path, result.rows)
     return result

@@ -16,7 +16,7 @@ from orchestration.runtime import (
     read_dealer_directory,
     run_subflow,
     tag_current_run,
-    tick_dealer_directory,
+    tick_shared,
 )
 from usage_pipeline.materialize import SilverResult, build_silver
 from usage_pipeline.partners import PartnerUUID, dealers_of, layer_tag, parse_partner_uuid, partner_tag
@@ -31,8 +31,8 @@ def read_partner_dealers(partner_uuid: str) -> list[int]:
 
 def partner_dealers(partner_uuid: str) -> list[int]:
     """As the running tick planned them (one v3 read per tick), else read from v3 now."""
-    directory = tick_dealer_directory()
-    return read_partner_dealers(partner_uuid) if directory is None else dealers_of(directory, partner_uuid)
+    shared = tick_shared()
+    return read_partner_dealers(partner_uuid) if shared is None else dealers_of(shared.directory, partner_uuid)
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")
@@ -41,7 +41,9 @@ def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True) -> SilverRes
     settings = load_settings()
     tag_current_run(partner, "silver")
     with partner_slot(partner, settings.max_concurrent_partitions):
-        result = build_silver(settings.lake_path, partner, partner_dealers(partner))
+        shared = tick_shared()
+        bronze = None if shared is None else shared.bronze  # the tick's bronze, already in memory
+        result = build_silver(settings.lake_path, partner, partner_dealers(partner), bronze)
     get_run_logger().info(
         "Silver for partner %s: %d dealer(s), %d bronze row(s) -> %d daily and %d monthly row(s)",
         partner, len(result.dealers), result.bronze_rows, result.aggregated_rows, result.monthly_rows,

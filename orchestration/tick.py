@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import polars as pl
 from prefect import Flow, get_run_logger
 
 from orchestration.runtime import (
     SourceError,
+    TickShared,
     load_source,
     read_cursor_value,
     read_dealer_directory,
     run_child,
     run_subflow,
-    sharing_dealer_directory,
+    sharing_with_subflows,
     without_subflow_heartbeats,
     write_cursor_value,
 )
@@ -90,10 +92,10 @@ def take_snapshot(
     return snapshot
 
 
-def complete_snapshot(snapshot: SourceSnapshot, root: LakePath) -> SourceSnapshot:
-    """A start-over tick's dealer stats, from the bronze file it just wrote (instead of a second full join)."""
+def complete_snapshot(snapshot: SourceSnapshot, root: LakePath, bronze: pl.DataFrame | None) -> SourceSnapshot:
+    """A start-over tick's dealer stats, from the bronze it just wrote (instead of a second full join)."""
     started = time.perf_counter()
-    complete = with_bronze_stats(snapshot, bronze_dealer_stats(root))
+    complete = with_bronze_stats(snapshot, bronze_dealer_stats(root, bronze))
     get_run_logger().info(
         "Counted the relevant rows of %d dealer(s) from the bronze extract in %.2fs",
         len(complete.relevant), time.perf_counter() - started,
@@ -169,14 +171,14 @@ def materialize_partitions(partners: list[str], layers: Layers, settings: Settin
 def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: Settings, report: TickReport) -> SourceSnapshot:
     """Bronze, then the partitions if it succeeded; their outcomes go into `report`. Returns the
     snapshot, completed from bronze when it awaited a full extract."""
-    report.bronze = run_bronze(plan, layers, settings)
-    if not report.bronze.ok:
-        get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
-        return snapshot
-    if snapshot.awaiting_bronze:
-        snapshot = complete_snapshot(snapshot, settings.lake_path)
-    if plan.partitions:
-        with sharing_dealer_directory(snapshot.partners):
+    with sharing_with_subflows(TickShared(snapshot.partners)) as shared:
+        report.bronze = run_bronze(plan, layers, settings)
+        if not report.bronze.ok:
+            get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
+            return snapshot
+        if snapshot.awaiting_bronze:
+            snapshot = complete_snapshot(snapshot, settings.lake_path, shared.bronze)
+        if plan.partitions:
             report.partitions = materialize_partitions(list(plan.partitions), layers, settings)
     return snapshot
 

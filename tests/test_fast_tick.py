@@ -68,13 +68,13 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
 
 def test_a_ticks_partitions_use_its_dealer_directory_and_manual_runs_read_v3():
     from flows.partner_silver import partner_dealers
-    from orchestration.runtime import sharing_dealer_directory, tick_dealer_directory
+    from orchestration.runtime import TickShared, sharing_with_subflows, tick_shared
 
     a, b = "aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002"
-    assert tick_dealer_directory() is None  # outside a tick: partner-silver reads v3 itself
-    with sharing_dealer_directory({3: a, 1: a, 2: b, 4: None}):
+    assert tick_shared() is None  # outside a tick: partner-silver reads v3 itself
+    with sharing_with_subflows(TickShared({3: a, 1: a, 2: b, 4: None})):
         assert partner_dealers(a) == [1, 3] and partner_dealers(b) == [2]
-    assert tick_dealer_directory() is None
+    assert tick_shared() is None
 
 
 def test_requested_partner_and_dry_run(demo):

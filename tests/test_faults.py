@@ -295,6 +295,28 @@ def test_slot_held_by_a_crashed_run_is_released_by_lease_expiry(materialized, la
     assert 40 < waited < 200, waited
 
 
+def test_a_slot_of_a_deleted_limit_fails_the_run_naming_it(pipeline):
+    """The server leases only the limits it has: a partition run must not go on without its partner's."""
+    from prefect import flow
+
+    from orchestration.runtime import partner_slot
+    from orchestration.setup import ensure_limit
+
+    partner, held = "dddddddd-0000-4000-8000-00000000000d", []
+
+    @flow
+    def hold_slot() -> None:
+        with partner_slot(partner, 2):
+            held.append(partner)
+
+    ensure_limit(partner_limit(partner), 1)  # known to this process from now on
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(partner_limit(partner))
+    state = hold_slot(return_state=True)
+    assert state.is_failed() and not held
+    assert f"['{partner_limit(partner)}'] missing" in state.message, state.message
+
+
 @pytest.mark.parametrize("bad", ["../../etc", "x' OR '1'='1", "", "a" * 10_000, "AAAAAAAA-0000-4000-8000-00000000000G"])
 def test_bad_partner_uuid_is_rejected_before_any_io(pipeline, lake_root, bad):
     before = sorted(lake_root.parent.rglob("*"))

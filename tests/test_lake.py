@@ -260,6 +260,28 @@ def test_url_root_write_replace_and_exists(tmp_path):
     assert os.listdir(tmp_path / "gold" / "usage_report" / f"partner={P}") == ["data.parquet"]
 
 
+def test_silver_from_the_bronze_frame_a_refresh_returns_equals_silver_from_the_file(tmp_path):
+    """A tick's silver runs filter the frame bronze returned (a spliced one here) instead of the file."""
+    def rows(dealers, usage_ids, amount):
+        return normalize_bronze(pl.DataFrame({
+            "usage_id": usage_ids, "dealer_id": dealers, "customer_id": [10] * len(dealers),
+            "service_id": [5] * len(dealers), "usage_date": [date(2026, 10, 1)] * len(dealers),
+            "quantity": [Decimal("1")] * len(dealers), "amount": [Decimal(amount)] * len(dealers),
+            "usage_modified": [datetime(2026, 10, 1, 9)] * len(dealers), "service_status_id": [3] * len(dealers),
+            "service_name": ["a"] * len(dealers),
+        }))
+    root = tmp_path / "lake"
+    refresh_bronze(root, lambda _: rows([1, 2, 2, 3], [1, 2, 3, 4], "1"), None)
+    result, frame = refresh_bronze(root, lambda dealers: rows([2], [5], "9"), [2])
+    assert result.mode == "slice" and frame.equals(pl.read_parquet(bronze_path(root)))
+    for dealers in ([1, 2], [2, 3], [4], []):
+        from_frame = build_silver(root, P, dealers, frame)
+        frames = [pl.read_parquet(partition_path(root, "silver", table, P)) for table in SILVER_TABLES]
+        assert build_silver(root, P, dealers) == from_frame
+        assert all(pl.read_parquet(partition_path(root, "silver", table, P)).equals(expected)
+                   for table, expected in zip(SILVER_TABLES, frames, strict=True))
+
+
 def test_layers_build_the_same_files_under_a_url_root(tmp_path):
     """Bronze, silver and gold through materialize: a URL root gives the same frames as a local one."""
     bronze = normalize_bronze(pl.DataFrame({
@@ -270,7 +292,7 @@ def test_layers_build_the_same_files_under_a_url_root(tmp_path):
     }))
     local, url = tmp_path / "local", ObjectPath(f"file://{tmp_path}/url")
     for root in (local, url):
-        assert refresh_bronze(root, lambda _: bronze, None).rows == 3
+        assert refresh_bronze(root, lambda _: bronze, None)[0].rows == 3
         build_silver(root, P, [1])
         build_gold(root, P)
     for layer, table in [("silver", t) for t in SILVER_TABLES] + [("gold", t) for t in GOLD_TABLES]:

@@ -117,9 +117,10 @@ def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: st
     plan = plan_tick(cursor, snapshot)
     outcomes = {}
     if plan.runs_bronze:
-        refresh_bronze(root, lambda dealers: extract_relevant_usage(billing, cx_uri, dealers), plan.bronze_dealers)
-        for partner in plan.partitions:
-            build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner))
+        _, bronze = refresh_bronze(root, lambda dealers: extract_relevant_usage(billing, cx_uri, dealers),
+                                   plan.bronze_dealers)
+        for partner in plan.partitions:  # from the kept frame, as a tick's silver runs do
+            build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner), bronze)
             build_gold(root, partner)
             outcomes[partner] = PartitionOutcome(partner, OK, OK)
     now = datetime(2030, 1, 1)

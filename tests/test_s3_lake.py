@@ -84,7 +84,7 @@ def bronze_rows() -> pl.DataFrame:
 def test_bronze_silver_gold_and_the_state_on_s3(s3_root):
     root, s3 = s3_root
     rows = bronze_rows()
-    assert refresh_bronze(root, lambda _: rows, None).rows == 3
+    assert refresh_bronze(root, lambda _: rows, None)[0].rows == 3
     silver = build_silver(root, P, [1, 2])
     gold = build_gold(root, P)
     assert (silver.bronze_rows, gold.usage_report_rows) == (3, 2)
@@ -100,7 +100,7 @@ def test_bronze_silver_gold_and_the_state_on_s3(s3_root):
 
     # A one-dealer slice replaces that dealer's rows in the bronze object.
     fresh = rows.filter(pl.col("dealer_id") == 2).with_columns(pl.lit(7).alias("customer_id").cast(pl.Int64))
-    assert refresh_bronze(root, lambda dealers: fresh, [2]).mode == "slice"
+    assert refresh_bronze(root, lambda dealers: fresh, [2])[0].mode == "slice"
     assert pl.read_parquet(f"{root}/bronze/billing_usage_raw/data.parquet")["customer_id"].to_list() == [10, 10, 7]
 
     assert read_state_document(root) == (None, f"pipeline state {root}/_pipeline/detection_state.parquet does not exist")

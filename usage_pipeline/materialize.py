@@ -51,33 +51,39 @@ class GoldResult:
     active_services_rows: int
 
 
-def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None) -> BronzeResult:
-    """Full refresh (no dealers, or no bronze yet), else replace only the dealers' slice."""
+def refresh_bronze(
+    root: LakePath, extract: Extract, dealer_ids: list[int] | None
+) -> tuple[BronzeResult, pl.DataFrame]:
+    """Full refresh (no dealers, or no bronze yet), else replace only the dealers' slice.
+    Returns the frame written too: what the file now holds, for a caller that keeps it."""
     path = bronze_path(root)
     dealers = None if dealer_ids is None or not path.exists() else sorted(set(dealer_ids))
     fresh = extract(dealers)
     frame = fresh if dealers is None else merge_bronze(pl.read_parquet(path), fresh, dealers)
     write_parquet_atomic(frame, path)
-    return BronzeResult("full" if dealers is None else "slice", dealers, fresh.height, frame.height, str(path))
+    return BronzeResult("full" if dealers is None else "slice", dealers, fresh.height, frame.height, str(path)), frame
 
 
-def bronze_dealer_stats(root: LakePath) -> dict[int, DealerStats]:
-    """Every dealer's relevant-row stats, read back from the bronze file a full refresh just wrote."""
-    return dealer_stats(pl.scan_parquet(bronze_path(root)))
+def bronze_dealer_stats(root: LakePath, bronze: pl.DataFrame | None = None) -> dict[int, DealerStats]:
+    """Every dealer's relevant-row stats from the bronze a full refresh just wrote: the frame it
+    returned if the caller kept it, else read back from the file."""
+    return dealer_stats(pl.scan_parquet(bronze_path(root)) if bronze is None else bronze.lazy())
 
 
-def read_bronze_rows(root: LakePath, dealers: list[int]) -> pl.DataFrame:
-    """The dealers' bronze rows; row-group statistics on dealer_id let the scan skip the rest."""
+def read_bronze_rows(root: LakePath, dealers: list[int], bronze: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The dealers' bronze rows, from `bronze` (what the file holds, kept in memory) or from the file,
+    where row-group statistics on dealer_id let the scan skip the rest."""
     path = bronze_path(root)
-    if not path.exists():
+    if bronze is None and not path.exists():
         raise FileNotFoundError(f"bronze file {path} is missing; run billing-usage-raw first")
     if not dealers:
         return pl.DataFrame(schema=BRONZE_SCHEMA)
-    return pl.scan_parquet(path).filter(pl.col("dealer_id").is_in(dealers)).collect()
+    rows = pl.scan_parquet(path) if bronze is None else bronze.lazy()
+    return rows.filter(pl.col("dealer_id").is_in(dealers)).collect()
 
 
-def build_silver(root: LakePath, partner: str, dealers: list[int]) -> SilverResult:
-    rows = read_bronze_rows(root, dealers)
+def build_silver(root: LakePath, partner: str, dealers: list[int], bronze: pl.DataFrame | None = None) -> SilverResult:
+    rows = read_bronze_rows(root, dealers, bronze)
     aggregated = billing_usage_aggregated(rows, partner)
     monthly = billing_monthly_usage_by_service(aggregated, partner)
     for table, frame in zip(SILVER_TABLES, (aggregated, monthly), strict=True):
