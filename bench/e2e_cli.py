@@ -284,13 +284,16 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
                 for rep in range(1, reps + 1):
                     progress(f"{kind}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
                     floor.append(deployment_run(FLOOR_DEPLOYMENT, env))
-                    partitions_floor.append(deployment_run(PARTITIONS_FLOOR_DEPLOYMENT, env))
                     reset = run_checked([sys.executable, "-m", "orchestration.cli", "cursor", "reset",
                                          "--dealer", str(dealer)], env)
                     if not reset.startswith("Removed the cursor entries"):
                         raise RuntimeError(f"cursor reset --dealer {dealer}: {reset}")
                     one.append(deployment_run(DETECTION_DEPLOYMENT, env, ONE_DEALER))
                     quiet.append(deployment_run(DETECTION_DEPLOYMENT, env, NO_CHANGE))
+                # Last: the server is still recording a no-op partition phase's events some seconds after it ends.
+                for rep in range(1, reps + 1):
+                    progress(f"{kind}: no-op partitions, round {rep}/{reps}")
+                    partitions_floor.append(deployment_run(PARTITIONS_FLOOR_DEPLOYMENT, env))
                 slowest = max(one, key=lambda r: r.wall)
                 one_timeline = timeline(slowest, url)
         logs = "".join((work / name).read_text(errors="replace") for name in ("serve.log", "server.log"))

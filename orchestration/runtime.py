@@ -208,8 +208,8 @@ def leased_slots(names: list[str]) -> Iterator[None]:
     release of every use, about 90 ms of CPU each time, and a first tick holds slots
     40 times. A waiter asks again after the server's Retry-After but at most
     SLOT_POLL_SECONDS later, instead of sleeping up to 30 s (PrefectHQ/prefect#23183).
-    A lease that could not be renewed fails the run at the end: another run may have
-    held the slot meanwhile, so the work is redone on a later tick.
+    A lease lost while held fails the run at the end: another run may have held the
+    slot meanwhile, so the work is redone on a later tick.
     """
     holder = None if current_flow_run.id is None else ConcurrencyLeaseHolder(type="flow_run", id=current_flow_run.id)
     with get_client(sync_client=True) as client:
@@ -237,26 +237,32 @@ def leased_slots(names: list[str]) -> Iterator[None]:
                 client.release_concurrency_slots_with_lease(lease.lease_id)
             except Exception as exc:  # the lease still ends by itself, SLOT_LEASE_SECONDS at most after the last renewal
                 get_run_logger().warning("Could not release slot lease %s (%s); it expires by itself", lease.lease_id, exc)
-        if renewal.failure is not None:
-            raise RuntimeError(f"lost the lease on {names} while holding it ({renewal.failure}); "
+        if renewal.lost is not None:
+            raise RuntimeError(f"lost the lease on {names} while holding it ({renewal.lost}); "
                                "another run may have held the slot meanwhile")
 
 
 class LeaseRenewal(threading.Thread):
-    """Renews a slot lease every half lease while its holder works; records the first failure."""
+    """Renews a slot lease four times per lease period while its holder works, and records the
+    lease as lost when the server no longer knows it or no renewal got through for a whole period."""
 
-    def __init__(self, client: SyncPrefectClient, lease_id: UUID) -> None:
+    def __init__(self, client: SyncPrefectClient, lease_id: UUID, period: float = SLOT_LEASE_SECONDS / 4) -> None:
         super().__init__(name=f"lease-{lease_id}", daemon=True)
-        self.client, self.lease_id = client, lease_id
+        self.client, self.lease_id, self.period = client, lease_id, period
         self.stopped = threading.Event()
-        self.failure: Exception | None = None
+        self.lost: Exception | None = None
 
     def run(self) -> None:
-        while not self.stopped.wait(SLOT_LEASE_SECONDS / 2):
+        renewed = time.monotonic()
+        while not self.stopped.wait(self.period):
             try:
                 self.client.renew_concurrency_lease(self.lease_id, SLOT_LEASE_SECONDS)
-            except Exception as exc:  # a later renewal may still succeed, within the lease
-                self.failure = self.failure or exc
+                renewed = time.monotonic()
+            except Exception as exc:  # e.g. the server restarting: the next try may still be in time
+                gone = isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code == 410
+                if gone or time.monotonic() - renewed >= SLOT_LEASE_SECONDS:
+                    self.lost = exc
+                    return
 
     def stop(self) -> None:
         self.stopped.set()

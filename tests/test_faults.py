@@ -317,6 +317,24 @@ def test_a_slot_of_a_deleted_limit_fails_the_run_naming_it(pipeline):
     assert f"['{partner_limit(partner)}'] missing" in state.message, state.message
 
 
+def test_a_lease_the_server_no_longer_has_is_reported_lost(pipeline):
+    from orchestration.runtime import SLOT_LEASE_SECONDS, LeaseRenewal
+    from orchestration.setup import ensure_limit
+
+    name = partner_limit("eeeeeeee-0000-4000-8000-00000000000e")
+    ensure_limit(name, 1)
+    with get_client(sync_client=True) as client:
+        lease_id = client.increment_concurrency_slots_with_lease([name], 1, "concurrency", SLOT_LEASE_SECONDS).json()
+        renewal = LeaseRenewal(client, UUID(lease_id["lease_id"]), period=0.2)
+        renewal.start()
+        time.sleep(1)
+        assert renewal.is_alive() and renewal.lost is None  # renewed, and still held
+        client.release_concurrency_slots_with_lease(renewal.lease_id)  # as an expiry would
+        renewal.join(10)
+    assert not renewal.is_alive() and renewal.lost is not None
+    assert renewal.lost.response.status_code == 410  # Gone: expired or revoked
+
+
 @pytest.mark.parametrize("bad", ["../../etc", "x' OR '1'='1", "", "a" * 10_000, "AAAAAAAA-0000-4000-8000-00000000000G"])
 def test_bad_partner_uuid_is_rejected_before_any_io(pipeline, lake_root, bad):
     before = sorted(lake_root.parent.rglob("*"))
