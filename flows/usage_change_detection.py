@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
-from prefect.concurrency.sync import concurrency
 from prefect.states import Completed, Failed, State
 
 from flows.billing_usage_raw import billing_usage_raw
@@ -13,7 +12,7 @@ from flows.partner_gold import partner_gold
 from flows.partner_silver import partner_silver
 from orchestration.events import emit_partition_events, emit_tick_event
 from orchestration.report import publish_tick_artifacts
-from orchestration.runtime import SLOT_LEASE_SECONDS, SlotTaken, slot_taken
+from orchestration.runtime import SlotTaken, leased_slots
 from orchestration.setup import DETECTION_LIMIT, ensure_limit
 from orchestration.tick import Layers, run_tick
 from usage_pipeline.partners import PartnerUUID, parse_partner_uuid
@@ -37,12 +36,9 @@ def usage_change_detection(
     started = time.perf_counter()
     ensure_limit(DETECTION_LIMIT, 1)
     try:
-        # No timeout: a timed-out request can still be granted later, leaving an orphaned lease.
-        with concurrency(DETECTION_LIMIT, occupy=1, max_retries=0, strict=True, lease_duration=SLOT_LEASE_SECONDS):
+        with leased_slots([DETECTION_LIMIT], wait=False):
             report = run_tick(settings, LAYERS, dry_run, requested, full_refresh)
-    except SlotTaken as exc:
-        if not slot_taken(exc):
-            raise
+    except SlotTaken:
         get_run_logger().warning("Another detection tick is running; this one does nothing")
         report = TickReport(dry_run=dry_run, skipped="another detection tick is running")
     publish_tick_artifacts(report)

@@ -18,7 +18,6 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
 from prefect.client.schemas.objects import BlockDocument, ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError as SlotTaken
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.runtime import flow_run as current_flow_run
@@ -172,14 +171,8 @@ def tag_current_run(partner_uuid: str, layer: str) -> None:
         client.update_flow_run(current_flow_run.id, tags=sorted(tags | wanted))
 
 
-def slot_taken(exc: SlotTaken) -> bool:
-    """Whether a slot was refused because it is held (HTTP 423 Locked), not for another reason.
-
-    Prefect 3.8.8 raises one exception type for both and keeps the server's answer as its
-    cause; tests/test_faults.py (two ticks at once) fails if that ever changes.
-    """
-    cause = exc.__cause__
-    return isinstance(cause, PrefectHTTPStatusError) and cause.response.status_code == 423
+class SlotTaken(RuntimeError):
+    """A slot asked for without waiting is held by another run (the server answered 423 Locked)."""
 
 
 @contextmanager
@@ -200,13 +193,14 @@ def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[
 
 
 @contextmanager
-def leased_slots(names: list[str]) -> Iterator[None]:
-    """One slot of each limit in `names`, as a lease held by this flow run, waited for as long as it takes.
+def leased_slots(names: list[str], wait: bool = True) -> Iterator[None]:
+    """One slot of each limit in `names`, as a lease held by this flow run, waited for as long as it
+    takes (without `wait`, SlotTaken at once if one is held).
 
     What Prefect's `concurrency()` does, through the run's own API client: that one opens
     a new client (and TLS context) for the acquire, the first lease renewal and the
     release of every use, about 90 ms of CPU each time, and a first tick holds slots
-    40 times. A waiter asks again after the server's Retry-After but at most
+    41 times. A waiter asks again after the server's Retry-After but at most
     SLOT_POLL_SECONDS later, instead of sleeping up to 30 s (PrefectHQ/prefect#23183).
     A lease lost while held fails the run at the end: another run may have held the
     slot meanwhile, so the work is redone on a later tick.
@@ -222,6 +216,8 @@ def leased_slots(names: list[str]) -> Iterator[None]:
             except PrefectHTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise
+                if not wait:
+                    raise SlotTaken(f"a slot of {names} is held by another run") from None
                 time.sleep(min(float(exc.response.headers.get("Retry-After", SLOT_POLL_SECONDS)), SLOT_POLL_SECONDS))
         lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
         renewal = LeaseRenewal(client, lease.lease_id)
