@@ -36,7 +36,8 @@ def usage_change_detection(
     started = time.perf_counter()
     ensure_limit(DETECTION_LIMIT, 1)
     try:
-        with leased_slots([DETECTION_LIMIT], wait=False):
+        # A lost lease is logged, not raised: the tick's work is saved by then and its report must go out.
+        with leased_slots([DETECTION_LIMIT], wait=False, fail_if_lost=False):
             report = run_tick(settings, LAYERS, dry_run, requested, full_refresh)
     except SlotTaken:
         get_run_logger().warning("Another detection tick is running; this one does nothing")

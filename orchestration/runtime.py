@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -19,14 +20,15 @@ from prefect.client.schemas.actions import BlockDocumentUpdate
 from prefect.client.schemas.objects import BlockDocument, ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import MissingContextError, ObjectNotFound, PrefectHTTPStatusError
+from prefect.logging import get_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect_sqlalchemy import SqlAlchemyConnector
 from sqlalchemy.engine import Engine
 
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from orchestration.setup import PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, partner_limit
+from orchestration.setup import PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget_limits, partner_limit
 from usage_pipeline.detection import RunOutcome
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import dealer_directory
@@ -193,19 +195,20 @@ def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[
 
 
 @contextmanager
-def leased_slots(names: list[str], wait: bool = True) -> Iterator[None]:
+def leased_slots(names: list[str], wait: bool = True, fail_if_lost: bool = True) -> Iterator[LeaseRenewal]:
     """One slot of each limit in `names`, as a lease held by this flow run, waited for as long as it
-    takes (without `wait`, SlotTaken at once if one is held).
+    takes (without `wait`, SlotTaken at once if one is held). Yields the lease's renewal thread.
 
     What Prefect's `concurrency()` does, through the run's own API client: that one opens
-    a new client (and TLS context) for the acquire, the first lease renewal and the
-    release of every use, about 90 ms of CPU each time, and a first tick holds slots
-    41 times. A waiter asks again after the server's Retry-After but at most
-    SLOT_POLL_SECONDS later, instead of sleeping up to 30 s (PrefectHQ/prefect#23183).
-    A lease lost while held fails the run at the end: another run may have held the
-    slot meanwhile, so the work is redone on a later tick.
+    new clients (each with a TLS context) for the acquire and the release of every use and
+    renews the lease at once, about 90 ms of CPU per use, and a first tick holds slots 41
+    times. A waiter asks again after the server's Retry-After but at most SLOT_POLL_SECONDS
+    later, instead of sleeping up to 30 s (PrefectHQ/prefect#23183). A lease lost while held
+    is logged at once and, with `fail_if_lost`, fails the run when its body ends: another
+    run may have held the slot meanwhile, so the work is redone on a later tick.
     """
     holder = None if current_flow_run.id is None else ConcurrencyLeaseHolder(type="flow_run", id=current_flow_run.id)
+    logger = run_or_module_logger()
     with get_client(sync_client=True) as client:
         while True:
             try:
@@ -220,31 +223,42 @@ def leased_slots(names: list[str], wait: bool = True) -> Iterator[None]:
                     raise SlotTaken(f"a slot of {names} is held by another run") from None
                 time.sleep(min(float(exc.response.headers.get("Retry-After", SLOT_POLL_SECONDS)), SLOT_POLL_SECONDS))
         lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-        renewal = LeaseRenewal(client, lease.lease_id)
+        renewal = LeaseRenewal(client, lease.lease_id, logger)
         try:
-            missing = set(names) - {limit.name for limit in lease.limits}
+            missing = sorted(set(names) - {limit.name for limit in lease.limits})
             if missing:  # the server leases the limits it has and skips the others
-                raise RuntimeError(f"concurrency limit(s) {sorted(missing)} missing; run `usage-pipeline setup`")
+                forget_limits(missing)
+                raise RuntimeError(f"concurrency limit(s) {missing} missing (deleted while in use?); the next run"
+                                   " creates a partner's limit again, `usage-pipeline setup` the global ones")
             renewal.start()
-            yield
+            yield renewal
         finally:
             renewal.stop()
             try:
                 client.release_concurrency_slots_with_lease(lease.lease_id)
             except Exception as exc:  # the lease still ends by itself, SLOT_LEASE_SECONDS at most after the last renewal
-                get_run_logger().warning("Could not release slot lease %s (%s); it expires by itself", lease.lease_id, exc)
-        if renewal.lost is not None:
+                logger.warning("Could not release slot lease %s (%s); it expires by itself", lease.lease_id, exc)
+        if fail_if_lost and renewal.lost is not None:
             raise RuntimeError(f"lost the lease on {names} while holding it ({renewal.lost}); "
                                "another run may have held the slot meanwhile")
+
+
+def run_or_module_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The current run's logger (its lines show in the UI), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger(__name__)
 
 
 class LeaseRenewal(threading.Thread):
     """Renews a slot lease four times per lease period while its holder works, and records the
     lease as lost when the server no longer knows it or no renewal got through for a whole period."""
 
-    def __init__(self, client: SyncPrefectClient, lease_id: UUID, period: float = SLOT_LEASE_SECONDS / 4) -> None:
+    def __init__(self, client: SyncPrefectClient, lease_id: UUID, logger: logging.Logger | logging.LoggerAdapter,
+                 period: float = SLOT_LEASE_SECONDS / 4) -> None:
         super().__init__(name=f"lease-{lease_id}", daemon=True)
-        self.client, self.lease_id, self.period = client, lease_id, period
+        self.client, self.lease_id, self.logger, self.period = client, lease_id, logger, period
         self.stopped = threading.Event()
         self.lost: Exception | None = None
 
@@ -258,12 +272,15 @@ class LeaseRenewal(threading.Thread):
                 gone = isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code == 410
                 if gone or time.monotonic() - renewed >= SLOT_LEASE_SECONDS:
                     self.lost = exc
+                    self.logger.error("Lost slot lease %s (%s): another run may take the slot now", self.lease_id, exc)
                     return
+                self.logger.warning("Could not renew slot lease %s (%s); retrying", self.lease_id, exc)
 
     def stop(self) -> None:
+        """Stop renewing; a renewal still in flight is not waited for long (Prefect waits 2 s too)."""
         self.stopped.set()
         if self.is_alive():
-            self.join()
+            self.join(timeout=2)
 
 
 def without_subflow_heartbeats() -> AbstractContextManager:

@@ -91,8 +91,8 @@ _KNOWN_LIMITS: set[tuple[str, str]] = set()
 
 
 def ensure_limit(name: str, limit: int, update: bool = False) -> None:
-    """Create a global concurrency limit if missing: Prefect skips a missing limit silently when
-    another one named in the same `concurrency()` call exists (`strict` only fails when none does)."""
+    """Create a global concurrency limit if missing: the server leases the limits it has and skips
+    a missing one silently when another one named in the same request exists."""
     known = (str(PREFECT_API_URL.value()), name)
     if known in _KNOWN_LIMITS and not update:
         return
@@ -108,6 +108,11 @@ def ensure_limit(name: str, limit: int, update: bool = False) -> None:
                 except ObjectAlreadyExists:
                     pass  # created concurrently by another run
     _KNOWN_LIMITS.add(known)
+
+
+def forget_limits(names: list[str]) -> None:
+    """Found missing after all (deleted while in use): the next `ensure_limit` checks again."""
+    _KNOWN_LIMITS.difference_update({(str(PREFECT_API_URL.value()), name) for name in names})
 
 
 def index_check(billing: SqlAlchemyConnector) -> str:

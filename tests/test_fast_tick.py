@@ -43,9 +43,16 @@ def demo(harness, tmp_path, monkeypatch):
 
 
 def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo, monkeypatch):
+    import flows.partner_silver
+
     billing, made, tick, lake = demo
+    frames = []  # what each silver run was given as the tick's bronze: the frame, not a file to scan
+    build_silver = flows.partner_silver.build_silver
+    monkeypatch.setattr(flows.partner_silver, "build_silver",
+                        lambda root, partner, dealers, bronze: frames.append(bronze) or build_silver(root, partner, dealers, bronze))
     state, report = tick()
     assert state.is_completed(), state.message
+    assert len(frames) == len(made["partners"]) and all(frame is not None and frame.height for frame in frames)
     assert report.plan.first_run and set(report.partitions) == set(made["partners"])
     assert report.bronze.ok and report.bronze.name == "bronze-full"
     assert report.snapshot_reconciled  # every dealer counted, from the full extract

@@ -317,22 +317,37 @@ def test_a_slot_of_a_deleted_limit_fails_the_run_naming_it(pipeline):
     assert f"['{partner_limit(partner)}'] missing" in state.message, state.message
 
 
-def test_a_lease_the_server_no_longer_has_is_reported_lost(pipeline):
-    from orchestration.runtime import SLOT_LEASE_SECONDS, LeaseRenewal
+def test_a_slot_lease_the_server_no_longer_has_fails_the_run(pipeline, monkeypatch):
+    """Renewed while held; once the server forgets the lease (410 Gone), the run is told at once in its log
+    and fails when its work ends (another run may have held the slot meanwhile)."""
+    import logging
+
+    from prefect import flow
+
+    from orchestration import runtime
     from orchestration.setup import ensure_limit
 
-    name = partner_limit("eeeeeeee-0000-4000-8000-00000000000e")
+    class QuickRenewal(runtime.LeaseRenewal):
+        def __init__(self, client, lease_id, logger):
+            super().__init__(client, lease_id, logger, period=0.2)
+
+    monkeypatch.setattr(runtime, "LeaseRenewal", QuickRenewal)
+    name, seen = partner_limit("eeeeeeee-0000-4000-8000-00000000000e"), {}
     ensure_limit(name, 1)
-    with get_client(sync_client=True) as client:
-        lease_id = client.increment_concurrency_slots_with_lease([name], 1, "concurrency", SLOT_LEASE_SECONDS).json()
-        renewal = LeaseRenewal(client, UUID(lease_id["lease_id"]), period=0.2)
-        renewal.start()
-        time.sleep(1)
-        assert renewal.is_alive() and renewal.lost is None  # renewed, and still held
-        client.release_concurrency_slots_with_lease(renewal.lease_id)  # as an expiry would
-        renewal.join(10)
-    assert not renewal.is_alive() and renewal.lost is not None
-    assert renewal.lost.response.status_code == 410  # Gone: expired or revoked
+
+    @flow
+    def hold_slot() -> None:
+        with runtime.leased_slots([name]) as renewal, get_client(sync_client=True) as client:
+            time.sleep(1)
+            seen["renewed"] = renewal.is_alive() and renewal.lost is None
+            client.release_concurrency_slots_with_lease(renewal.lease_id)  # as an expiry would
+            renewal.join(10)
+            seen["lost"] = renewal.lost
+
+    state = hold_slot(return_state=True)
+    assert seen["renewed"] and seen["lost"].response.status_code == 410  # Gone: expired or revoked
+    assert state.is_failed() and "lost the lease" in state.message, state.message
+    assert isinstance(runtime.run_or_module_logger(), logging.Logger)  # outside a run: still a logger
 
 
 @pytest.mark.parametrize("bad", ["../../etc", "x' OR '1'='1", "", "a" * 10_000, "AAAAAAAA-0000-4000-8000-00000000000G"])
