@@ -81,7 +81,7 @@ def noop_silver(partner_uuid: str, cascade: bool = False) -> None:
     from orchestration.runtime import partner_slot
     from usage_pipeline.settings import load_settings
 
-    with partner_slot(partner_uuid, load_settings().max_concurrent_partitions):
+    with partner_slot(partner_uuid, load_settings()):
         pass
 
 

@@ -15,7 +15,7 @@ def partner_gold(partner_uuid: PartnerUUID) -> GoldResult:
     partner = parse_partner_uuid(partner_uuid)
     settings = load_settings()
     tag_current_run(partner, "gold")
-    with partner_slot(partner, settings.max_concurrent_partitions):
+    with partner_slot(partner, settings):
         result = build_gold(settings.lake_path, partner)
     get_run_logger().info(
         "Gold for partner %s: %d report row(s), %d active service(s)",

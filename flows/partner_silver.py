@@ -40,7 +40,7 @@ def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True) -> SilverRes
     partner = parse_partner_uuid(partner_uuid)
     settings = load_settings()
     tag_current_run(partner, "silver")
-    with partner_slot(partner, settings.max_concurrent_partitions):
+    with partner_slot(partner, settings):
         shared = tick_shared()
         bronze = None if shared is None else shared.bronze  # the tick's bronze, already in memory
         result = build_silver(settings.lake_path, partner, partner_dealers(partner), bronze)

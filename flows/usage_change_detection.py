@@ -10,6 +10,7 @@ from prefect.states import Completed, Failed, State
 from flows.billing_usage_raw import billing_usage_raw
 from flows.partner_gold import partner_gold
 from flows.partner_silver import partner_silver
+from orchestration.engine_logs import quiet_reported_tick_failures
 from orchestration.events import emit_partition_events, emit_tick_event
 from orchestration.report import publish_tick_artifacts
 from orchestration.runtime import SlotTaken, leased_slots
@@ -17,9 +18,10 @@ from orchestration.setup import DETECTION_LIMIT, ensure_limit
 from orchestration.tick import Layers, run_tick
 from usage_pipeline.partners import PartnerUUID, parse_partner_uuid
 from usage_pipeline.settings import load_settings
-from usage_pipeline.tick_report import TickReport
+from usage_pipeline.tick_report import TickFailed, TickReport
 
 LAYERS = Layers(bronze=billing_usage_raw, silver=partner_silver, gold=partner_gold)
+quiet_reported_tick_failures()
 
 
 @flow(name="usage-change-detection")
@@ -37,7 +39,7 @@ def usage_change_detection(
     ensure_limit(DETECTION_LIMIT, 1)
     try:
         # A lost lease is logged, not raised: the tick's work is saved by then and its report must go out.
-        with leased_slots([DETECTION_LIMIT], wait=False, fail_if_lost=False):
+        with leased_slots([DETECTION_LIMIT], settings.slot_lease_seconds, wait=False, fail_if_lost=False):
             report = run_tick(settings, LAYERS, dry_run, requested, full_refresh)
     except SlotTaken:
         get_run_logger().warning("Another detection tick is running; this one does nothing")
@@ -47,6 +49,6 @@ def usage_change_detection(
     emit_tick_event(report, time.perf_counter() - started)
     if report.skipped:
         return Completed(name="Skipped", message=report.summary(), data=report)
-    if not report.ok:
-        return Failed(message=report.summary(), data=report)
+    if not report.ok:  # the report itself is in the artifacts; the state carries its summary
+        return Failed(message=report.summary(), data=TickFailed(report))
     return Completed(message=report.summary(), data=report)

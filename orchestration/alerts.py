@@ -13,6 +13,7 @@ from uuid import UUID
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import BlockDocumentFilter, BlockDocumentFilterName
+from prefect.client.schemas.objects import BlockDocument
 from prefect.exceptions import ObjectNotFound
 
 from orchestration.events import FAILED_EVENT, FAILURES_LABEL, PARTITION_RESOURCE_PREFIX, TICK_EVENT, TICK_RESOURCE
@@ -33,9 +34,13 @@ def notification_block_id(name: str) -> UUID:
                 return client.read_block_document_by_name(document, slug).id
             except ObjectNotFound:
                 raise AlertSetupError(f"USAGE_ALERT_BLOCK={name!r}: no block {document!r} of type {slug!r}") from None
-        documents = client.read_block_documents(
-            block_document_filter=BlockDocumentFilter(name=BlockDocumentFilterName(any_=[name]))
+        # The client has no name filter for block documents; the server's filter endpoint has.
+        named = BlockDocumentFilter(name=BlockDocumentFilterName(any_=[name]))
+        response = client.request(
+            "POST", "/block_documents/filter",
+            json={"block_documents": named.model_dump(mode="json"), "include_secrets": False, "limit": 2},
         )
+        documents = [BlockDocument.model_validate(document) for document in response.json()]
     if len(documents) != 1:
         found = "no block" if not documents else f"{len(documents)} blocks"
         raise AlertSetupError(f"USAGE_ALERT_BLOCK={name!r}: {found} of that name; use <block-type-slug>/{name}")

@@ -15,11 +15,12 @@ DETECTION = "usage-change-detection"
 
 def cmd_setup(_: argparse.Namespace) -> int:
     from orchestration.alerts import setup_alerts
+    from orchestration.crashed_runs import setup_crash_detection
     from orchestration.setup import run_setup
     from usage_pipeline.settings import load_settings
 
     settings = load_settings()
-    for line in run_setup(settings) + setup_alerts(settings):
+    for line in run_setup(settings) + setup_crash_detection(settings) + setup_alerts(settings):
         print(line)
     return 0
 
@@ -27,8 +28,12 @@ def cmd_setup(_: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
+    from orchestration.crashed_runs import SERVE_HEARTBEAT_SECONDS
     from orchestration.deployments import runner_deployments
     from usage_pipeline.settings import load_settings
+
+    # The runs it starts inherit this environment: heartbeats often enough for the crashed-runs automation.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(SERVE_HEARTBEAT_SECONDS))
 
     # A tick runs bronze, then at most N partition runs at a time: N + 2 processes.
     serve(*runner_deployments(schedule=not args.no_schedule), limit=load_settings().max_concurrent_partitions + 2,
@@ -97,15 +102,16 @@ def run_demo_ticks(billing, made: dict) -> None:
     from orchestration.deployments import load_deployment_flow
     from usage_pipeline import demo_data
     from usage_pipeline.settings import load_settings
+    from usage_pipeline.tick_report import as_report
 
     usage_change_detection = load_deployment_flow(DETECTION)
 
     def tick(title: str) -> None:
         started = time.perf_counter()
         state = usage_change_detection(return_state=True)
-        report = state.result(raise_on_failure=False)
+        report = as_report(state.result(raise_on_failure=False))
         print(f"\n== {title}: {state.name} in {time.perf_counter() - started:.1f}s: {state.message}")
-        for partner, outcome in report.partitions.items():
+        for partner, outcome in (report.partitions if report else {}).items():
             print(f"   partner {partner}: silver {outcome.silver.state}, gold {outcome.gold.state if outcome.gold else '-'}")
 
     tick("First tick (no cursor: bronze and every partition)")

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+PIPELINE_TAG = "usage-pipeline"  # on every deployment, so on every run they start (automations match it)
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class DeploymentSpec:
     interval_seconds: float | None
     concurrency_limit: int | None
     collision_strategy: str | None
+    grace_period_seconds: int | None  # how long a run that took the slot may take to start
 
 
 def deployment_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
@@ -40,6 +42,7 @@ def deployment_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
                 interval_seconds=intervals[0] if intervals else None,
                 concurrency_limit=limit.get("limit"),
                 collision_strategy=limit.get("collision_strategy"),
+                grace_period_seconds=limit.get("grace_period_seconds"),
             )
         )
     return specs
@@ -65,7 +68,8 @@ def runner_deployments(schedule: bool) -> list:
         limit = None
         if spec.concurrency_limit is not None:
             strategy = ConcurrencyLimitStrategy(spec.collision_strategy or "ENQUEUE")
-            limit = ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy=strategy)
+            limit = ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy=strategy,
+                                           grace_period_seconds=spec.grace_period_seconds)
         deployments.append(
             load_deployment_flow(spec.name).to_deployment(
                 name=spec.name,

@@ -31,6 +31,7 @@ def tick_rows(report: TickReport) -> list[dict[str, object]]:
                 "why": "; ".join(reasons),
                 "silver": outcome.silver.state if outcome else ("dry run" if report.dry_run else "not run"),
                 "gold": outcome.gold.state if outcome and outcome.gold else "not run",
+                "error": (outcome.error or "") if outcome else "",
             }
         )
     return rows

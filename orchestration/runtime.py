@@ -17,6 +17,7 @@ from prefect import Flow, get_run_logger
 from prefect import tags as run_tags
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import BlockDocument, ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.deployments import run_deployment
@@ -24,6 +25,7 @@ from prefect.exceptions import MissingContextError, ObjectNotFound, PrefectHTTPS
 from prefect.logging import get_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+from prefect.states import Crashed
 from prefect_sqlalchemy import SqlAlchemyConnector
 from sqlalchemy.engine import Engine
 
@@ -32,9 +34,8 @@ from orchestration.setup import PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget
 from usage_pipeline.detection import RunOutcome
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import dealer_directory
+from usage_pipeline.settings import Settings
 
-# Leases are renewed while a run holds a slot; a crashed holder frees it after this long.
-SLOT_LEASE_SECONDS = 120
 SLOT_POLL_SECONDS = 1.0  # longest wait between two asks for a taken slot
 CHILD_POLL_SECONDS = 0.5
 SUBMIT_ATTEMPTS = 3
@@ -178,14 +179,14 @@ class SlotTaken(RuntimeError):
 
 
 @contextmanager
-def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[None]:
+def partner_slot(partner_uuid: str, settings: Settings) -> Iterator[None]:
     """Hold one slot of the partner's limit (one run per partner) and of the global partition limit."""
     name = partner_limit(partner_uuid)
     ensure_limit(name, 1)
-    ensure_limit(PARTITIONS_LIMIT, max_concurrent_partitions)
+    ensure_limit(PARTITIONS_LIMIT, settings.max_concurrent_partitions)
     logger = get_run_logger()
     logger.info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
-    with leased_slots([name, PARTITIONS_LIMIT]):
+    with leased_slots([name, PARTITIONS_LIMIT], settings.slot_lease_seconds):
         logger.info("Holding slot %s", name)
         try:
             yield
@@ -195,9 +196,12 @@ def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[
 
 
 @contextmanager
-def leased_slots(names: list[str], wait: bool = True, fail_if_lost: bool = True) -> Iterator[LeaseRenewal]:
+def leased_slots(
+    names: list[str], lease_seconds: float, wait: bool = True, fail_if_lost: bool = True
+) -> Iterator[LeaseRenewal]:
     """One slot of each limit in `names`, as a lease held by this flow run, waited for as long as it
     takes (without `wait`, SlotTaken at once if one is held). Yields the lease's renewal thread.
+    A holder that dies frees its slot `lease_seconds` after its last renewal (USAGE_SLOT_LEASE_SECONDS).
 
     What Prefect's `concurrency()` does, through the run's own API client: that one opens
     new clients (each with a TLS context) for the acquire and the release of every use and
@@ -213,7 +217,7 @@ def leased_slots(names: list[str], wait: bool = True, fail_if_lost: bool = True)
         while True:
             try:
                 response = client.increment_concurrency_slots_with_lease(
-                    names, 1, "concurrency", SLOT_LEASE_SECONDS, holder
+                    names, 1, "concurrency", lease_seconds, holder
                 )
                 break
             except PrefectHTTPStatusError as exc:
@@ -223,7 +227,7 @@ def leased_slots(names: list[str], wait: bool = True, fail_if_lost: bool = True)
                     raise SlotTaken(f"a slot of {names} is held by another run") from None
                 time.sleep(min(float(exc.response.headers.get("Retry-After", SLOT_POLL_SECONDS)), SLOT_POLL_SECONDS))
         lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-        renewal = LeaseRenewal(client, lease.lease_id, logger)
+        renewal = LeaseRenewal(client, lease.lease_id, logger, lease_seconds)
         try:
             missing = sorted(set(names) - {limit.name for limit in lease.limits})
             if missing:  # the server leases the limits it has and skips the others
@@ -236,7 +240,7 @@ def leased_slots(names: list[str], wait: bool = True, fail_if_lost: bool = True)
             renewal.stop()
             try:
                 client.release_concurrency_slots_with_lease(lease.lease_id)
-            except Exception as exc:  # the lease still ends by itself, SLOT_LEASE_SECONDS at most after the last renewal
+            except Exception as exc:  # the lease still ends by itself, lease_seconds at most after the last renewal
                 logger.warning("Could not release slot lease %s (%s); it expires by itself", lease.lease_id, exc)
         if fail_if_lost and renewal.lost is not None:
             raise RuntimeError(f"lost the lease on {names} while holding it ({renewal.lost}); "
@@ -256,9 +260,10 @@ class LeaseRenewal(threading.Thread):
     lease as lost when the server no longer knows it or no renewal got through for a whole period."""
 
     def __init__(self, client: SyncPrefectClient, lease_id: UUID, logger: logging.Logger | logging.LoggerAdapter,
-                 period: float = SLOT_LEASE_SECONDS / 4) -> None:
+                 lease_seconds: float, period: float | None = None) -> None:
         super().__init__(name=f"lease-{lease_id}", daemon=True)
-        self.client, self.lease_id, self.logger, self.period = client, lease_id, logger, period
+        self.client, self.lease_id, self.logger, self.lease_seconds = client, lease_id, logger, lease_seconds
+        self.period = lease_seconds / 4 if period is None else period
         self.stopped = threading.Event()
         self.lost: Exception | None = None
 
@@ -266,11 +271,11 @@ class LeaseRenewal(threading.Thread):
         renewed = time.monotonic()
         while not self.stopped.wait(self.period):
             try:
-                self.client.renew_concurrency_lease(self.lease_id, SLOT_LEASE_SECONDS)
+                self.client.renew_concurrency_lease(self.lease_id, self.lease_seconds)
                 renewed = time.monotonic()
             except Exception as exc:  # e.g. the server restarting: the next try may still be in time
                 gone = isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code == 410
-                if gone or time.monotonic() - renewed >= SLOT_LEASE_SECONDS:
+                if gone or time.monotonic() - renewed >= self.lease_seconds:
                     self.lost = exc
                     self.logger.error("Lost slot lease %s (%s): another run may take the slot now", self.lease_id, exc)
                     return
@@ -293,16 +298,46 @@ def without_subflow_heartbeats() -> AbstractContextManager:
 
 
 def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: list[str]) -> RunOutcome:
-    """Run a flow in this process as a subflow of the current run and return its final state."""
-    try:
-        with run_tags(*tags), without_subflow_heartbeats():
-            state = flow.with_options(flow_run_name=run_name)(**parameters, return_state=True)
-    except Exception as exc:  # the engine itself failed (e.g. the API is gone): this child failed
-        return RunOutcome(run_name, "Crashed", False, f"{type(exc).__name__}: {exc}")
+    """Run a flow in this process as a subflow of the current run and return its final state.
+
+    When the engine itself fails (a busy server's 503 past the client's own retries, the API
+    gone) before the subflow's run exists, it is tried again, up to SUBMIT_ATTEMPTS times; once
+    the run exists it is not (one run per layer and partition per tick): the run is marked Crashed
+    if it was left open, and the child counts as failed, to be redone on a later tick.
+    """
+    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        try:
+            with run_tags(*tags), without_subflow_heartbeats():
+                state = flow.with_options(flow_run_name=run_name)(**parameters, return_state=True)
+            break
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            created = abandon_subflow_runs(run_name, error)
+            if created is not None or attempt == SUBMIT_ATTEMPTS:
+                return RunOutcome(run_name, "Crashed", False, error, created)
+            run_or_module_logger().warning("Starting %s failed (%s); retrying", run_name, error)
+            time.sleep(2**attempt)
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     rows = getattr(result, "bronze_rows", None)  # a silver run's SilverResult
     return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id),
                       rows)
+
+
+def abandon_subflow_runs(run_name: str, error: str) -> str | None:
+    """The id of the current run's subflow run named `run_name` if one was created (None: none was),
+    marked Crashed unless it ended; best effort, as the API may be what failed."""
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[current_flow_run.id]),
+                name=FlowRunFilterName(any_=[run_name])))
+            for run in runs:
+                if run.state is None or not run.state.is_final():
+                    client.set_flow_run_state(run.id, Crashed(message=f"Abandoned by its parent: {error}"), force=True)
+    except Exception as exc:
+        run_or_module_logger().warning("Could not look up %s after it failed (%s)", run_name, exc)
+        return "unknown"  # it may exist: not tried again
+    return str(runs[0].id) if runs else None
 
 
 def run_child(

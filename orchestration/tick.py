@@ -13,10 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import polars as pl
 from prefect import Flow, get_run_logger
+from prefect.runtime import deployment as current_deployment
+from prefect.runtime import flow_run as current_flow_run
 
+from orchestration.crashed_runs import crash_orphaned_runs, heartbeat_problem
 from orchestration.runtime import (
     SourceError,
     TickShared,
@@ -41,7 +45,7 @@ from usage_pipeline.detection import (
     starts_over,
     with_bronze_stats,
 )
-from usage_pipeline.lake import LakePath, read_state_document, write_state_document
+from usage_pipeline.lake import LakePath, read_state_document, remove_stale_temp_files, write_state_document
 from usage_pipeline.materialize import bronze_dealer_stats
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
@@ -147,10 +151,14 @@ def materialize_partition(partner: str, layers: Layers, settings: Settings) -> P
     tags = [partner_tag(partner)]
     silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False}, f"silver-{partner}",
                        [*tags, layer_tag("silver")], settings)
-    if not silver.ok:
-        return PartitionOutcome(partner, silver, None)
-    gold = run_layer(layers.gold, {"partner_uuid": partner}, f"gold-{partner}", [*tags, layer_tag("gold")], settings)
-    return PartitionOutcome(partner, silver, gold)
+    gold = None
+    if silver.ok:
+        gold = run_layer(layers.gold, {"partner_uuid": partner}, f"gold-{partner}", [*tags, layer_tag("gold")],
+                         settings)
+    outcome = PartitionOutcome(partner, silver, gold)
+    if not outcome.ok:  # also when the run never started and so has no log of its own
+        get_run_logger().error("Partition %s failed: %s", partner, outcome.error)
+    return outcome
 
 
 def materialize_partitions(partners: list[str], layers: Layers, settings: Settings) -> dict[str, PartitionOutcome]:
@@ -206,11 +214,26 @@ def save_cursor(root: LakePath, cursor: Cursor, block_value: object, state: dict
     return False
 
 
+def clean_up_after_dead_processes(settings: Settings) -> None:
+    """What a killed process left: its runs still open (marked Crashed, this tick redoes their work), and
+    its temporary lake files."""
+    logger = get_run_logger()
+    deployment_id = UUID(current_deployment.id) if current_deployment.id else None
+    if deployment_id is not None and (problem := heartbeat_problem(settings.heartbeat_timeout_seconds)):
+        logger.warning(problem)  # this run could be marked Crashed while it works
+    if crashed := crash_orphaned_runs(UUID(current_flow_run.id), deployment_id):
+        logger.warning("Marked %d run(s) Crashed that a dead process had left open: %s", len(crashed), crashed)
+    if removed := remove_stale_temp_files(settings.lake_path):
+        logger.info("Removed %d temporary file(s) that killed writers left in the lake: %s", len(removed), removed)
+
+
 def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: frozenset[str], full_refresh: bool) -> TickReport:
     logger = get_run_logger()
     report = TickReport(dry_run=dry_run, requested=requested, full_refresh=full_refresh)
     now = datetime.now(UTC).replace(tzinfo=None)
     root = settings.lake_path
+    if not dry_run:  # a dry run changes nothing
+        clean_up_after_dead_processes(settings)
 
     cursor, block_value, state = read_cursor(root)
     report.cursor = cursor

@@ -17,14 +17,13 @@ from orchestration.runtime import read_cursor_value
 from usage_pipeline.cursor import Cursor, parse_cursor
 from usage_pipeline.lake import STATE_FILE, read_state_document
 from usage_pipeline.settings import load_settings
-from usage_pipeline.tick_report import TickReport
+from usage_pipeline.tick_report import TickReport, as_report
 
 
 def tick(**parameters: object) -> tuple[object, TickReport | None]:
     """One detection tick in this process; the report is None when the flow failed before its tick."""
     state = usage_change_detection(**parameters, return_state=True)
-    result = state.result(raise_on_failure=False)
-    return state, result if isinstance(result, TickReport) else None
+    return state, as_report(state.result(raise_on_failure=False))
 
 
 def cursor() -> Cursor:

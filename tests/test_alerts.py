@@ -14,53 +14,23 @@ import sys
 import threading
 import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from prefect.automations import Automation
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.blocks.system import Secret
 
 from orchestration.alerts import FAILING, STALLED
 from tests.conftest import pipeline_environ
 from tests.pipeline_helpers import tick
 from tests.sourcedata import PARTNER_A, PARTNER_B, SourceBuilder
+from tests.webhook import Receiver
 
 pytestmark = pytest.mark.integration
 STALL_SECONDS = 20  # for the stall itself; while ticks run, the automation allows STEADY_STALL_SECONDS
 STEADY_STALL_SECONDS = 300  # ticks on a loaded 2-core machine can be more than 20 s apart
 FAILED_TICKS = 2
-
-
-class Receiver(ThreadingHTTPServer):
-    """Records every POST body with the time it arrived."""
-
-    def __init__(self) -> None:
-        received: list[tuple[float, dict]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                received.append((time.time(), json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.received = received
-
-    def subjects(self, word: str) -> list[tuple[float, dict]]:
-        return [(at, body) for at, body in self.received if word in body["subject"]]
-
-    def wait_for(self, word: str, timeout: float) -> tuple[float, dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := self.subjects(word):
-                return found[0]
-            time.sleep(0.2)
-        raise AssertionError(f"no notification with {word!r} after {timeout}s; got {self.received}")
 
 
 @pytest.fixture
@@ -170,6 +140,24 @@ def test_setup_is_idempotent_for_automations_and_updates_thresholds(alerts):
     names = [a["name"] for a in automations]
     assert names.count(STALLED) == 1 and names.count(FAILING) == 1
     assert Automation.read(name=STALLED).trigger.within.total_seconds() == 45
+
+
+def test_setup_finds_the_alert_block_by_its_bare_name_when_only_one_block_has_it(alerts):
+    bare = setup_command(**{**alerts, "USAGE_ALERT_BLOCK": "usage-alerts-it"})
+    assert bare.returncode == 0, bare.stderr
+    assert f"alerts to usage-alerts-it: {STALLED} updated, {FAILING} updated" in bare.stdout
+    block_id = CustomWebhookNotificationBlock.load("usage-alerts-it")._block_document_id
+    assert Automation.read(name=FAILING).actions[0].block_document_id == block_id
+
+    missing = setup_command(**{**alerts, "USAGE_ALERT_BLOCK": "no-such-alerts"})
+    assert missing.returncode == 2 and "USAGE_ALERT_BLOCK='no-such-alerts': no block of that name" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    CustomWebhookNotificationBlock(name="other", url="http://127.0.0.1:9/other", allow_private_urls=True).save(
+        "usage-alerts-twice", overwrite=True)
+    Secret(value="x").save("usage-alerts-twice", overwrite=True)  # the same name on a second block type
+    ambiguous = setup_command(**{**alerts, "USAGE_ALERT_BLOCK": "usage-alerts-twice"})
+    assert ambiguous.returncode == 2 and "2 blocks of that name; use <block-type-slug>/usage-alerts-twice" in ambiguous.stderr
 
 
 def test_setup_without_an_alert_block_says_how_to_turn_alerts_on(pipeline):

@@ -297,6 +297,9 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     started = time.perf_counter()
     setup_out = stack.cli("setup", str(BIN / "usage-pipeline"), "setup", env=dict(stack.cli_env, **pipeline_environ()))
     assert "block billing-db: mysql" in setup_out and "index (usage_FK_dealer_id, usage_modified): present" in setup_out
+    assert "usage-crashed-runs created" in setup_out
+    # The CLI's environment keeps Prefect's 180 s heartbeat: setup says what the workers need instead.
+    assert "WARNING: PREFECT_FLOWS_HEARTBEAT_FREQUENCY is 180 here" in setup_out, setup_out
     stack.cli("work-pool", prefect, "work-pool", "create", POOL, "--type", "process")
     prefect_yaml = (REPO / "prefect.yaml").read_bytes()
     deploy_out = stack.cli("deploy", prefect, "--no-prompt", "deploy", "--all")
@@ -307,6 +310,7 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     assert [s["schedule"].get("interval") for s in detection["schedules"]] == [300.0], detection["schedules"]
     assert detection["global_concurrency_limit"]["limit"] == 1, detection
     assert detection["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", detection
+    assert detection["concurrency_options"]["grace_period_seconds"] == 60, detection
     for name in ("billing-usage-raw", "partner-silver", "partner-gold", "usage-change-detection"):
         deployment = stack.get(f"/deployments/name/{name}/{name}")
         assert deployment["work_pool_name"] == POOL, deployment
@@ -322,6 +326,7 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
             PREFECT_HOME=str(worker_home),
             PREFECT_API_URL=stack.api,
             PREFECT_WORKER_QUERY_SECONDS="2",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30",  # README "Deploying with workers"
             USAGE_LAKE_ROOT=str(stack.lake),
         )
         # Not started from the repository root: the deployments' pull step must get the runs there.

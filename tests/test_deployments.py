@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestration.deployments import deployment_specs, runner_deployments
+from orchestration.deployments import PIPELINE_TAG, deployment_specs, runner_deployments
 
 CONTRACT = {  # CONTRACT.md section 3
     "usage-change-detection": ("usage-change-detection", 300.0),
@@ -18,7 +18,8 @@ def test_prefect_yaml_declares_the_contract_deployments():
     assert {name: spec.interval_seconds for name, spec in specs.items()} == {n: c[1] for n, c in CONTRACT.items()}
     detection = specs["usage-change-detection"]
     assert (detection.concurrency_limit, detection.collision_strategy) == (1, "CANCEL_NEW")
-    assert all("usage-pipeline" in spec.tags for spec in specs.values())
+    assert detection.grace_period_seconds == 60  # a tick that died Pending frees the slot within a minute
+    assert all(PIPELINE_TAG in spec.tags for spec in specs.values())  # the crashed-runs automation matches it
 
 
 def test_serve_builds_exactly_what_prefect_yaml_declares():
@@ -33,6 +34,8 @@ def test_serve_builds_exactly_what_prefect_yaml_declares():
         assert intervals == ([spec.interval_seconds] if spec.interval_seconds else [])
         options = deployment.concurrency_options
         strategy = options.collision_strategy.value if options else None
+        grace = options.grace_period_seconds if options else None
         assert (deployment.concurrency_limit, strategy) == (spec.concurrency_limit, spec.collision_strategy)
+        assert grace == spec.grace_period_seconds
     unscheduled = {d.name: d.schedules for d in runner_deployments(schedule=False)}
     assert not unscheduled["usage-change-detection"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import json
 import socket
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from flows.partner_silver import partner_silver
 from orchestration.runtime import read_cursor_value
 from orchestration.setup import partner_limit
 from tests.conftest import PIPELINE_PASSWORD
-from tests.pipeline_helpers import cursor, file_ids, read, save_cursor_value, tick
+from tests.pipeline_helpers import RestApi, cursor, file_ids, read, save_cursor_value, tick
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
 from usage_pipeline.partners import InvalidPartnerUUID
+from usage_pipeline.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -306,7 +308,7 @@ def test_a_slot_of_a_deleted_limit_fails_the_run_naming_it(pipeline):
 
     @flow
     def hold_slot() -> None:
-        with partner_slot(partner, 2):
+        with partner_slot(partner, load_settings()):
             held.append(partner)
 
     ensure_limit(partner_limit(partner), 1)  # known to this process from now on
@@ -328,8 +330,8 @@ def test_a_slot_lease_the_server_no_longer_has_fails_the_run(pipeline, monkeypat
     from orchestration.setup import ensure_limit
 
     class QuickRenewal(runtime.LeaseRenewal):
-        def __init__(self, client, lease_id, logger):
-            super().__init__(client, lease_id, logger, period=0.2)
+        def __init__(self, client, lease_id, logger, lease_seconds):
+            super().__init__(client, lease_id, logger, lease_seconds, period=0.2)
 
     monkeypatch.setattr(runtime, "LeaseRenewal", QuickRenewal)
     name, seen = partner_limit("eeeeeeee-0000-4000-8000-00000000000e"), {}
@@ -337,7 +339,7 @@ def test_a_slot_lease_the_server_no_longer_has_fails_the_run(pipeline, monkeypat
 
     @flow
     def hold_slot() -> None:
-        with runtime.leased_slots([name]) as renewal, get_client(sync_client=True) as client:
+        with runtime.leased_slots([name], 60) as renewal, get_client(sync_client=True) as client:
             time.sleep(1)
             seen["renewed"] = renewal.is_alive() and renewal.lost is None
             client.release_concurrency_slots_with_lease(renewal.lease_id)  # as an expiry would
@@ -422,3 +424,86 @@ def test_no_password_in_logs_artifacts_or_parameters(materialized):
     )
     assert len(logs) > 10 and runs and artifacts
     assert PIPELINE_PASSWORD not in haystack
+
+
+def test_a_failed_tick_run_ends_with_its_summary_not_an_engine_traceback(materialized, lake_root, prefect_server):
+    """A served tick that fails: its state says the one-line summary, its log has no traceback of
+    Prefect's engine (nor the report's repr), and its report is in its artifacts."""
+    api = RestApi(prefect_server)
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-10 00:00:00' WHERE usage_FK_dealer_id = 3")
+    blocked = block_partition(lake_root, "gold", "active_services", PARTNER_B)
+    deployment = api.get("/deployments/name/usage-change-detection/usage-change-detection")
+    run = api.wait_final(api.post(f"/deployments/{deployment['id']}/create_flow_run", {})["id"], timeout=300)
+    assert run["state_name"] == "Failed"
+    assert run["state"]["message"] == "1 dealer(s) -> 1 partition(s), 0/1 ok", run["state"]["message"]
+
+    def logs() -> list[dict]:
+        return api.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+
+    deadline = time.monotonic() + 60
+    while not any("Finished in state Failed" in log["message"] for log in logs()):
+        assert time.monotonic() < deadline, [log["message"] for log in logs()]
+        time.sleep(1)
+    time.sleep(5)  # the engine's re-raise would be logged right after its last state
+    messages = [log["message"] for log in logs()]
+    assert not any("Engine execution exited" in m or "Traceback" in m or "TickReport(" in m for m in messages), messages
+    artifacts = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    runs_table = next(a for a in artifacts if a["key"] == "usage-tick-runs")
+    assert runs_table["description"] == run["state"]["message"]
+    assert PARTNER_B in json.dumps(runs_table["data"])
+
+    blocked.unlink()
+    state, report = tick()
+    assert state.is_completed() and set(report.partitions) == {PARTNER_B}, state.message
+
+
+def test_a_subflow_that_fails_before_its_run_exists_is_retried_and_one_left_open_is_crashed(pipeline, monkeypatch):
+    """The engine failing before the subflow's run exists (a busy server's 503) is tried again; once the run
+    exists it is not (one run per tick and partition), and a run it left open is marked Crashed."""
+    from prefect import flow
+    from prefect.states import Running
+
+    from orchestration import runtime
+
+    monkeypatch.setattr(runtime.time, "sleep", lambda seconds: None)  # the retry's back-off
+    calls = []
+
+    @flow(name="usage-it-child")
+    def child() -> str:
+        return "built"
+
+    real_with_options = child.with_options
+
+    def failing_before_the_run(**options):
+        runnable = real_with_options(**options)
+
+        def call(**parameters):
+            calls.append(options["flow_run_name"])
+            if len(calls) == 1:
+                raise RuntimeError("503 Service Unavailable on POST /task_runs/")
+            return runnable(**parameters)
+
+        return call
+
+    @flow(name="usage-it-parent")
+    def parent() -> tuple:
+        return runtime.run_subflow(child, {}, "child-retried", [])
+
+    monkeypatch.setattr(child, "with_options", failing_before_the_run)
+    retried = parent(return_state=True).result()
+    # (a loaded SQLite-backed server may add a real 503 of its own: more tries, never fewer)
+    assert calls[:2] == ["child-retried", "child-retried"] and retried.ok and retried.state == "Completed", retried
+
+    @flow(name="usage-it-parent")
+    def parent_of_a_dead_run() -> tuple:
+        with get_client(sync_client=True) as client:  # a subflow run the engine created, then lost
+            task = client.create_task_run(child, flow_run_id=runtime.current_flow_run.id, dynamic_key="0")
+            created = client.create_flow_run(child, name="child-left-open", parent_task_run_id=task.id, state=Running())
+        monkeypatch.setattr(child, "with_options", lambda **options: (_ for _ in ()).throw(RuntimeError("gone")))
+        return runtime.run_subflow(child, {}, "child-left-open", []), created.id
+
+    outcome, created = parent_of_a_dead_run(return_state=True).result()
+    assert not outcome.ok and outcome.flow_run_id == str(created) and "RuntimeError: gone" in outcome.message
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(created).state
+    assert state.is_crashed() and "Abandoned by its parent: RuntimeError: gone" in state.message

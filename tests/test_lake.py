@@ -22,6 +22,7 @@ from usage_pipeline.lake import (
     ObjectPath,
     bronze_path,
     partition_path,
+    remove_stale_temp_files,
     resolve_lake_root,
     write_parquet_atomic,
 )
@@ -177,30 +178,32 @@ def test_failed_first_write_leaves_no_file_at_all(tmp_path):
     assert os.listdir(path.parent) == []
 
 
-def test_stale_temp_files_are_removed_and_young_ones_kept(tmp_path):
-    path = tmp_path / "t" / "data.parquet"
-    path.parent.mkdir(parents=True)
+def test_stale_temp_files_are_removed_anywhere_in_the_lake_and_young_ones_kept(tmp_path):
+    path = tmp_path / "gold" / "t" / "data.parquet"
+    write_parquet_atomic(frame(1), path)
+    deeper = tmp_path / "silver" / "s" / "partner=x"
+    deeper.mkdir(parents=True)
     now = time.time()
     stale = path.parent / ".data.parquet.0123abcd.tmp"
-    young = path.parent / ".data.parquet.4567ef01.tmp"  # may belong to a concurrent writer
+    stale_deeper = deeper / ".data.parquet.76543210.tmp"
+    young = path.parent / ".data.parquet.4567ef01.tmp"  # may belong to a live writer
     almost = path.parent / ".data.parquet.89abcdef.tmp"
-    other_target = path.parent / ".other.parquet.0123abcd.tmp"
     unrelated = path.parent / "notes.tmp"
-    for file in (stale, young, almost, other_target, unrelated):
+    hidden = path.parent / ".keep.tmp"  # not a name write_parquet_atomic makes
+    for file in (stale, stale_deeper, young, almost, unrelated, hidden):
         file.write_bytes(b"partial")
-    os.utime(stale, (now - STALE_TEMP_SECONDS - 60, now - STALE_TEMP_SECONDS - 60))
-    os.utime(almost, (now - STALE_TEMP_SECONDS + 300, now - STALE_TEMP_SECONDS + 300))
-    os.utime(other_target, (now - 10 * STALE_TEMP_SECONDS,) * 2)
-    os.utime(unrelated, (now - 10 * STALE_TEMP_SECONDS,) * 2)
+    for file in (stale, stale_deeper, unrelated, hidden):
+        os.utime(file, (now - STALE_TEMP_SECONDS - 60,) * 2)
+    os.utime(almost, (now - STALE_TEMP_SECONDS + 300,) * 2)
 
-    write_parquet_atomic(frame(1), path)
+    removed = remove_stale_temp_files(tmp_path)
 
-    assert not stale.exists()
-    assert young.exists()
-    assert almost.exists()
-    assert other_target.exists()  # another file's temp files are not this writer's business
-    assert unrelated.exists()
+    assert sorted(removed) == ["gold/t/.data.parquet.0123abcd.tmp", "silver/s/partner=x/.data.parquet.76543210.tmp"]
+    assert not stale.exists() and not stale_deeper.exists()
+    assert young.exists() and almost.exists() and unrelated.exists() and hidden.exists()
     assert pl.read_parquet(path).equals(frame(1))
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+    assert remove_stale_temp_files(ObjectPath("s3://bucket/lake")) == []  # one upload per file: no temp files
 
 
 def test_stale_temp_cleanup_tolerates_a_file_removed_concurrently(tmp_path, monkeypatch):
@@ -214,14 +217,13 @@ def test_stale_temp_cleanup_tolerates_a_file_removed_concurrently(tmp_path, monk
 
     def vanishing_stat(self, *args, **kwargs):
         if self.name == stale.name and os.path.exists(self):
-            os.unlink(self)  # another writer removed it between glob and stat
+            os.unlink(self)  # another sweep removed it between glob and stat
         return real_stat(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "stat", vanishing_stat)
-    write_parquet_atomic(frame(2), path)
+    assert remove_stale_temp_files(tmp_path) == []
     monkeypatch.undo()
     assert not stale.exists()
-    assert pl.read_parquet(path).equals(frame(2))
 
 
 def test_empty_frame_keeps_its_schema_on_disk(tmp_path):

@@ -24,12 +24,14 @@ def test_defaults(clean_env, tmp_path):
     assert (settings.max_concurrent_partitions, settings.partition_runs) == (8, "subflow")
     assert (settings.reconcile_seconds, settings.child_run_timeout_seconds) == (3600, 3600)
     assert (settings.alert_block, settings.alert_stall_seconds, settings.alert_failed_ticks) == (None, 900, 3)
+    assert (settings.heartbeat_timeout_seconds, settings.slot_lease_seconds) == (90, 120)
 
 
 def test_every_variable_is_read_from_the_environment(clean_env):
     values = {"LAKE_ROOT": "s3://bucket/lake/", "MAX_CONCURRENT_PARTITIONS": "3", "RECONCILE_SECONDS": "60",
               "CHILD_RUN_TIMEOUT_SECONDS": "30.5", "PARTITION_RUNS": "deployment", "ALERT_BLOCK": "slack-webhook/ops",
-              "ALERT_STALL_SECONDS": "600", "ALERT_FAILED_TICKS": "5"}
+              "ALERT_STALL_SECONDS": "600", "ALERT_FAILED_TICKS": "5", "HEARTBEAT_TIMEOUT_SECONDS": "45",
+              "SLOT_LEASE_SECONDS": "60"}
     for name, value in values.items():
         clean_env.setenv(ENV_PREFIX + name, value)
     settings = load_settings()
@@ -38,6 +40,7 @@ def test_every_variable_is_read_from_the_environment(clean_env):
     assert settings.child_run_timeout_seconds == 30.5 and settings.partition_runs == "deployment"
     assert settings.alert_block == "slack-webhook/ops"
     assert (settings.alert_stall_seconds, settings.alert_failed_ticks) == (600, 5)
+    assert (settings.heartbeat_timeout_seconds, settings.slot_lease_seconds) == (45, 60)
 
 
 def test_a_relative_lake_root_is_made_absolute(clean_env, tmp_path):
@@ -58,6 +61,8 @@ def test_a_relative_lake_root_is_made_absolute(clean_env, tmp_path):
         ("USAGE_RECONCILE_SECONDS", "0"),
         ("USAGE_CHILD_RUN_TIMEOUT_SECONDS", "-5"),
         ("USAGE_PARTITION_RUNS", "worker"),
+        ("USAGE_HEARTBEAT_TIMEOUT_SECONDS", "30"),  # not above Prefect's shortest heartbeat period
+        ("USAGE_SLOT_LEASE_SECONDS", "59"),  # Prefect's shortest lease is 60 s
         ("USAGE_PARTITION_RUNS", "Deployment"),
         ("USAGE_PARTITION_RUNS", ""),
         ("USAGE_ALERT_STALL_SECONDS", "9"),

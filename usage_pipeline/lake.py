@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ ROW_GROUP_SIZE = 64_000  # small enough that a partner's dealers map to few row 
 # against 0.68 s) and reads it faster, for a file about 35 % larger (bench/README.md).
 COMPRESSION = "lz4"
 STALE_TEMP_SECONDS = 3600
+TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]+\.tmp$")  # write_parquet_atomic's: .<file name>.<hex>.tmp
 
 
 class ObjectPath(str):
@@ -105,7 +107,6 @@ def write_parquet_atomic(frame: pl.DataFrame, path: LakePath) -> None:
         frame.write_parquet(str(path), compression=COMPRESSION, statistics=True, row_group_size=ROW_GROUP_SIZE)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temp, "wb") as handle:
@@ -122,12 +123,23 @@ def write_parquet_atomic(frame: pl.DataFrame, path: LakePath) -> None:
         os.close(directory)
 
 
-def _remove_stale_temp_files(path: Path) -> None:
-    """Temporary files left by a killed writer; never read (hidden names), removed when old."""
+def remove_stale_temp_files(root: LakePath) -> list[str]:
+    """Delete the temporary files that killed writers left anywhere under a local root; returns their paths.
+
+    They are never read (hidden names) and one older than STALE_TEMP_SECONDS has no live writer
+    (a writer holds its file's slot while it writes). Object storage has none: each file is one upload.
+    """
+    if isinstance(root, ObjectPath) or not root.exists():
+        return []
     cutoff = time.time() - STALE_TEMP_SECONDS
-    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+    removed = []
+    for temp in root.rglob(".*.tmp"):
+        if not TEMP_NAME.match(temp.name):
+            continue
         try:
             if temp.stat().st_mtime < cutoff:
                 temp.unlink()
-        except FileNotFoundError:
+                removed.append(str(temp.relative_to(root)))
+        except FileNotFoundError:  # removed meanwhile by another sweep
             pass
+    return removed

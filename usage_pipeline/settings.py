@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     alert_block: str | None = Field(None, description="notification block for the alerts: <type-slug>/<name>")
     alert_stall_seconds: int = Field(900, ge=10, description="alert when no tick arrives for this long")
     alert_failed_ticks: int = Field(3, ge=1, description="alert when a partition failed this many ticks in a row")
+    # Crash recovery (README "Failure modes"): Prefect's heartbeats come at least 30 s apart, its leases last 60 s or more.
+    heartbeat_timeout_seconds: int = Field(
+        90, ge=45, description="mark a pipeline run Crashed after this long without a heartbeat"
+    )
+    slot_lease_seconds: int = Field(120, ge=60, description="a crashed holder's concurrency slot frees itself after this long")
 
     @property
     def lake_path(self) -> LakePath:

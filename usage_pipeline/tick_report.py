@@ -45,6 +45,22 @@ class TickReport:
         return f"{text}, {good}/{len(self.partitions)} ok"
 
 
+class TickFailed(Exception):
+    """A tick that did not fully succeed, as its Failed state's data: the one-line summary, which is what
+    Prefect shows and logs, with the whole report attached for a caller in the same process."""
+
+    def __init__(self, report: TickReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+def as_report(result: object) -> TickReport | None:
+    """A tick flow's result as its report (a failed tick's comes inside its TickFailed), else None."""
+    if isinstance(result, TickFailed):
+        result = result.report
+    return result if isinstance(result, TickReport) else None
+
+
 def reconcile_due(cursor: Cursor, now: datetime, every_seconds: float) -> bool:
     """Whether this tick re-checks every dealer (catches changes that leave MAX(usage_modified) alone)."""
     return cursor.reconciled_at is None or (now - cursor.reconciled_at).total_seconds() >= every_seconds
