@@ -6,6 +6,7 @@ store) and change only the cursor block, exactly as an edit in the Prefect UI wo
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -16,7 +17,7 @@ from orchestration.report import freshness_rows
 from orchestration.runtime import load_dealer_directory, load_source, read_cursor_value
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline.cursor import Cursor, format_timestamp, parse_cursor
-from usage_pipeline.explain import explain_dealer
+from usage_pipeline.explain import DetectionSchedule, explain_dealer
 from usage_pipeline.lake import read_state_document, state_path
 from usage_pipeline.partners import parse_partner_uuid
 from usage_pipeline.settings import load_settings
@@ -62,7 +63,13 @@ def show_cursor() -> list[str]:
 
 
 def reset_cursor(everything: bool, partners: list[str], dealers: list[int]) -> list[str]:
-    """Remove cursor entries so that the next tick rebuilds what was named; validate everything first."""
+    """Remove cursor entries so that the next tick rebuilds what was named; validate everything first.
+
+    The block is read as leniently as a tick reads it (`parse_cursor`): a value stored as a JSON
+    string is its object, and an entry a tick cannot read (a dealer id that is not an integer, an
+    unparsable timestamp) is kept as it is, with the tick's warning, unless it is one of the
+    named dealers' entries: then it goes too.
+    """
     if everything and (partners or dealers):
         raise OperatorError("--all cannot be combined with --partner or --dealer")
     if not (everything or partners or dealers):
@@ -71,14 +78,20 @@ def reset_cursor(everything: bool, partners: list[str], dealers: list[int]) -> l
     if everything:
         save_block_value({})
         return ["Cursor reset: the next tick rebuilds bronze and every partition."]
-    cursor, block_value, _ = load_cursor()
+    cursor, block_value, warnings = load_cursor()
+    lines = [f"WARNING: {warning}" for warning in warnings]
     if cursor.is_first_run:
-        return ["The cursor is already empty: the next tick rebuilds bronze and every partition."]
+        return [*lines, "The cursor is already empty: the next tick rebuilds bronze and every partition."]
     if cursor.dealer_seen is None:
-        return ["The pipeline's state is missing: the next tick rebuilds every partition anyway."]
+        return [*lines, "The pipeline's state is missing: the next tick rebuilds every partition anyway."]
+    value = block_object(block_value)  # keep whatever else the block holds: only these entries go
+    entries = value.get("dealer_last_modified")
+    entries = entries if isinstance(entries, dict) else {}
+    # dealers with an entry: those the tick reads, and those whose entry it cannot read (a bad timestamp)
+    held_entries = set(cursor.dealer_last_modified) | {d for d in map(entry_dealer, entries) if d is not None}
     remove: dict[int, str] = {}
     for partner in wanted:
-        held = [d for d, seen in cursor.dealer_seen.items() if seen.partner == partner and d in cursor.dealer_last_modified]
+        held = [d for d, seen in cursor.dealer_seen.items() if seen.partner == partner and d in held_entries]
         if not held:
             raise OperatorError(
                 f"partner {partner} has no dealer in the cursor (nothing of it was materialized);"
@@ -86,14 +99,32 @@ def reset_cursor(everything: bool, partners: list[str], dealers: list[int]) -> l
             )
         remove.update({d: f"partner {partner}" for d in held})
     for dealer in dealers:
-        if dealer not in cursor.dealer_last_modified:
+        if dealer not in held_entries:
             raise OperatorError(f"dealer {dealer} has no cursor entry (no relevant usage was materialized)")
         remove.setdefault(dealer, f"dealer {dealer}")
-    value = dict(block_value)  # keep whatever else the block holds: only these entries go
-    value["dealer_last_modified"] = {k: v for k, v in value["dealer_last_modified"].items() if int(k) not in remove}
+    value["dealer_last_modified"] = {k: v for k, v in entries.items() if entry_dealer(k) not in remove}
     save_block_value(value)
     named = ", ".join(sorted({why for why in remove.values()}))
-    return [f"Removed the cursor entries of dealer(s) {sorted(remove)} ({named}): the next tick rebuilds their partner(s)."]
+    return [*lines,
+            f"Removed the cursor entries of dealer(s) {sorted(remove)} ({named}): the next tick rebuilds their partner(s)."]
+
+
+def block_object(block_value: Any) -> dict[str, Any]:
+    """The block's value as a tick reads it: the object itself, or the object a JSON string holds; else empty."""
+    if isinstance(block_value, str | bytes):
+        try:
+            block_value = json.loads(block_value)
+        except ValueError:
+            return {}
+    return dict(block_value) if isinstance(block_value, dict) else {}
+
+
+def entry_dealer(key: str) -> int | None:
+    """The dealer of a `dealer_last_modified` key as `parse_cursor` reads it; None for a key it skips."""
+    try:
+        return int(key)
+    except ValueError:
+        return None
 
 
 def save_block_value(value: dict[str, Any]) -> None:
@@ -101,14 +132,19 @@ def save_block_value(value: dict[str, Any]) -> None:
     UsageCursor(value=value).save(CURSOR_DOCUMENT, overwrite=True)
 
 
-def detection_scheduled() -> bool | None:
-    """Whether the detection deployment has an active schedule; None when it is not deployed."""
+def detection_schedule() -> DetectionSchedule | None:
+    """Whether detection runs by itself: its deployment's schedule is active, paused, or there is none
+    (`usage-pipeline serve --no-schedule`); None when it is not deployed."""
     with get_client(sync_client=True) as client:
         try:
             deployment = client.read_deployment_by_name(DETECTION_DEPLOYMENT)
         except ObjectNotFound:
             return None
-    return not deployment.paused and any(schedule.active for schedule in deployment.schedules)
+    if deployment.paused:
+        return "paused"
+    if not deployment.schedules:
+        return "unscheduled"
+    return "scheduled" if any(schedule.active for schedule in deployment.schedules) else "paused"
 
 
 def explain(dealer: int) -> list[str]:
@@ -117,7 +153,7 @@ def explain(dealer: int) -> list[str]:
     billing = load_source(BILLING_BLOCK)
     try:
         with billing.engine.connect() as conn:
-            explanation = explain_dealer(conn, dealer, directory, cursor, detection_scheduled())
+            explanation = explain_dealer(conn, dealer, directory, cursor, detection_schedule())
     except Exception as exc:
         raise billing.error(exc) from None
     finally:

@@ -1,4 +1,4 @@
-"""Issue 11: Prefect 3.8.8 accepts the retention settings the README, demo and tests use, and deletes old runs.
+"""Issue 11: Prefect 3.9.1 accepts the retention settings the README, demo and tests use, and deletes old runs.
 
 A server of its own with those settings, except the two a test cannot wait for: the vacuum loop
 (every 2 s instead of hourly) and the flow-run retention (3601 s, the shortest Prefect accepts).

@@ -1,6 +1,6 @@
 """Headless Chromium on a Prefect server's default (V2) UI, for tests/test_ui.py.
 
-Selectors are those of Prefect 3.8.8's V2 UI. Every step waits for what it needs
+Selectors are those of Prefect 3.9.1's V2 UI. Every step waits for what it needs
 (the UI loads its data after the page), so a loaded machine only makes it slower.
 """
 

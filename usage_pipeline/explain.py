@@ -1,14 +1,15 @@
 """Why a dealer did or did not trigger: the seed's "not triggering despite data changes" checks, automated.
 
 Prefect-free: the caller passes a billing connection, the v3 directory, the cursor
-and whether detection is scheduled; `explain_dealer` returns a plain value whose
-`lines()` the CLI prints.
+and whether detection is scheduled (paused, or without a schedule); `explain_dealer`
+returns a plain value whose `lines()` the CLI prints.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -30,6 +31,10 @@ from usage_pipeline.schema import (
     service_data,
     usage,
 )
+
+# Whether detection runs by itself: an active schedule, a paused one (or a paused deployment),
+# or none at all (`usage-pipeline serve --no-schedule`: ticks run only when started by hand).
+DetectionSchedule = Literal["scheduled", "paused", "unscheduled"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class Explanation:
     materialized_under: str | None  # partner its rows were last materialized under (pipeline state)
     state_known: bool
     next_tick: str
-    detection_scheduled: bool | None  # None: unknown
+    detection_schedule: DetectionSchedule | None  # None: unknown
     hints: list[str]
 
     def lines(self) -> list[str]:
@@ -112,7 +117,7 @@ class Explanation:
             f"  cursor entry:      {_show(entry) if present else 'absent'}",
             f"  materialized under: {self.materialized_under or '-'}"
             + ("" if self.state_known else " (no pipeline state: every dealer is re-checked)"),
-            f"  detection:         {_schedule(self.detection_scheduled)}",
+            f"  detection:         {_schedule(self.detection_schedule)}",
             f"  next tick:         {self.next_tick}",
             *(f"  why: {hint}" for hint in self.hints),
         ]
@@ -122,10 +127,12 @@ def _show(value: datetime | None) -> str:
     return format_timestamp(value) or "NULL"
 
 
-def _schedule(scheduled: bool | None) -> str:
-    if scheduled is None:
+def _schedule(schedule: DetectionSchedule | None) -> str:
+    if schedule is None:
         return "unknown (deployment usage-change-detection not found)"
-    return "scheduled" if scheduled else "PAUSED: no tick runs until its schedule is resumed"
+    if schedule == "unscheduled":
+        return "no schedule: ticks run only when started by hand (e.g. `usage-pipeline serve --no-schedule`)"
+    return "scheduled" if schedule == "scheduled" else "PAUSED: no tick runs until its schedule is resumed"
 
 
 def explain_dealer(
@@ -133,7 +140,7 @@ def explain_dealer(
     dealer: int,
     directory: dict[int, str | None],
     cursor: Cursor,
-    detection_scheduled: bool | None,
+    detection_schedule: DetectionSchedule | None,
 ) -> Explanation:
     """What the next tick will do about `dealer` and, when nothing, which of the seed's causes applies."""
     rows = dealer_rows(conn, dealer)
@@ -148,8 +155,14 @@ def explain_dealer(
     seen = (cursor.dealer_seen or {}).get(dealer)
     entry = (dealer in cursor.dealer_last_modified, cursor.dealer_last_modified.get(dealer))
     next_tick, hints = _decide(cursor, snapshot, dealer, stats)
-    if detection_scheduled is False:
+    if detection_schedule == "paused":
         hints.append("detection is paused (Prefect UI: Deployments -> usage-change-detection -> schedule toggle)")
+    elif detection_schedule == "unscheduled":
+        hints.append(
+            "detection has no schedule: start a tick with `prefect deployment run"
+            " usage-change-detection/usage-change-detection`, or give it one (prefect.yaml's `schedules`"
+            " with `prefect deploy --all`, or `usage-pipeline serve` without --no-schedule)"
+        )
     return Explanation(
         dealer=dealer,
         rows=rows,
@@ -159,7 +172,7 @@ def explain_dealer(
         materialized_under=seen.partner if seen else None,
         state_known=cursor.dealer_seen is not None,
         next_tick=next_tick,
-        detection_scheduled=detection_scheduled,
+        detection_schedule=detection_schedule,
         hints=hints,
     )
 
