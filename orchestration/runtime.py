@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-import polars as pl
 from prefect import Flow, get_run_logger
 from prefect import tags as run_tags
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -28,7 +27,7 @@ from prefect_sqlalchemy import SqlAlchemyConnector
 from sqlalchemy.engine import Engine
 
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from orchestration.setup import PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget_limits, partner_limit
+from orchestration.setup import BRONZE_LIMIT, PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget_limits, partner_limit
 from usage_pipeline.detection import RunOutcome
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import dealer_directory
@@ -95,19 +94,13 @@ def read_dealer_directory() -> dict[int, str | None]:
     return partners
 
 
-@dataclass
+@dataclass(frozen=True)
 class TickShared:
-    """What the running tick already holds, for the subflows it runs in its own process.
-
-    `directory`: the v3 map it planned with (one v3 read per tick, and a partition holds
-    exactly the dealers the plan gave it). `bronze`: the frame its bronze subflow just
-    wrote, so each silver run takes its partner's rows from memory instead of scanning
-    the file again (2.0 s of 20 scans on the bench's first tick). Manual and deployment
-    runs, in processes of their own, have none of this and read v3 and the file.
-    """
+    """What the running tick already holds, for the subflows it runs in its own process: the v3
+    map it planned with (one v3 read per tick, and a partition holds exactly the dealers the plan
+    gave it). Manual and deployment runs, in processes of their own, read v3 themselves."""
 
     directory: dict[int, str | None]
-    bronze: pl.DataFrame | None = field(default=None, repr=False)
 
 
 _TICK_SHARED: ContextVar[TickShared | None] = ContextVar("usage_tick_shared", default=None)
@@ -192,6 +185,21 @@ def partner_slot(partner_uuid: str, max_concurrent_partitions: int) -> Iterator[
         finally:
             # Logged while still held: every log line of a holder precedes the next holder's "Holding".
             logger.info("Releasing slot %s", name)
+
+
+@contextmanager
+def bronze_slot() -> Iterator[None]:
+    """Hold the bronze table's one slot: its writes, compaction and vacuum never overlap (delta-rs
+    conflicts and #3622: one writer per table at a time)."""
+    ensure_limit(BRONZE_LIMIT, 1)
+    logger = get_run_logger()
+    logger.info("Waiting for concurrency slot %s", BRONZE_LIMIT)
+    with leased_slots([BRONZE_LIMIT]):
+        logger.info("Holding slot %s", BRONZE_LIMIT)
+        try:
+            yield
+        finally:
+            logger.info("Releasing slot %s", BRONZE_LIMIT)
 
 
 @contextmanager
@@ -302,7 +310,7 @@ def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: lis
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     rows = getattr(result, "bronze_rows", None)  # a silver run's SilverResult
     return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id),
-                      rows)
+                      rows, result=result)
 
 
 def run_child(
