@@ -1,13 +1,16 @@
-"""Bronze: the relevant-usage extract, one partitionless Parquet file.
+"""Bronze: the relevant-usage extract, a Delta table (usage_pipeline/bronze.py), one commit per run.
 
-A full refresh on first run (no `dealer_ids`) or when the file is missing;
-otherwise only the given dealers' rows are re-read and their slice replaced,
-so a tick's load on the billing database follows the change.
+A full refresh on first run (no `dealer_ids`) or when the table is missing;
+otherwise only the given dealers' rows are re-read and replaced, so a tick's
+load on the billing database and on the lake follows the change. The run holds
+the `usage-bronze` slot for its write and the table's maintenance, whoever started it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 
 import polars as pl
 from prefect import flow, get_run_logger, task
@@ -15,9 +18,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from orchestration.runtime import load_source, tick_shared
+from orchestration.runtime import bronze_slot, load_source
 from orchestration.setup import BILLING_BLOCK
-from usage_pipeline.extract import extract_relevant_usage
+from usage_pipeline.bronze import RUN_KEY, maintain
+from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import BronzeResult, refresh_bronze
 from usage_pipeline.settings import load_settings
 from usage_pipeline.transforms import BadSourceRows
@@ -34,28 +38,47 @@ def unless_bad_rows(task, task_run, state) -> bool:
     retry_jitter_factor=0.5,
     retry_condition_fn=unless_bad_rows,
 )
-def extract(dealer_ids: list[int] | None) -> pl.DataFrame:
-    """Read relevant usage from billing-db; transient source errors are retried with backoff."""
+def write_bronze(dealer_ids: list[int] | None, metadata: dict[str, str]) -> BronzeResult:
+    """Read relevant usage from billing-db into the table (a full refresh streams it in batches); a
+    failed attempt commits nothing, so transient source errors are retried with backoff."""
     source = load_source(BILLING_BLOCK)
     progress = create_progress_artifact(0.0, description="bronze extract")
 
     def report(done: int, total: int) -> None:
-        update_progress_artifact(progress, 100.0 * done / total)
+        update_progress_artifact(progress, 100.0 * done / max(total, 1))
+
+    def from_source(reads: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+        """Source errors named by the block (never with its password); the rows' own errors as they are."""
+        while True:
+            try:
+                batch = next(reads)
+            except StopIteration:
+                return
+            except BadSourceRows:
+                raise
+            except Exception as exc:
+                raise source.error(exc) from None
+            yield batch
+
+    def extract(dealers: list[int] | None) -> pl.DataFrame | Iterator[pl.DataFrame]:
+        if dealers is None:
+            return from_source(stream_relevant_usage(source.engine, source.connectorx_uri, on_progress=report))
+        try:
+            return extract_relevant_usage(source.engine, source.connectorx_uri, dealers, on_progress=report)
+        except BadSourceRows:
+            raise
+        except Exception as exc:
+            raise source.error(exc) from None
 
     started = time.perf_counter()
     try:
-        frame = extract_relevant_usage(source.engine, source.connectorx_uri, dealer_ids, on_progress=report)
-    except BadSourceRows:
-        raise  # names the rows; the database itself is fine
-    except Exception as exc:
-        raise source.error(exc) from None
+        result = refresh_bronze(load_settings().lake_path, extract, dealer_ids, metadata)
     finally:
         source.engine.dispose()
     seconds = time.perf_counter() - started
-    get_run_logger().info(
-        "Extracted %d relevant usage row(s) in %.2fs (%.0f rows/s)", frame.height, seconds, frame.height / max(seconds, 1e-9)
-    )
-    return frame
+    get_run_logger().info("Extracted and wrote %d relevant usage row(s) in %.2fs (%.0f rows/s)",
+                          result.extracted_rows, seconds, result.extracted_rows / max(seconds, 1e-9))
+    return result
 
 
 def bronze_run_name() -> str:
@@ -65,9 +88,18 @@ def bronze_run_name() -> str:
 
 @flow(name="billing-usage-raw", flow_run_name=bronze_run_name)
 def billing_usage_raw(dealer_ids: list[int] | None = None) -> BronzeResult:
-    result, frame = refresh_bronze(load_settings().lake_path, extract, dealer_ids)
-    shared = tick_shared()
-    if shared is not None:  # run by a tick in its process: its silver runs read these rows from memory
-        shared.bronze = frame
-    get_run_logger().info("Bronze %s refresh: %s now holds %d row(s)", result.describe(), result.path, result.rows)
-    return result
+    settings = load_settings()
+    root = settings.lake_path
+    logger = get_run_logger()
+    with bronze_slot(settings):
+        result = write_bronze(dealer_ids, {RUN_KEY: str(flow_run.id)})
+        if result.migrated:
+            logger.warning("Migrated the old bronze file %s/data.parquet into the Delta table and removed it",
+                           result.path)
+        logger.info("Bronze %s refresh: committed version %d of %s (%d row(s) written, %d in the table)",
+                    result.describe(), result.version, result.path, result.written_rows, result.rows)
+        maintenance = maintain(root)
+    if maintenance is not None:
+        logger.info("Bronze maintenance: compacted %d file(s) into %d, vacuumed %d file(s)",
+                    maintenance["compacted_removed"], maintenance["compacted_added"], maintenance["vacuumed"])
+    return replace(result, maintenance=maintenance)

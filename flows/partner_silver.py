@@ -36,17 +36,18 @@ def partner_dealers(partner_uuid: str) -> list[int]:
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")
-def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True) -> SilverResult:
+def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True, bronze_version: int | None = None) -> SilverResult:
+    """`bronze_version`: the bronze table version to read (a tick passes the one its bronze run
+    committed); None reads the newest."""
     partner = parse_partner_uuid(partner_uuid)
     settings = load_settings()
     tag_current_run(partner, "silver")
     with partner_slot(partner, settings):
-        shared = tick_shared()
-        bronze = None if shared is None else shared.bronze  # the tick's bronze, already in memory
-        result = build_silver(settings.lake_path, partner, partner_dealers(partner), bronze)
+        result = build_silver(settings.lake_path, partner, partner_dealers(partner), bronze_version)
     get_run_logger().info(
-        "Silver for partner %s: %d dealer(s), %d bronze row(s) -> %d daily and %d monthly row(s)",
-        partner, len(result.dealers), result.bronze_rows, result.aggregated_rows, result.monthly_rows,
+        "Silver for partner %s: %d dealer(s), %d bronze row(s) of version %s -> %d daily and %d monthly row(s)",
+        partner, len(result.dealers), result.bronze_rows, "newest" if bronze_version is None else bronze_version,
+        result.aggregated_rows, result.monthly_rows,
     )
     if cascade:  # after the slot is released: gold takes the partner's slot itself
         gold = run_subflow(partner_gold, {"partner_uuid": partner}, f"gold-{partner}",

@@ -100,7 +100,8 @@ def build_demo_source():
 def run_demo_ticks(billing, made: dict) -> None:
     """A first tick, a tick after one dealer changed, and a tick that finds nothing; then the lake's files."""
     from orchestration.deployments import load_deployment_flow
-    from usage_pipeline import demo_data
+    from usage_pipeline import bronze, demo_data
+    from usage_pipeline.lake import bronze_path
     from usage_pipeline.settings import load_settings
     from usage_pipeline.tick_report import as_report
 
@@ -122,9 +123,12 @@ def run_demo_ticks(billing, made: dict) -> None:
     tick("Third tick (nothing changed)")
 
     root = load_settings().lake_path
-    print(f"\nLake files under {root}:")
+    table = bronze.status(root)
+    print(f"\nLake under {root}:")
+    print(f"   {bronze_path(root).relative_to(root)}/ (Delta table: {table.describe() if table else 'none'})")
     for path in sorted(root.rglob("*.parquet")) if isinstance(root, Path) else []:
-        print(f"   {path.relative_to(root)}")
+        if path.relative_to(root).parts[0] != "bronze":
+            print(f"   {path.relative_to(root)}")
 
 
 def print_next_steps(ui: str, made: dict) -> None:

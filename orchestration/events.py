@@ -46,6 +46,7 @@ def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
             "reconciliation": bool(report.snapshot_reconciled),
             "dry_run": report.dry_run,
             "skipped": report.skipped,
+            "bronze": report.bronze_table,
         },
     )
 

@@ -16,6 +16,7 @@ from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from orchestration.report import freshness_rows
 from orchestration.runtime import load_dealer_directory, load_source, read_cursor_value
 from orchestration.setup import BILLING_BLOCK
+from usage_pipeline import bronze
 from usage_pipeline.cursor import Cursor, format_timestamp, parse_cursor
 from usage_pipeline.explain import DetectionSchedule, explain_dealer
 from usage_pipeline.lake import read_state_document, state_path
@@ -50,6 +51,8 @@ def show_cursor() -> list[str]:
         f" {len(cursor.dealer_last_modified)} dealer entr{'y' if len(cursor.dealer_last_modified) == 1 else 'ies'}"
         f"; pipeline state: {state_path(load_settings().lake_path)}"
     )
+    table = bronze.status(load_settings().lake_path)
+    lines.append("bronze: no Delta table yet" if table is None else f"bronze: {table.describe()}")
     if cursor.is_first_run and block_value is not None:
         lines.append("The cursor is empty: the next tick rebuilds bronze and every partition.")
     rows = freshness_rows(cursor)

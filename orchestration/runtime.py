@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-import polars as pl
 from prefect import Flow, get_run_logger
 from prefect import tags as run_tags
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -30,7 +29,7 @@ from prefect_sqlalchemy import SqlAlchemyConnector
 from sqlalchemy.engine import Engine
 
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from orchestration.setup import PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget_limits, partner_limit
+from orchestration.setup import BRONZE_LIMIT, PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget_limits, partner_limit
 from usage_pipeline.detection import RunOutcome
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import dealer_directory
@@ -96,19 +95,13 @@ def read_dealer_directory() -> dict[int, str | None]:
     return partners
 
 
-@dataclass
+@dataclass(frozen=True)
 class TickShared:
-    """What the running tick already holds, for the subflows it runs in its own process.
-
-    `directory`: the v3 map it planned with (one v3 read per tick, and a partition holds
-    exactly the dealers the plan gave it). `bronze`: the frame its bronze subflow just
-    wrote, so each silver run takes its partner's rows from memory instead of scanning
-    the file again (2.0 s of 20 scans on the bench's first tick). Manual and deployment
-    runs, in processes of their own, have none of this and read v3 and the file.
-    """
+    """What the running tick already holds, for the subflows it runs in its own process: the v3
+    map it planned with (one v3 read per tick, and a partition holds exactly the dealers the plan
+    gave it). Manual and deployment runs, in processes of their own, read v3 themselves."""
 
     directory: dict[int, str | None]
-    bronze: pl.DataFrame | None = field(default=None, repr=False)
 
 
 _TICK_SHARED: ContextVar[TickShared | None] = ContextVar("usage_tick_shared", default=None)
@@ -184,15 +177,31 @@ def partner_slot(partner_uuid: str, settings: Settings) -> Iterator[None]:
     name = partner_limit(partner_uuid)
     ensure_limit(name, 1)
     ensure_limit(PARTITIONS_LIMIT, settings.max_concurrent_partitions)
+    with logged_slots([name, PARTITIONS_LIMIT], settings):
+        yield
+
+
+@contextmanager
+def bronze_slot(settings: Settings) -> Iterator[None]:
+    """Hold the bronze table's one slot: its writes, compaction and vacuum never overlap (delta-rs
+    conflicts and #3622: one writer per table at a time)."""
+    ensure_limit(BRONZE_LIMIT, 1)
+    with logged_slots([BRONZE_LIMIT], settings):
+        yield
+
+
+@contextmanager
+def logged_slots(names: list[str], settings: Settings) -> Iterator[None]:
+    """`leased_slots`, waited for, with the run's log saying when it waits, holds and releases the first."""
     logger = get_run_logger()
-    logger.info("Waiting for concurrency slots %s and %s", name, PARTITIONS_LIMIT)
-    with leased_slots([name, PARTITIONS_LIMIT], settings.slot_lease_seconds):
-        logger.info("Holding slot %s", name)
+    logger.info("Waiting for concurrency slots %s", " and ".join(names))
+    with leased_slots(names, settings.slot_lease_seconds):
+        logger.info("Holding slot %s", names[0])
         try:
             yield
         finally:
             # Logged while still held: every log line of a holder precedes the next holder's "Holding".
-            logger.info("Releasing slot %s", name)
+            logger.info("Releasing slot %s", names[0])
 
 
 @contextmanager
@@ -320,7 +329,7 @@ def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: lis
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     rows = getattr(result, "bronze_rows", None)  # a silver run's SilverResult
     return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id),
-                      rows)
+                      rows, result=result)
 
 
 def abandon_subflow_runs(run_name: str, error: str) -> str | None:

@@ -29,6 +29,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 
 PARTITIONS_LIMIT = "usage-partitions"
 DETECTION_LIMIT = "usage-change-detection"
+BRONZE_LIMIT = "usage-bronze"  # one writer of the bronze table at a time: writes, compaction, vacuum
 
 
 class SetupError(ValueError):
@@ -140,5 +141,7 @@ def run_setup(settings: Settings, environ: dict[str, str] | None = None) -> list
     done.append(index_check(configs[0].connector))
     ensure_limit(PARTITIONS_LIMIT, settings.max_concurrent_partitions, update=True)
     ensure_limit(DETECTION_LIMIT, 1, update=True)
-    done.append(f"concurrency limits: {PARTITIONS_LIMIT}={settings.max_concurrent_partitions}, {DETECTION_LIMIT}=1")
+    ensure_limit(BRONZE_LIMIT, 1, update=True)
+    done.append(f"concurrency limits: {PARTITIONS_LIMIT}={settings.max_concurrent_partitions}, {DETECTION_LIMIT}=1,"
+                f" {BRONZE_LIMIT}=1")
     return done

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-import polars as pl
 from prefect import Flow, get_run_logger
 from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
@@ -34,6 +33,7 @@ from orchestration.runtime import (
     write_cursor_value,
 )
 from orchestration.setup import BILLING_BLOCK
+from usage_pipeline import bronze
 from usage_pipeline.cursor import Cursor, parse_cursor
 from usage_pipeline.detection import (
     PartitionOutcome,
@@ -46,7 +46,7 @@ from usage_pipeline.detection import (
     with_bronze_stats,
 )
 from usage_pipeline.lake import LakePath, read_state_document, remove_stale_temp_files, write_state_document
-from usage_pipeline.materialize import bronze_dealer_stats
+from usage_pipeline.materialize import BronzeResult, bronze_dealer_stats
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
 from usage_pipeline.schema import INDEX_ADVICE
@@ -96,13 +96,16 @@ def take_snapshot(
     return snapshot
 
 
-def complete_snapshot(snapshot: SourceSnapshot, root: LakePath, bronze: pl.DataFrame | None) -> SourceSnapshot:
-    """A start-over tick's dealer stats, from the bronze it just wrote (instead of a second full join)."""
+def complete_snapshot(snapshot: SourceSnapshot, root: LakePath, written: BronzeResult | None,
+                      version: int) -> SourceSnapshot:
+    """A start-over tick's dealer stats, from the bronze it just wrote (instead of a second full join):
+    counted by the bronze subflow from its extract, or read from the version a deployment run committed."""
     started = time.perf_counter()
-    complete = with_bronze_stats(snapshot, bronze_dealer_stats(root, bronze))
+    stats = written.stats if written is not None and written.stats is not None else bronze_dealer_stats(root, version)
+    complete = with_bronze_stats(snapshot, stats)
     get_run_logger().info(
-        "Counted the relevant rows of %d dealer(s) from the bronze extract in %.2fs",
-        len(complete.relevant), time.perf_counter() - started,
+        "Took the relevant rows of %d dealer(s) from bronze version %d in %.2fs",
+        len(complete.relevant), version, time.perf_counter() - started,
     )
     return complete
 
@@ -146,11 +149,12 @@ def run_bronze(plan: Plan, layers: Layers, settings: Settings) -> RunOutcome:
     return run_layer(layers.bronze, {"dealer_ids": plan.bronze_dealers}, name, [layer_tag("bronze")], settings)
 
 
-def materialize_partition(partner: str, layers: Layers, settings: Settings) -> PartitionOutcome:
-    """Silver (not cascading: gold follows here), then gold if silver succeeded."""
+def materialize_partition(partner: str, layers: Layers, settings: Settings, bronze_version: int) -> PartitionOutcome:
+    """Silver of the bronze version the tick committed (not cascading: gold follows here), then gold
+    if silver succeeded."""
     tags = [partner_tag(partner)]
-    silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False}, f"silver-{partner}",
-                       [*tags, layer_tag("silver")], settings)
+    silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False, "bronze_version": bronze_version},
+                       f"silver-{partner}", [*tags, layer_tag("silver")], settings)
     gold = None
     if silver.ok:
         gold = run_layer(layers.gold, {"partner_uuid": partner}, f"gold-{partner}", [*tags, layer_tag("gold")],
@@ -161,7 +165,8 @@ def materialize_partition(partner: str, layers: Layers, settings: Settings) -> P
     return outcome
 
 
-def materialize_partitions(partners: list[str], layers: Layers, settings: Settings) -> dict[str, PartitionOutcome]:
+def materialize_partitions(partners: list[str], layers: Layers, settings: Settings,
+                           bronze_version: int) -> dict[str, PartitionOutcome]:
     """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS chains in flight.
 
     Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
@@ -169,7 +174,7 @@ def materialize_partitions(partners: list[str], layers: Layers, settings: Settin
     with ThreadPoolExecutor(max_workers=settings.max_concurrent_partitions, thread_name_prefix="partition") as pool:
         futures = {
             partner: pool.submit(
-                contextvars.copy_context().run, materialize_partition, partner, layers, settings
+                contextvars.copy_context().run, materialize_partition, partner, layers, settings, bronze_version
             )
             for partner in partners
         }
@@ -179,16 +184,26 @@ def materialize_partitions(partners: list[str], layers: Layers, settings: Settin
 def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: Settings, report: TickReport) -> SourceSnapshot:
     """Bronze, then the partitions if it succeeded; their outcomes go into `report`. Returns the
     snapshot, completed from bronze when it awaited a full extract."""
-    with sharing_with_subflows(TickShared(snapshot.partners)) as shared:
+    with sharing_with_subflows(TickShared(snapshot.partners)):
         report.bronze = run_bronze(plan, layers, settings)
         if not report.bronze.ok:
             get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
             return snapshot
+        written = report.bronze.result if isinstance(report.bronze.result, BronzeResult) else None
+        version = written.version if written is not None else committed_version(settings.lake_path, report.bronze)
         if snapshot.awaiting_bronze:
-            snapshot = complete_snapshot(snapshot, settings.lake_path, shared.bronze)
+            snapshot = complete_snapshot(snapshot, settings.lake_path, written, version)
         if plan.partitions:
-            report.partitions = materialize_partitions(list(plan.partitions), layers, settings)
+            report.partitions = materialize_partitions(list(plan.partitions), layers, settings, version)
     return snapshot
+
+
+def committed_version(root: LakePath, outcome: RunOutcome) -> int:
+    """The version a bronze deployment run committed, from its commit's metadata."""
+    version = None if outcome.flow_run_id is None else bronze.version_committed_by(root, outcome.flow_run_id)
+    if version is None:
+        raise RuntimeError(f"{outcome.name} ended {outcome.state} but no bronze commit names it")
+    return version
 
 
 def read_cursor(root: LakePath) -> tuple[Cursor, object, dict | None]:
@@ -269,4 +284,6 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
             )
     report.cursor_saved = save_cursor(root, new_cursor, block_value, state)
     report.cursor = new_cursor
+    table = bronze.status(root)
+    report.bronze_table = None if table is None else table.payload()
     return report

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -32,10 +33,12 @@ from pathlib import Path
 
 import polars as pl
 import sqlalchemy as sa
+from deltalake import DeltaTable
 
 from orchestration import local_prefect
-from tests.pipeline_helpers import FINAL_STATE_TYPES, RestApi, file_ids, partition_files
+from tests.pipeline_helpers import FINAL_STATE_TYPES, RestApi, file_ids, partition_files, read_bronze
 from tests.sourcedata import active_services_truth, usage_report_truth
+from usage_pipeline import bronze
 from usage_pipeline.lake import STALE_TEMP_SECONDS, TEMP_NAME, bronze_path
 
 KINDS = ("serve", "child", "server", "mariadb")
@@ -52,6 +55,7 @@ FAST_RECOVERY_ENV = {
     "USAGE_HEARTBEAT_TIMEOUT_SECONDS": "45",
     "USAGE_SLOT_LEASE_SECONDS": "60",
 }
+BRONZE_RETENTION_SECONDS = 24 * 3600  # bronze.TABLE_CONFIG's delta.deletedFileRetentionDuration
 RECOVERY_TIMEOUT = 420  # seconds from the kill until a tick must have completed
 
 
@@ -378,7 +382,7 @@ def check_lake(stack: Stack, world: World, billing_admin: sa.Engine) -> list[str
         ).iter_rows(named=True)]
         if got != active_services_truth(billing_admin, partner):
             problems.append(f"partner {partner}: active_services differs from the SQL truth")
-    bronze_ids = pl.read_parquet(bronze_path(stack.lake), columns=["usage_id"])["usage_id"].to_list()
+    bronze_ids = read_bronze(stack.lake)["usage_id"].to_list()
     if len(bronze_ids) != len(set(bronze_ids)):
         problems.append(f"bronze: {len(bronze_ids) - len(set(bronze_ids))} duplicated row(s)")
     truth = world.relevant_usage_ids()
@@ -397,12 +401,22 @@ def temp_files(lake: Path) -> list[Path]:
     return [path for path in lake.rglob(".*.tmp") if TEMP_NAME.match(path.name)]
 
 
+def unreferenced_bronze_files(lake: Path) -> list[Path]:
+    """Data files under the bronze table that its current version does not use: a killed writer's,
+    or ones a later commit replaced (kept for time travel until the retention)."""
+    table = bronze_path(lake)
+    used = {table / name for name in DeltaTable(str(table)).files()}
+    return [path for path in table.rglob("*.parquet") if "_delta_log" not in path.parts and path not in used]
+
+
 def check_maintenance(stack: Stack) -> list[str]:
-    """A tick after recovery rewrites nothing, and removes any temporary file a killed writer left
-    once it is old (aged here by STALE_TEMP_SECONDS instead of waiting an hour)."""
+    """A tick after recovery rewrites nothing; it removes any temporary file a killed writer left once
+    that is old, and bronze's maintenance (the vacuum the bronze run does every MAINTENANCE_EVERY commits)
+    removes every data file no commit uses once past the retention. The leftovers are aged here instead
+    of waiting an hour, or the retention."""
     problems = []
-    leftovers = temp_files(stack.lake)
-    old = time.time() - STALE_TEMP_SECONDS - 60
+    leftovers = temp_files(stack.lake) + unreferenced_bronze_files(stack.lake)
+    old = time.time() - max(STALE_TEMP_SECONDS, BRONZE_RETENTION_SECONDS) - 60
     for path in leftovers:
         os.utime(path, (old, old))
     before = file_ids(stack.lake)
@@ -412,7 +426,10 @@ def check_maintenance(stack: Stack) -> list[str]:
     if file_ids(stack.lake) != before:
         problems.append("the tick after recovery rewrote lake files")
     if remaining := temp_files(stack.lake):
-        problems.append(f"temporary files left after maintenance: {remaining}")
+        problems.append(f"temporary files left after the tick: {remaining}")
+    bronze.maintain(stack.lake, force=True)  # no tick is running: nothing else writes the table now
+    if remaining := unreferenced_bronze_files(stack.lake):
+        problems.append(f"bronze files no commit uses left after maintenance: {remaining}")
     return problems
 
 
@@ -453,6 +470,6 @@ def summary(results: list[RoundResult]) -> dict[str, dict[str, object]]:
         of_kind = [r for r in results if r.kind == kind]
         recoveries = [r.recovery_seconds for r in of_kind]
         table[kind] = {"rounds": len(of_kind), "gold_equal_truth": sum(r.gold_equal_truth for r in of_kind),
-                       "killed_mid_tick": sum(r.killed_state != "Completed" for r in of_kind),
+                       "killed_tick_ended": dict(Counter(r.killed_state for r in of_kind)),
                        "recovery_median_s": statistics.median(recoveries), "recovery_worst_s": max(recoveries)}
     return table

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import polars as pl
+from deltalake import DeltaTable
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterTags
 
@@ -50,13 +51,22 @@ def save_cursor_value(value: object) -> None:
         )
 
 
-def file_ids(root: Path) -> dict[str, tuple[int, int]]:
-    """Identity of every data file of the lake (not the pipeline's state): a rewrite changes inode and mtime."""
-    return {
+def file_ids(root: Path) -> dict[str, object]:
+    """Identity of every data file of the lake (not the pipeline's state): a rewrite changes inode and mtime.
+    The bronze table counts as one entry, its version: every write of it is a commit."""
+    ids: dict[str, object] = {
         str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*.parquet"))
-        if p.relative_to(root).parts[0] != STATE_DIR
+        if p.relative_to(root).parts[0] not in (STATE_DIR, "bronze")
     }
+    if DeltaTable.is_deltatable(str(root / BRONZE_TABLE)):
+        ids[BRONZE_TABLE] = DeltaTable(str(root / BRONZE_TABLE)).version()
+    return ids
+
+
+def read_bronze(root: Path, version: int | None = None) -> pl.DataFrame:
+    """The bronze table as any Delta reader sees it."""
+    return pl.read_delta(str(root / BRONZE_TABLE), version=version)
 
 
 def rewritten(before: dict, after: dict) -> set[str]:
@@ -75,7 +85,7 @@ def partition_files(partner: str) -> set[str]:
     }
 
 
-BRONZE_FILE = "bronze/billing_usage_raw/data.parquet"
+BRONZE_TABLE = "bronze/billing_usage_raw"
 STATE_DIR = Path(STATE_FILE).parts[0]
 
 

@@ -29,7 +29,7 @@ import pytest
 
 from orchestration.local_prefect import SERVER_SETTINGS, free_port
 from tests.conftest import PIPELINE_PASSWORD, pipeline_environ, recreate_source_tables
-from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files, rewritten
+from tests.pipeline_helpers import BRONZE_TABLE, RestApi, file_ids, partition_files, rewritten
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 
 pytestmark = pytest.mark.integration
@@ -282,7 +282,7 @@ def _one_dealer_per_partner_tick(
     for (partner, layer), child in partition_runs.items():
         assert child["state_type"] == "COMPLETED", (partner, layer, child["state_name"])
         assert {f"partner:{partner}", f"layer:{layer}"} <= set(child["tags"]), child["tags"]
-    expected_files = {BRONZE_FILE} | partition_files(PARTNER_A) | partition_files(PARTNER_B)
+    expected_files = {BRONZE_TABLE} | partition_files(PARTNER_A) | partition_files(PARTNER_B)
     assert rewritten(before, file_ids(stack.lake)) == expected_files
     _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
     return run, children, wall
@@ -343,7 +343,7 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
     stack.timings["tick 1 (first run: bronze + 3 partitions)"] = wall1
     assert {f"partner={p}" for p in ALL_PARTNERS} <= {p.parent.name for p in stack.lake.rglob("data.parquet")}
     files = file_ids(stack.lake)
-    assert set(files) == {BRONZE_FILE} | set().union(*(partition_files(p) for p in ALL_PARTNERS)), sorted(files)
+    assert set(files) == {BRONZE_TABLE} | set().union(*(partition_files(p) for p in ALL_PARTNERS)), sorted(files)
     assert set(_partition_runs(children1)) == {(p, layer) for p in ALL_PARTNERS for layer in ("silver", "gold")}
     _assert_gold_matches_truth(stack.lake, billing, ALL_PARTNERS)
 

@@ -28,12 +28,13 @@ from orchestration import local_prefect
 from orchestration.runtime import read_cursor_value
 from tests.conftest import pipeline_environ
 from tests.pipeline_helpers import (
-    BRONZE_FILE,
+    BRONZE_TABLE,
     RestApi,
     child_runs,
     cursor,
     file_ids,
     partition_files,
+    read_bronze,
     rewritten,
     save_cursor_value,
     tick,
@@ -103,7 +104,7 @@ def test_deployment_run_detection_with_each_documented_parameter(materialized, l
     one = completed(deployment_run(api, DETECTION, f'partners=["{PARTNER_A}"]'))
     assert one["parameters"] == {"partners": [PARTNER_A]}
     assert one["state"]["message"] == "0 dealer(s) -> 1 partition(s), 1/1 ok"
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_A)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_A)
     assert {run.name for run in child_runs(one["id"]) if run.name.startswith("silver-")} == {f"silver-{PARTNER_A}"}
     assert read_cursor_value()["dealer_last_modified"] == entries
 
@@ -140,7 +141,7 @@ def test_cursor_reset_with_repeated_partner_and_dealer_flags(materialized, lake_
     state, report = tick()
     assert state.is_completed(), state.message
     assert set(report.partitions) == {PARTNER_A, PARTNER_C}
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_A) | partition_files(PARTNER_C)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_A) | partition_files(PARTNER_C)
 
     reset = usage_pipeline("cursor", "reset", "--dealer", "3", "--dealer", "4")
     assert reset.returncode == 0, reset.stderr
@@ -150,7 +151,7 @@ def test_cursor_reset_with_repeated_partner_and_dealer_flags(materialized, lake_
     assert state.is_completed(), state.message
     assert report.plan.dealer_changes == {3: "cursor entry removed", 4: "cursor entry removed"}
     assert set(report.partitions) == {PARTNER_B, PARTNER_C}
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_B) | partition_files(PARTNER_C)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_B) | partition_files(PARTNER_C)
 
 
 def test_cursor_reset_reads_the_block_as_leniently_as_a_tick(materialized, lake_root):
@@ -279,9 +280,11 @@ def assert_demo_ran(result: subprocess.CompletedProcess, workdir: Path) -> set[s
     assert third == ("Completed", "no changes")
     lake = workdir / "lake"
     assert f"Lake files under {lake}" in result.stdout
-    expected = {BRONZE_FILE, STATE_FILE} | {f for p in partners for f in partition_files(p)}
-    assert {str(p.relative_to(lake)) for p in lake.rglob("*.parquet")} == expected
+    expected = {STATE_FILE} | {f for p in partners for f in partition_files(p)}
+    assert {str(p.relative_to(lake)) for p in lake.rglob("*.parquet") if p.relative_to(lake).parts[0] != "bronze"} == expected
     assert all(f"   {path}" in result.stdout.splitlines() for path in expected)
+    assert re.search(rf"^   {BRONZE_TABLE}/ \(Delta table: version \d+, \d+ file\(s\), \d+ row\(s\)", result.stdout, re.M)
+    assert len(read_bronze(lake)) > 0
     assert {p.name for p in (workdir / "demo-source").iterdir()} >= {"billing.sqlite", "v3.sqlite"}
     return partners
 

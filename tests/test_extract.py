@@ -18,10 +18,17 @@ import sqlalchemy as sa
 
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
-from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, join_services
+from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, join_services, stream_relevant_usage
 from usage_pipeline.queries import relevant_stats
 from usage_pipeline.schema import billing_metadata, relevant_usage
-from usage_pipeline.transforms import BRONZE_SCHEMA, BadSourceRows, dealer_stats, normalize_bronze
+from usage_pipeline.transforms import (
+    BRONZE_SCHEMA,
+    BadSourceRows,
+    dealer_stats,
+    finish_dealer_stats,
+    normalize_bronze,
+    partial_dealer_stats,
+)
 
 EXTREMES = ("99999999999999.9999", "-99999999999999.9999", "0.0001", "-0.0001", "0.0000", "12345.6789")
 
@@ -31,6 +38,11 @@ pytestmark = pytest.mark.integration
 def connectorx_uri(transport: str) -> str | None:
     """What the bronze flow passes for a MariaDB source (connectorx), or None to read through pymysql."""
     return PIPELINE_CONNECTORX_URI if transport == "connectorx" else None
+
+
+def full_extract(engine: sa.Engine, uri: str | None, batch_rows: int = 500_000) -> pl.DataFrame:
+    """A full refresh's batches, put together in dealer order (as the table holds them)."""
+    return pl.concat(list(stream_relevant_usage(engine, uri, batch_rows))).sort("dealer_id", "usage_id")
 
 
 def plain_join(engine: sa.Engine) -> pl.DataFrame:
@@ -60,9 +72,16 @@ def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport)
     truth = plain_join(billing_source)
     assert truth.height == 13  # 7 relevant rows of the standard source (the excluded one is not) + 6 extremes
 
-    full = extract_relevant_usage(billing_source, uri, None)
+    full = full_extract(billing_source, uri)
     assert full.schema == pl.Schema(BRONZE_SCHEMA)
     assert full.equals(truth)
+    progress = []
+    batches = list(stream_relevant_usage(billing_source, uri, 4, lambda done, total: progress.append((done, total))))
+    with billing_source.connect() as conn:
+        usage_rows = conn.exec_driver_sql("SELECT COUNT(*) FROM `usage`").scalar()
+    assert len(batches) == -(-usage_rows // 4) and max(b.height for b in batches) <= 4  # keyed ranges of 4
+    assert progress[-1][0] == progress[-1][1] and [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert pl.concat(batches).sort("dealer_id", "usage_id").equals(truth)
     assert full.filter(pl.col("dealer_id") == 5)["amount"].to_list() == [Decimal(v) for v in EXTREMES]
     assert full.filter(pl.col("dealer_id") == 5)["quantity"].to_list() == [Decimal(v) for v in EXTREMES]
 
@@ -83,7 +102,11 @@ def test_dealer_stats_from_a_full_extract_equal_the_sources(billing_source, sour
     with billing_source.connect() as conn:
         truth = relevant_stats(conn, None)
     assert sorted(truth) == [1, 2, 3, 4, 5, 6, 9]
-    assert dealer_stats(extract_relevant_usage(billing_source, connectorx_uri(transport), None).lazy()) == truth
+    assert dealer_stats(full_extract(billing_source, connectorx_uri(transport)).lazy()) == truth
+    # counted batch by batch while streaming, as a full refresh does: the same
+    partials = [partial_dealer_stats(b.lazy()).collect()
+                for b in stream_relevant_usage(billing_source, connectorx_uri(transport), 3)]
+    assert finish_dealer_stats(pl.concat(partials).lazy()) == truth
 
 
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
@@ -92,8 +115,7 @@ def test_an_empty_table_gives_an_empty_bronze_with_the_full_schema(billing_sourc
     uri = connectorx_uri(transport)
     with source_engines[0].begin() as conn:
         conn.exec_driver_sql(f"DELETE FROM `{emptied}`")
-    for dealers in (None, [1, 3]):
-        frame = extract_relevant_usage(billing_source, uri, dealers)
+    for frame in (*stream_relevant_usage(billing_source, uri), extract_relevant_usage(billing_source, uri, [1, 3])):
         assert frame.height == 0 and frame.schema == pl.Schema(BRONZE_SCHEMA)
 
 
@@ -111,13 +133,13 @@ def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
         conn.execute(sa.insert(usage), [dict(
             usage_FK_customer_id=1, usage_FK_service_id=1, usage_FK_dealer_id=1 + n % 2, usage_date=date(2026, 10, 1),
             usage_quantity=Decimal(v), usage_amount=Decimal(v), usage_modified=datetime(2026, 10, 1)) for n, v in enumerate(values)])
-    full = extract_relevant_usage(engine, None, None)
+    full = full_extract(engine, None, 3)
     assert full.sort("usage_id")["amount"].to_list() == [Decimal(v) for v in values]
     assert full.equals(extract_relevant_usage(engine, None, [1, 2]))
     with engine.begin() as conn:
         conn.execute(sa.update(services).values(service_data_service_name="Téléphonie ✆"))
         truth = relevant_stats(conn, None)
-    assert dealer_stats(extract_relevant_usage(engine, None, None).lazy()) == truth
+    assert dealer_stats(full_extract(engine, None).lazy()) == truth
 
 
 def test_join_services_matches_both_keys_and_keeps_usage_order():

@@ -46,15 +46,16 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     import flows.partner_silver
 
     billing, made, tick, lake = demo
-    frames = []  # what each silver run was given as the tick's bronze: the frame, not a file to scan
+    versions = []  # the bronze version each silver run read: the one the tick's bronze run committed
     build_silver = flows.partner_silver.build_silver
     monkeypatch.setattr(flows.partner_silver, "build_silver",
-                        lambda root, partner, dealers, bronze: frames.append(bronze) or build_silver(root, partner, dealers, bronze))
+                        lambda root, partner, dealers, version: versions.append(version) or build_silver(root, partner, dealers, version))
     state, report = tick()
     assert state.is_completed(), state.message
-    assert len(frames) == len(made["partners"]) and all(frame is not None and frame.height for frame in frames)
-    assert report.plan.first_run and set(report.partitions) == set(made["partners"])
     assert report.bronze.ok and report.bronze.name == "bronze-full"
+    assert versions == [report.bronze.result.version] * len(made["partners"]) == [0] * len(made["partners"])
+    assert report.plan.first_run and set(report.partitions) == set(made["partners"])
+    assert report.bronze_table["version"] == 0 and report.bronze_table["files"] > 0
     assert report.snapshot_reconciled  # every dealer counted, from the full extract
     for partner in made["partners"]:
         gold = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
@@ -65,6 +66,7 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     state, report = tick()
     assert state.is_completed(), state.message
     assert set(report.partitions) == {partner} and report.plan.bronze_dealers == [dealers[0]]
+    assert versions[-1] == report.bronze.result.version == 1
     assert tick()[0].message == "no changes"
 
     # The source's own SQL re-checks every dealer and agrees with what the first tick counted from bronze.

@@ -45,7 +45,7 @@ def temp_files(directory: Path) -> list[str]:
 
 
 def test_paths_follow_the_contract(tmp_path):
-    assert bronze_path(tmp_path) == tmp_path / "bronze" / "billing_usage_raw" / "data.parquet"
+    assert bronze_path(tmp_path) == tmp_path / "bronze" / "billing_usage_raw"  # a Delta table's directory
     assert partition_path(tmp_path, "silver", "billing_usage_aggregated", P) == (
         tmp_path / "silver" / "billing_usage_aggregated" / f"partner={P}" / "data.parquet"
     )
@@ -262,8 +262,8 @@ def test_url_root_write_replace_and_exists(tmp_path):
     assert os.listdir(tmp_path / "gold" / "usage_report" / f"partner={P}") == ["data.parquet"]
 
 
-def test_silver_from_the_bronze_frame_a_refresh_returns_equals_silver_from_the_file(tmp_path):
-    """A tick's silver runs filter the frame bronze returned (a spliced one here) instead of the file."""
+def test_silver_reads_the_bronze_version_it_is_given_whatever_was_committed_since(tmp_path):
+    """A tick's silver runs read the version its bronze run committed (time travel), not the newest."""
     def rows(dealers, usage_ids, amount):
         return normalize_bronze(pl.DataFrame({
             "usage_id": usage_ids, "dealer_id": dealers, "customer_id": [10] * len(dealers),
@@ -273,15 +273,15 @@ def test_silver_from_the_bronze_frame_a_refresh_returns_equals_silver_from_the_f
             "service_name": ["a"] * len(dealers),
         }))
     root = tmp_path / "lake"
-    refresh_bronze(root, lambda _: rows([1, 2, 2, 3], [1, 2, 3, 4], "1"), None)
-    result, frame = refresh_bronze(root, lambda dealers: rows([2], [5], "9"), [2])
-    assert result.mode == "slice" and frame.equals(pl.read_parquet(bronze_path(root)))
-    for dealers in ([1, 2], [2, 3], [4], []):
-        from_frame = build_silver(root, P, dealers, frame)
-        frames = [pl.read_parquet(partition_path(root, "silver", table, P)) for table in SILVER_TABLES]
-        assert build_silver(root, P, dealers) == from_frame
-        assert all(pl.read_parquet(partition_path(root, "silver", table, P)).equals(expected)
-                   for table, expected in zip(SILVER_TABLES, frames, strict=True))
+    first = refresh_bronze(root, lambda _: rows([1, 2, 2, 3], [1, 2, 3, 4], "1"), None)
+    sliced = refresh_bronze(root, lambda dealers: rows([2], [5], "9"), [2])
+    assert (first.mode, sliced.mode, sliced.version) == ("full", "slice", first.version + 1)
+    assert build_silver(root, P, [2], first.version).bronze_rows == 2
+    aggregated = pl.read_parquet(partition_path(root, "silver", SILVER_TABLES[0], P))
+    assert aggregated["amount"].to_list() == [Decimal("2")]
+    assert build_silver(root, P, [2], sliced.version).bronze_rows == 1
+    assert build_silver(root, P, [2]).bronze_rows == 1  # a manual run: the newest
+    assert pl.read_parquet(partition_path(root, "silver", SILVER_TABLES[0], P))["amount"].to_list() == [Decimal("9")]
 
 
 def test_layers_build_the_same_files_under_a_url_root(tmp_path):
@@ -294,10 +294,10 @@ def test_layers_build_the_same_files_under_a_url_root(tmp_path):
     }))
     local, url = tmp_path / "local", ObjectPath(f"file://{tmp_path}/url")
     for root in (local, url):
-        assert refresh_bronze(root, lambda _: bronze, None)[0].rows == 3
+        assert refresh_bronze(root, lambda _: bronze, None).rows == 3
         build_silver(root, P, [1])
         build_gold(root, P)
     for layer, table in [("silver", t) for t in SILVER_TABLES] + [("gold", t) for t in GOLD_TABLES]:
         expected = pl.read_parquet(partition_path(local, layer, table, P))
         assert expected.height > 0 and pl.read_parquet(partition_path(url, layer, table, P)).equals(expected)
-    assert pl.read_parquet(bronze_path(url)).equals(bronze)
+    assert pl.read_delta(str(bronze_path(url))).sort("usage_id").select(*bronze.columns).equals(bronze)

@@ -21,7 +21,7 @@ from flows.partner_silver import partner_silver
 from orchestration.runtime import read_cursor_value
 from tests.cursors import combined
 from tests.pipeline_helpers import (
-    BRONZE_FILE,
+    BRONZE_TABLE,
     child_runs,
     cursor,
     file_ids,
@@ -53,7 +53,7 @@ def test_partners_parameter_rebuilds_exactly_those_partners(materialized, lake_r
     assert state.is_completed(), state.message
     assert report.plan.partitions == {PARTNER_B: ["requested by operator"]}
     assert report.plan.bronze_dealers == [3]
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_B)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_B)
     assert read_cursor_value()["dealer_last_modified"] == entries
     assert cursor().partitions[PARTNER_B].materialized_at > cursor().partitions[PARTNER_A].materialized_at
 
@@ -139,7 +139,7 @@ def test_cursor_reset_partner_rebuilds_exactly_that_partner(materialized, lake_r
     before = file_ids(lake_root)
     state, report = tick()
     assert set(report.partitions) == {PARTNER_A}
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_A)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_A)
     assert set(read_cursor_value()["dealer_last_modified"]) == {"1", "2", "3", "4", "9"}
 
 

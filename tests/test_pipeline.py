@@ -12,12 +12,13 @@ from prefect.client.orchestration import get_client
 from blocks.usage_cursor import CURSOR_DOCUMENT
 from orchestration.runtime import read_cursor_value
 from tests.pipeline_helpers import (
-    BRONZE_FILE,
+    BRONZE_TABLE,
     child_runs,
     cursor,
     file_ids,
     partition_files,
     read,
+    read_bronze,
     rewritten,
     save_cursor_value,
     tick,
@@ -57,10 +58,10 @@ def test_first_run_without_cursor_materializes_bronze_and_every_partition(source
     assert report.plan.first_run and report.plan.bronze_dealers is None
     assert set(report.partitions) == ALL_PARTNERS
     assert all(outcome.ok for outcome in report.partitions.values())
-    expected = {BRONZE_FILE} | set().union(*(partition_files(p) for p in ALL_PARTNERS))
+    expected = {BRONZE_TABLE} | set().union(*(partition_files(p) for p in ALL_PARTNERS))
     assert set(file_ids(lake_root)) == expected
 
-    bronze = pl.read_parquet(lake_root / BRONZE_FILE)
+    bronze = read_bronze(lake_root)
     assert sorted(bronze["dealer_id"].unique()) == [1, 2, 3, 4, 9]  # the excluded row is not there
     assert 99 not in bronze["amount"].cast(pl.Float64).to_list()
 
@@ -84,8 +85,9 @@ def test_child_runs_are_tagged_subflows_of_the_tick(source):
         if run.name.startswith(("silver-", "gold-")):
             layer, partner = run.name.split("-", 1)
             assert {f"partner:{partner}", f"layer:{layer}"} <= set(run.tags)
-            assert run.parameters == ({"partner_uuid": partner, "cascade": False} if layer == "silver"
-                                      else {"partner_uuid": partner})
+            # silver reads the bronze version the tick's bronze run committed
+            assert run.parameters == ({"partner_uuid": partner, "cascade": False, "bronze_version": 0}
+                                      if layer == "silver" else {"partner_uuid": partner})
 
 
 def test_no_change_runs_nothing_and_rewrites_nothing(materialized, lake_root):
@@ -107,7 +109,7 @@ def test_one_dealer_changed_rewrites_bronze_and_only_its_partner(materialized, l
     assert state.is_completed(), state.message
     assert set(report.partitions) == {PARTNER_B}
     assert report.plan.bronze_dealers == [3]
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_B)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_B)
     assert cursor().dealer_last_modified[3] == datetime(2026, 10, 2, 9, 0)
 
 
@@ -154,7 +156,7 @@ def test_cursor_edit_of_one_dealer_rematerializes_only_its_partner(materialized,
     state, report = tick()
 
     assert set(report.partitions) == {PARTNER_C}
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_C)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_C)
     assert "4" in read_cursor_value()["dealer_last_modified"]
 
 

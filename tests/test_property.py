@@ -27,7 +27,7 @@ from tests.pipeline_helpers import read
 from tests.sourcedata import RELEVANT_JOIN, SourceBuilder, active_services_truth, usage_report_truth
 from usage_pipeline.cursor import Cursor
 from usage_pipeline.detection import PartitionOutcome, RunOutcome, advance_cursor, plan_tick
-from usage_pipeline.extract import extract_relevant_usage
+from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import build_gold, build_silver, refresh_bronze
 from usage_pipeline.queries import dealer_directory, read_snapshot
 
@@ -117,10 +117,12 @@ def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: st
     plan = plan_tick(cursor, snapshot)
     outcomes = {}
     if plan.runs_bronze:
-        _, bronze = refresh_bronze(root, lambda dealers: extract_relevant_usage(billing, cx_uri, dealers),
-                                   plan.bronze_dealers)
-        for partner in plan.partitions:  # from the kept frame, as a tick's silver runs do
-            build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner), bronze)
+        def extract(dealers):  # a full refresh streams in small batches: several spills, sorted back
+            return (stream_relevant_usage(billing, cx_uri, 64) if dealers is None
+                    else extract_relevant_usage(billing, cx_uri, dealers))
+        written = refresh_bronze(root, extract, plan.bronze_dealers)
+        for partner in plan.partitions:  # from the version bronze committed, as a tick's silver runs do
+            build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner), written.version)
             build_gold(root, partner)
             outcomes[partner] = PartitionOutcome(partner, OK, OK)
     now = datetime(2030, 1, 1)

@@ -19,7 +19,7 @@ import pytest
 
 from orchestration import local_prefect
 from tests.conftest import pipeline_environ
-from tests.pipeline_helpers import BRONZE_FILE, RestApi, file_ids, partition_files
+from tests.pipeline_helpers import BRONZE_TABLE, RestApi, file_ids, partition_files
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 from usage_pipeline.lake import read_state_document
 
@@ -74,7 +74,7 @@ def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path)
         assert all(status["failures"] == 0 for status in state["partitions"].values()), state["partitions"]
         assert cursor["dealer_last_modified"]["3"] == "2026-10-12T00:00:00.000000Z"
         files = set(file_ids(lake))
-        assert files == {BRONZE_FILE} | set().union(*(partition_files(p) for p in ALL_PARTNERS))
+        assert files == {BRONZE_TABLE} | set().union(*(partition_files(p) for p in ALL_PARTNERS))
         for partner in ALL_PARTNERS:
             report = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
             assert [tuple(r.values()) for r in report.select(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -19,7 +18,6 @@ from usage_pipeline.transforms import (
     active_services,
     billing_monthly_usage_by_service,
     billing_usage_aggregated,
-    merge_bronze,
     money_from_units,
     normalize_bronze,
     usage_report,
@@ -189,59 +187,6 @@ def test_normalize_bronze_of_an_empty_extract_has_the_full_schema():
 def test_normalize_bronze_accepts_datetime_usage_modified(bronze):
     assert bronze.schema["usage_modified"] == pl.Datetime("us")
     assert bronze.filter(pl.col("usage_id") == 6)["usage_modified"].to_list() == [datetime(2026, 3, 1)]
-
-
-# --- merge_bronze -------------------------------------------------------------------------------
-
-
-def test_merge_bronze_replaces_exactly_the_slices_of_the_given_dealers(bronze):
-    current = normalize_bronze(
-        raw_frame(ROWS + [(9, 3, 300, 12, date(2026, 1, 1), d("1"), d("1"), None, 3, "Fax"),
-                          (10, 5, 500, 12, date(2026, 1, 1), d("9"), d("9"), None, 3, "Fax")])
-    )
-    fresh = normalize_bronze(
-        raw_frame([
-            (2, 1, 100, 10, date(2026, 1, 5), d("2"), d("4.5"), datetime(2026, 1, 7), 3, "Voice"),  # edited
-            (11, 1, 100, 10, date(2026, 1, 6), d("1"), d("1"), datetime(2026, 1, 7), 3, "Voice"),  # new
-            (12, 4, 400, 10, date(2026, 1, 6), d("1"), d("2"), datetime(2026, 1, 7), 3, "Voice"),  # new dealer
-        ])
-    )
-    merged = merge_bronze(current, fresh, [1, 4, 5])  # dealer 5's rows are gone from the source
-    assert schema_of(merged) == BRONZE_SCHEMA
-    assert merged.select("dealer_id", "usage_id").rows() == [
-        (1, 2), (1, 11), (2, 5), (2, 6), (2, 7), (3, 9), (4, 12),
-    ]
-    assert merged.filter(pl.col("usage_id") == 2)["amount"].to_list() == [Decimal("4.5000")]
-    # untouched dealers are kept byte for byte
-    assert merged.filter(pl.col("dealer_id").is_in([2, 3])).equals(current.filter(pl.col("dealer_id").is_in([2, 3])))
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_merge_bronze_equals_filtering_and_sorting_again(seed):
-    """The slice-and-splice merge gives exactly what replacing and re-sorting would, whatever dealers
-    change, appear or vanish, and whatever order a current file was written in."""
-    rng = random.Random(seed)
-
-    def rows(usage_ids: list[int], dealers: list[int]) -> pl.DataFrame:
-        return normalize_bronze(raw_frame([
-            (u, rng.choice(dealers), 100, 10, date(2026, 1, 1), d("1"), d(str(u)), datetime(2026, 1, 2), 3, "Voice")
-            for u in usage_ids
-        ]))
-
-    current = rows(rng.sample(range(1, 500), rng.randint(0, 120)), list(range(1, 30)))
-    if seed % 4 == 0:
-        current = current.sample(fraction=1.0, shuffle=True, seed=seed)  # written in another order
-    dealers = rng.sample(range(1, 35), rng.randint(1, 6))
-    fresh = rows(rng.sample(range(500, 900), rng.randint(0, 40)), dealers)
-    expected = pl.concat([current.filter(~pl.col("dealer_id").is_in(dealers)), fresh]).sort("dealer_id", "usage_id")
-    assert merge_bronze(current, fresh, dealers).equals(expected)
-
-
-def test_merge_bronze_with_an_empty_fresh_extract_removes_the_dealers(bronze):
-    merged = merge_bronze(bronze, normalize_bronze(raw_frame([])), [2])
-    assert set(merged["dealer_id"].to_list()) == {1}
-    assert merged.height == 5
-    assert schema_of(merged) == BRONZE_SCHEMA
 
 
 # --- silver: billing_usage_aggregated -------------------------------------------------------------

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from tests.pipeline_helpers import (
-    BRONZE_FILE,
+    BRONZE_TABLE,
     RestApi,
     file_ids,
     partition_files,
@@ -125,7 +125,7 @@ def test_removing_a_dealer_in_the_editor_rebuilds_exactly_its_partner(browser, a
     state, report = tick()
     assert state.is_completed(), state.message
     assert set(report.partitions) == {PARTNER_C}
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_C)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_C)
 
 
 def test_detection_run_page_leads_to_the_freshness_table_of_every_partner(browser, api, first_tick):
@@ -170,4 +170,4 @@ def test_custom_run_form_rebuilds_the_partner_entered(browser, api, first_tick, 
     assert run["deployment_id"] == deployment["id"]
     assert run["parameters"]["partners"] == [PARTNER_A]
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
-    assert rewritten(before, file_ids(lake_root)) == {BRONZE_FILE} | partition_files(PARTNER_A)
+    assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_A)

@@ -118,6 +118,7 @@ class RunOutcome:
     message: str | None = None
     flow_run_id: str | None = None
     rows: int | None = None  # bronze rows a silver run read, when its result is at hand (subflows)
+    result: object = field(default=None, repr=False, compare=False)  # the run's return value (subflows)
 
 
 @dataclass(frozen=True)

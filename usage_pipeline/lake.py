@@ -1,6 +1,7 @@
-"""The lake: paths of CONTRACT.md section 6 and atomic Parquet replacement.
+"""The lake: paths of CONTRACT.md section 6 and atomic Parquet replacement (bronze, a Delta
+table, commits its own way: usage_pipeline/bronze.py).
 
-A reader sees the old file or the new one, never a partial file. On a local
+For silver, gold and the state file, a reader sees the old file or the new one, never a partial file. On a local
 or shared file system, data is written to a hidden temporary file beside the
 target, fsynced, then renamed over it (rename is atomic on POSIX file
 systems). Under an object-storage root (`s3://…`, `gs://…`, `az://…`,
@@ -30,9 +31,9 @@ DATA_FILE = "data.parquet"
 # The pipeline's own bookkeeping (flows/cursor.py): beside the data it describes, so that it is
 # written the same atomic way on every kind of root, and a lake wiped by hand takes it along.
 STATE_FILE = "_pipeline/detection_state.parquet"
-ROW_GROUP_SIZE = 64_000  # small enough that a partner's dealers map to few row groups
-# lz4 writes the 3.3 M-row bronze file in about half the time of polars' default zstd (0.35 s
-# against 0.68 s) and reads it faster, for a file about 35 % larger (bench/README.md).
+ROW_GROUP_SIZE = 64_000
+# lz4 wrote the 3.3 M-row bronze file in about half the time of polars' default zstd (0.35 s
+# against 0.68 s) and reads faster, for a file about 35 % larger (bench/README.md).
 COMPRESSION = "lz4"
 STALE_TEMP_SECONDS = 3600
 TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]+\.tmp$")  # write_parquet_atomic's: .<file name>.<hex>.tmp
@@ -67,7 +68,8 @@ def resolve_lake_root(value: str) -> LakePath:
 
 
 def bronze_path(root: LakePath) -> LakePath:
-    return root / "bronze" / BRONZE_TABLE / DATA_FILE
+    """The bronze Delta table's directory."""
+    return root / "bronze" / BRONZE_TABLE
 
 
 def partition_path(root: LakePath, layer: str, table: str, partner_uuid: str) -> LakePath:

@@ -24,6 +24,7 @@ class TickReport:
     source_seconds: float | None = None  # time spent querying v3 and billing for the snapshot
     snapshot_reconciled: bool = False
     skipped: str | None = None  # why the tick did nothing (source down, another tick running)
+    bronze_table: dict | None = None  # the bronze table after the tick: version, files, last maintenance
 
     @property
     def ok(self) -> bool:

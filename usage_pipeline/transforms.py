@@ -105,8 +105,8 @@ def money_from_units(frame: pl.DataFrame, columns: tuple[str, ...]) -> pl.DataFr
 def normalize_bronze(raw: pl.DataFrame) -> pl.DataFrame:
     """Cast an extract to the bronze schema, reject contract-breaking rows, sort by dealer.
 
-    Sorting by dealer gives each row group a narrow dealer range, so a silver
-    run reads only the row groups of its partner's dealers.
+    Sorting by dealer gives each row group of the bronze table a narrow dealer range, so a
+    silver run reads only the row groups of its partner's dealers.
     """
     missing = [c for c in BRONZE_SCHEMA if c not in raw.columns]
     if missing:
@@ -135,42 +135,35 @@ def sort_by_dealer(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.sort("dealer_id", "usage_id")
 
 
-def merge_bronze(current: pl.DataFrame, fresh: pl.DataFrame, dealers: list[int]) -> pl.DataFrame:
-    """Replace the slice of `dealers` in bronze by a fresh extract of just those dealers.
+STAT_SUMS = ("rows", "id_sum", "quantity_sum", "amount_sum", "status_sum", "name_chars_sum")
 
-    Both frames are in dealer order (`sort_by_dealer`), so the result is put together from
-    slices of them, in order, without copying or sorting the 3.3 M kept rows of a one-dealer
-    tick (filter + sort took about 1 s of it; bench/README.md). A dealer in `fresh` but not in
-    `dealers` replaces its old rows too: no usage row is ever in bronze twice.
-    """
-    current, fresh = (f if f["dealer_id"].is_sorted() else sort_by_dealer(f) for f in (current, fresh))
-    replaced = pl.Series(sorted(set(dealers) | set(fresh["dealer_id"].unique().to_list())), dtype=pl.Int64)
-    bounds = [current["dealer_id"].search_sorted(replaced, side=side).to_list() for side in ("left", "right")]
-    fresh_bounds = [fresh["dealer_id"].search_sorted(replaced, side=side).to_list() for side in ("left", "right")]
-    pieces, kept_from = [], 0
-    for start, end, fresh_start, fresh_end in zip(*bounds, *fresh_bounds, strict=True):
-        pieces += [current.slice(kept_from, start - kept_from), fresh.slice(fresh_start, fresh_end - fresh_start)]
-        kept_from = end
-    pieces.append(current.slice(kept_from))
-    return pl.concat(pieces, rechunk=False)
+
+def partial_dealer_stats(bronze: pl.LazyFrame) -> pl.LazyFrame:
+    """Per dealer, MAX(usage_modified) and the fingerprint's sums over some of its rows: partials of
+    several batches add up (`finish_dealer_stats`), so a streamed extract is counted as it goes."""
+    return bronze.group_by("dealer_id").agg(
+        pl.col("usage_modified").max(),
+        pl.len().cast(pl.Int64).alias("rows"),
+        pl.col("usage_id").sum().alias("id_sum"),
+        pl.col("quantity").sum().alias("quantity_sum"),
+        pl.col("amount").sum().alias("amount_sum"),
+        pl.col("service_status_id").sum().alias("status_sum"),
+        pl.col("service_name").fill_null("").str.len_chars().cast(pl.Int64).sum().alias("name_chars_sum"),
+    )
+
+
+def finish_dealer_stats(partials: pl.LazyFrame) -> dict[int, DealerStats]:
+    sums = partials.group_by("dealer_id").agg(pl.col("usage_modified").max(), *(pl.col(c).sum() for c in STAT_SUMS))
+    return {
+        dealer: DealerStats(last_modified, fingerprint(*sums))
+        for dealer, last_modified, *sums in sums.collect().iter_rows()
+    }
 
 
 def dealer_stats(bronze: pl.LazyFrame) -> dict[int, DealerStats]:
     """Each dealer's MAX(usage_modified) and fingerprint, from bronze rows: what `queries.relevant_stats`
     asks the source for, computed from a full extract instead of a second full join."""
-    sums = bronze.group_by("dealer_id").agg(
-        pl.col("usage_modified").max(),
-        pl.len(),
-        pl.col("usage_id").sum(),
-        pl.col("quantity").sum(),
-        pl.col("amount").sum(),
-        pl.col("service_status_id").sum(),
-        pl.col("service_name").fill_null("").str.len_chars().cast(pl.Int64).sum(),
-    )
-    return {
-        dealer: DealerStats(last_modified, fingerprint(*sums))
-        for dealer, last_modified, *sums in sums.collect().iter_rows()
-    }
+    return finish_dealer_stats(partial_dealer_stats(bronze))
 
 
 def billing_usage_aggregated(rows: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
