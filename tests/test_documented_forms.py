@@ -279,7 +279,7 @@ def assert_demo_ran(result: subprocess.CompletedProcess, workdir: Path) -> set[s
     assert second == ("Completed", "1 dealer(s) -> 1 partition(s), 1/1 ok")
     assert third == ("Completed", "no changes")
     lake = workdir / "lake"
-    assert f"Lake files under {lake}" in result.stdout
+    assert f"Lake under {lake}:" in result.stdout
     expected = {STATE_FILE} | {f for p in partners for f in partition_files(p)}
     assert {str(p.relative_to(lake)) for p in lake.rglob("*.parquet") if p.relative_to(lake).parts[0] != "bronze"} == expected
     assert all(f"   {path}" in result.stdout.splitlines() for path in expected)
