@@ -16,6 +16,7 @@ Rounds are seeded: the same seed makes the same changes and kill moments.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import unquote
 
 import polars as pl
 import sqlalchemy as sa
@@ -401,21 +403,26 @@ def temp_files(lake: Path) -> list[Path]:
     return [path for path in lake.rglob(".*.tmp") if TEMP_NAME.match(path.name)]
 
 
-def unreferenced_bronze_files(lake: Path) -> list[Path]:
-    """Data files under the bronze table that its current version does not use: a killed writer's,
-    or ones a later commit replaced (kept for time travel until the retention)."""
+def orphaned_bronze_files(lake: Path) -> list[Path]:
+    """Data files under the bronze table that no commit ever added: what a killed writer left. (Files a
+    later commit removed stay for time travel until the retention counted from that commit.)"""
     table = bronze_path(lake)
-    used = {table / name for name in DeltaTable(str(table)).files()}
+    used = {table / name for name in pl.DataFrame(DeltaTable(str(table)).get_add_actions(flatten=True))["path"]}
+    for log in (table / "_delta_log").glob("*.json"):
+        for line in log.read_text().splitlines():
+            action = json.loads(line)
+            if "remove" in action:
+                used.add(table / unquote(action["remove"]["path"]))
     return [path for path in table.rglob("*.parquet") if "_delta_log" not in path.parts and path not in used]
 
 
 def check_maintenance(stack: Stack) -> list[str]:
     """A tick after recovery rewrites nothing; it removes any temporary file a killed writer left once
     that is old, and bronze's maintenance (the vacuum the bronze run does every MAINTENANCE_EVERY commits)
-    removes every data file no commit uses once past the retention. The leftovers are aged here instead
+    removes every data file no commit made once past the retention. The leftovers are aged here instead
     of waiting an hour, or the retention."""
     problems = []
-    leftovers = temp_files(stack.lake) + unreferenced_bronze_files(stack.lake)
+    leftovers = temp_files(stack.lake) + orphaned_bronze_files(stack.lake)
     old = time.time() - max(STALE_TEMP_SECONDS, BRONZE_RETENTION_SECONDS) - 60
     for path in leftovers:
         os.utime(path, (old, old))
@@ -428,8 +435,8 @@ def check_maintenance(stack: Stack) -> list[str]:
     if remaining := temp_files(stack.lake):
         problems.append(f"temporary files left after the tick: {remaining}")
     bronze.maintain(stack.lake, force=True)  # no tick is running: nothing else writes the table now
-    if remaining := unreferenced_bronze_files(stack.lake):
-        problems.append(f"bronze files no commit uses left after maintenance: {remaining}")
+    if remaining := orphaned_bronze_files(stack.lake):
+        problems.append(f"bronze files no commit made left after maintenance: {remaining}")
     return problems
 
 
