@@ -38,6 +38,7 @@ import sqlalchemy as sa
 from deltalake import DeltaTable
 
 from orchestration import local_prefect
+from orchestration.deployments import deployment_specs
 from tests.pipeline_helpers import FINAL_STATE_TYPES, RestApi, file_ids, partition_files, read_bronze
 from tests.sourcedata import active_services_truth, usage_report_truth
 from usage_pipeline import bronze
@@ -49,7 +50,6 @@ DEALERS = list(range(1, 13))
 CUSTOMERS = list(range(100, 120))
 SERVICES = [1, 2, 3]
 OPEN_STATES = ["PENDING", "RUNNING"]
-PIPELINE_FLOWS = ["usage-change-detection", "billing-usage-raw", "partner-silver", "partner-gold"]
 # Prefect's shortest heartbeat period and lease: a killed tick is marked Crashed, and its slots
 # free themselves, within about a minute.
 FAST_RECOVERY_ENV = {
@@ -103,7 +103,8 @@ class Api(RestApi):
 
     def open_pipeline_runs(self) -> list[dict]:
         """The pipeline's runs that are Pending or Running."""
-        return self.post("/flow_runs/filter", {"flows": {"name": {"any_": PIPELINE_FLOWS}},
+        flows = [spec.name for spec in deployment_specs()]  # each deployment's flow has its name
+        return self.post("/flow_runs/filter", {"flows": {"name": {"any_": flows}},
                                                "flow_runs": {"state": {"type": {"any_": OPEN_STATES}}}, "limit": 200})
 
     def cursor_value(self) -> object:
