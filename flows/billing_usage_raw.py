@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from orchestration.runtime import bronze_slot, load_source
+from orchestration.runtime import bronze_slot, load_source, without_task_tags
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline.bronze import RUN_KEY, maintain
 from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
@@ -92,7 +92,8 @@ def billing_usage_raw(dealer_ids: list[int] | None = None) -> BronzeResult:
     root = settings.lake_path
     logger = get_run_logger()
     with bronze_slot(settings):
-        result = write_bronze(dealer_ids, {RUN_KEY: str(flow_run.id)})
+        with without_task_tags():
+            result = write_bronze(dealer_ids, {RUN_KEY: str(flow_run.id)})
         if result.migrated:
             logger.warning("Migrated the old bronze file %s/data.parquet into the Delta table and removed it",
                            result.path)

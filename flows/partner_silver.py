@@ -17,6 +17,7 @@ from orchestration.runtime import (
     run_subflow,
     tag_current_run,
     tick_shared,
+    without_task_tags,
 )
 from usage_pipeline.materialize import SilverResult, build_silver
 from usage_pipeline.partners import PartnerUUID, dealers_of, layer_tag, parse_partner_uuid, partner_tag
@@ -32,7 +33,10 @@ def read_partner_dealers(partner_uuid: str) -> list[int]:
 def partner_dealers(partner_uuid: str) -> list[int]:
     """As the running tick planned them (one v3 read per tick), else read from v3 now."""
     shared = tick_shared()
-    return read_partner_dealers(partner_uuid) if shared is None else dealers_of(shared.directory, partner_uuid)
+    if shared is not None:
+        return dealers_of(shared.directory, partner_uuid)
+    with without_task_tags():
+        return read_partner_dealers(partner_uuid)
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")

@@ -97,17 +97,19 @@ def source_engines(mariadb_admin) -> Iterator[tuple[sa.Engine, sa.Engine]]:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> Iterator[str]:
-    """A real `prefect server start` on a free port, with its own SQLite database."""
+    """A real `prefect server start` on a free port, on a PostgreSQL database of its own (tests/postgres.py)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from orchestration import local_prefect
+    from tests.postgres import prefect_database
 
     home = tmp_path_factory.mktemp("prefect-home")
-    process, url = local_prefect.start_server(home, home / "server.log")
-    os.environ["PREFECT_API_URL"] = url
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield url
-    local_prefect.stop(process)
+    with prefect_database(f"prefect_tests_{os.getpid()}") as database:
+        process, url = local_prefect.start_server(home, home / "server.log", settings=database)
+        os.environ["PREFECT_API_URL"] = url
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+        local_prefect.stop(process)
 
 
 @pytest.fixture(scope="session")

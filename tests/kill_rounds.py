@@ -169,10 +169,12 @@ class PrivateMariaDB:
 
 @dataclass
 class Stack:
-    """A Prefect server and a `usage-pipeline serve` of their own, on a lake of their own."""
+    """A Prefect server (on the database `server_settings` name) and a `usage-pipeline serve` of their
+    own, on a lake of their own."""
 
     workdir: Path
     source_env: dict[str, str]
+    server_settings: dict[str, str]
     port: int = field(default_factory=local_prefect.free_port)
     server: subprocess.Popen | None = None
     serve: subprocess.Popen | None = None
@@ -199,7 +201,8 @@ class Stack:
         return setup.stdout
 
     def start_server(self) -> None:
-        self.server, _ = local_prefect.start_server(self.home, self.logs / "server.log", port=self.port)
+        self.server, _ = local_prefect.start_server(self.home, self.logs / "server.log", port=self.port,
+                                                    settings=self.server_settings)
 
     def start_serve(self) -> None:
         self.serve = local_prefect.start_serve(self.logs / "serve.log", env=self.env)

@@ -5,13 +5,12 @@ A `prefect server` on a fresh PostgreSQL database, `usage-pipeline setup`,
 two `prefect worker start` processes, all as subprocesses with their own
 environment. Ticks are started with `prefect deployment run`, the cursor is
 reset the way the UI does it, and what the runs did is read back from the REST
-API, the workers' logs and the lake. Nothing here uses the session's SQLite
+API, the workers' logs and the lake. Nothing here uses the session's
 server or `usage-pipeline serve` (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,14 +30,13 @@ import pytest
 from orchestration.local_prefect import SERVER_SETTINGS, free_port
 from tests.conftest import PIPELINE_PASSWORD, pipeline_environ, recreate_source_tables
 from tests.pipeline_helpers import BRONZE_TABLE, RestApi, file_ids, partition_files, rewritten
+from tests.postgres import prefect_database
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-POSTGRES_ADMIN_DSN = os.environ.get("USAGE_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-POSTGRES_DB = f"prefect_e2e_{os.getpid()}"
 POOL = "usage-pipeline"
 DETECTION = "usage-change-detection/usage-change-detection"
 WORKERS = ("e2e-worker-1", "e2e-worker-2")
@@ -56,19 +55,6 @@ def _base_env() -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
-
-
-def _postgres(sql: str) -> None:
-    import asyncpg
-
-    async def run() -> None:
-        conn = await asyncpg.connect(POSTGRES_ADMIN_DSN)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
 
 
 @dataclass
@@ -188,18 +174,9 @@ def _assert_gold_matches_truth(lake: Path, billing, partners) -> None:
 
 
 @pytest.fixture(scope="module")
-def postgres_url() -> str:
-    try:
-        import asyncpg  # noqa: F401  (the server's PostgreSQL driver)
-    except ImportError:
-        pytest.fail("asyncpg is not importable in the venv: add it to pyproject.toml dependencies")
-    try:
-        _postgres(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
-        _postgres(f"CREATE DATABASE {POSTGRES_DB}")
-    except OSError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_DSN} (start it, see .ci/run): {exc}")
-    yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{POSTGRES_DB}"
-    _postgres(f"DROP DATABASE IF EXISTS {POSTGRES_DB} WITH (FORCE)")
+def postgres_url() -> Iterator[str]:
+    with prefect_database(f"prefect_e2e_{os.getpid()}") as settings:
+        yield settings["PREFECT_API_DATABASE_CONNECTION_URL"]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from tests.pipeline_helpers import (
     save_cursor_value,
     tick,
 )
+from tests.postgres import prefect_database
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C
 from usage_pipeline.lake import STATE_FILE
 
@@ -292,7 +293,8 @@ def assert_demo_ran(result: subprocess.CompletedProcess, workdir: Path) -> set[s
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory, pipeline, prefect_server) -> Iterator[tuple[dict, str]]:
     """`usage-pipeline demo --exit` in two fresh directories at once: one without PREFECT_API_URL (it
-    starts its own server), one with PREFECT_API_URL pointing at a second server of the test's own;
+    starts its own server, on SQLite), one with PREFECT_API_URL pointing at a second server of the
+    test's own (on PostgreSQL);
     per form, its directory and its completed process, and that second server's API.
 
     Not the session's server: the demo's serve would compete with the session's serve for the same
@@ -300,28 +302,29 @@ def demos(tmp_path_factory, pipeline, prefect_server) -> Iterator[tuple[dict, st
     source. Each demo has a server of its own, so running both at once changes neither.
     """
     root = tmp_path_factory.mktemp("demo")
-    server, url = local_prefect.start_server(root / "prefect-home", root / "server.log")
-    forms = {"own server": demo_environ(), "PREFECT_API_URL": demo_environ(PREFECT_API_URL=url)}
-    running = {}
-    try:
-        for form, env in forms.items():
-            workdir = root / form.replace(" ", "-")
-            workdir.mkdir()
-            with open(workdir.with_suffix(".out"), "w") as out, open(workdir.with_suffix(".err"), "w") as err:
-                running[form] = workdir, subprocess.Popen([str(USAGE_PIPELINE), "demo", "--exit"], cwd=workdir,
-                                                          env=env, stdout=out, stderr=err, start_new_session=True)
-        finished = {}
-        for form, (workdir, process) in running.items():
-            returncode = process.wait(timeout=600)
-            finished[form] = workdir, subprocess.CompletedProcess(
-                process.args, returncode, workdir.with_suffix(".out").read_text(), workdir.with_suffix(".err").read_text())
-        yield finished, url
-    finally:
-        for _, process in running.values():
-            if process.poll() is None:  # timed out: the demo, and the server and serve it started
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        local_prefect.stop(server)
+    with prefect_database(f"prefect_demo_{os.getpid()}") as database:
+        server, url = local_prefect.start_server(root / "prefect-home", root / "server.log", settings=database)
+        forms = {"own server": demo_environ(), "PREFECT_API_URL": demo_environ(PREFECT_API_URL=url)}
+        running = {}
+        try:
+            for form, env in forms.items():
+                workdir = root / form.replace(" ", "-")
+                workdir.mkdir()
+                with open(workdir.with_suffix(".out"), "w") as out, open(workdir.with_suffix(".err"), "w") as err:
+                    running[form] = workdir, subprocess.Popen([str(USAGE_PIPELINE), "demo", "--exit"], cwd=workdir,
+                                                              env=env, stdout=out, stderr=err, start_new_session=True)
+            finished = {}
+            for form, (workdir, process) in running.items():
+                returncode = process.wait(timeout=600)
+                finished[form] = workdir, subprocess.CompletedProcess(
+                    process.args, returncode, workdir.with_suffix(".out").read_text(), workdir.with_suffix(".err").read_text())
+            yield finished, url
+        finally:
+            for _, process in running.values():
+                if process.poll() is None:  # timed out: the demo, and the server and serve it started
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            local_prefect.stop(server)
 
 
 def test_demo_exit_starts_its_own_server_runs_three_ticks_and_stops_it(demos):

@@ -1,9 +1,10 @@
 """Issue 20: SIGKILL at random moments of ticks; the pipeline repairs itself, and leaves nothing open.
 
-Its own Prefect server, serve process, lake and MariaDB server (the source is killed too).
+Its own Prefect server (on a PostgreSQL database of its own), serve process, lake and MariaDB
+server (the source is killed too).
 
 A few seeded rounds of each kind of kill (tests/kill_rounds.py says what each kills);
-bench/kill_rounds.py runs the long variant. After every round: gold equals the SQL truth
+USAGE_KILL_ROUNDS_PER_KIND=8 runs the long variant (README "Crash recovery, measured"). After every round: gold equals the SQL truth
 for every partner, no partition is missing, bronze holds each relevant row once, the
 cursor block has its two keys, no run of the pipeline is still Pending or Running, the
 next tick rewrites nothing, and it removes what killed writers left in the lake.
@@ -24,6 +25,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import BILLING_DB, PIPELINE_PASSWORD, PIPELINE_USER, V3_DB, pipeline_environ, recreate_source_tables
 from tests.kill_rounds import KINDS, PrivateMariaDB, Stack, World, run_round, summary, warm_up
+from tests.postgres import prefect_database
 from tests.webhook import Receiver
 
 pytestmark = pytest.mark.integration
@@ -56,10 +58,11 @@ def source(mariadb):
 @pytest.fixture(scope="module")
 def stack(mariadb, source, tmp_path_factory):
     env = {**pipeline_environ(), "BILLING_CDRS_DB_PORT": str(mariadb.port), "V3_DB_PORT": str(mariadb.port)}
-    stack = Stack(tmp_path_factory.mktemp("kills"), env)
-    stack.start()
-    yield stack
-    stack.stop()
+    with prefect_database(f"prefect_kills_{os.getpid()}") as database:
+        stack = Stack(tmp_path_factory.mktemp("kills"), env, database)
+        stack.start()
+        yield stack
+        stack.stop()
 
 
 def test_random_kills_leave_a_lake_the_next_ticks_repair(stack, source, mariadb):

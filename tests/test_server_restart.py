@@ -1,7 +1,7 @@
 """Issue 4, scenario 9: the Prefect server restarts in the middle of a tick.
 
 A server and a serve process of its own (not the session's: restarting those
-would disturb other tests), on a SQLite database that survives the restart.
+would disturb other tests), on a PostgreSQL database of its own that survives the restart.
 The tick is interrupted while partition runs are in flight; after the restart
 the next tick must complete and leave no partition stale.
 """
@@ -20,6 +20,7 @@ import pytest
 from orchestration import local_prefect
 from tests.conftest import pipeline_environ
 from tests.pipeline_helpers import BRONZE_TABLE, RestApi, file_ids, partition_files
+from tests.postgres import prefect_database
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder, usage_report_truth
 from usage_pipeline.lake import read_state_document
 
@@ -34,14 +35,20 @@ class Api(RestApi):
         return self.post(f"/deployments/{deployment['id']}/create_flow_run", {})["id"]
 
 
-def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path):
+@pytest.fixture
+def database():
+    with prefect_database(f"prefect_restart_{os.getpid()}") as settings:
+        yield settings
+
+
+def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, database, tmp_path):
     billing, v3 = fresh
     source = SourceBuilder(billing, v3)
     source.standard()
     home, lake, logs = tmp_path / "prefect-home", tmp_path / "lake", tmp_path / "logs"
     for path in (home, lake, logs):
         path.mkdir()
-    server, url = local_prefect.start_server(home, logs / "server.log")
+    server, url = local_prefect.start_server(home, logs / "server.log", settings=database)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     env = dict(os.environ, **pipeline_environ(), PREFECT_API_URL=url, USAGE_LAKE_ROOT=str(lake))
     api = Api(url)
@@ -59,7 +66,7 @@ def test_server_restarted_mid_tick_next_tick_repairs_everything(fresh, tmp_path)
             time.sleep(0.2)
         local_prefect.stop(server)
         time.sleep(3)  # the tick and its children see the API gone
-        server, _ = local_prefect.start_server(home, logs / "server.log", port=port)
+        server, _ = local_prefect.start_server(home, logs / "server.log", port=port, settings=database)
 
         # Whatever became of the interrupted tick, the next one completes and repairs every partition.
         api.wait_final(interrupted, timeout=240)
