@@ -1,16 +1,19 @@
 """Silver for one partner: its dealers' bronze rows, aggregated per day and per month and service.
 
-Started by hand (UI, `prefect deployment run`), it rebuilds the partner's gold right
-after, as a `gold-<uuid>` subflow run, unless `cascade=false`: no layer is left stale.
-The detection tick runs gold itself and passes `cascade=false`.
+Started by hand (UI, `prefect deployment run`), it stages its checked tables and rebuilds the
+partner's gold right after, as a `gold-<uuid>` subflow run that publishes all four files
+together, unless `cascade=false`: then silver publishes its own two. The detection tick passes
+`cascade=false, publish=false` and runs gold itself.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run as current_flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.partner_gold import partner_gold
+from orchestration.events import partition_event_if_manual
 from orchestration.runtime import (
     partner_slot,
     read_dealer_directory,
@@ -40,22 +43,33 @@ def partner_dealers(partner_uuid: str) -> list[int]:
 
 
 @flow(name="partner-silver", flow_run_name="silver-{partner_uuid}")
-def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True, bronze_version: int | None = None) -> SilverResult:
+def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True, bronze_version: int | None = None,
+                   publish: bool = True) -> SilverResult:
     """`bronze_version`: the bronze table version to read (a tick passes the one its bronze run
-    committed); None reads the newest."""
+    committed); None reads the newest. `publish=false` only stages the tables, for a gold run
+    given this run's id as `staged_silver`; with `cascade`, gold publishes them anyway."""
     partner = parse_partner_uuid(partner_uuid)
     settings = load_settings()
     tag_current_run(partner, "silver")
-    with partner_slot(partner, settings):
-        result = build_silver(settings.lake_path, partner, partner_dealers(partner), bronze_version)
-    get_run_logger().info(
-        "Silver for partner %s: %d dealer(s), %d bronze row(s) of version %s -> %d daily and %d monthly row(s)",
-        partner, len(result.dealers), result.bronze_rows, "newest" if bronze_version is None else bronze_version,
-        result.aggregated_rows, result.monthly_rows,
-    )
-    if cascade:  # after the slot is released: gold takes the partner's slot itself
-        gold = run_subflow(partner_gold, {"partner_uuid": partner}, f"gold-{partner}",
-                           [partner_tag(partner), layer_tag("gold")])
-        if not gold.ok:
-            raise RuntimeError(f"silver was rebuilt, but {gold.name} ended {gold.state}: {gold.message}")
+    shared = tick_shared()
+    with partition_event_if_manual(partner) as checks:
+        with partner_slot(partner, settings):
+            dealers = partner_dealers(partner)
+            result = build_silver(settings.lake_path, partner, dealers, bronze_version, str(current_flow_run.id),
+                                  publish and not cascade, settings.warn_only_checks,
+                                  shared.source_fingerprints(dealers) if shared else None)
+        checks.extend(result.checks)
+        get_run_logger().info(
+            "Silver for partner %s: %d dealer(s), %d bronze row(s) of version %d -> %d daily and %d monthly row(s),"
+            " %s; checks: %s", partner, len(result.dealers), result.bronze_rows, result.bronze_version,
+            result.aggregated_rows, result.monthly_rows, "published" if result.published else "staged",
+            "; ".join(c.describe() for c in result.checks),
+        )
+        if cascade:  # after the slot is released: gold takes the partner's slot itself
+            gold = run_subflow(partner_gold, {"partner_uuid": partner, "staged_silver": result.publish_id},
+                               f"gold-{partner}", [partner_tag(partner), layer_tag("gold")])
+            checks.extend(gold.checks)
+            if not gold.ok:
+                raise RuntimeError(f"nothing of partner {partner} was published: {gold.name} ended {gold.state}:"
+                                   f" {gold.message}")
     return result

@@ -1,16 +1,20 @@
 """The pipeline's Prefect events (CONTRACT.md section 8): one per tick, one per partition rebuild.
 
 Operators see them in the UI's Event Feed and build automations on them; `usage-pipeline
-setup` creates two (flows/alerts.py). Emitted from the tick's run, so Prefect relates
-each event to that run, its flow and deployment by itself.
+setup` creates them (orchestration/alerts.py). Emitted from the tick's run (or a partner run
+started by hand), so Prefect relates each event to that run, its flow and deployment by itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from prefect.events import emit_event
+from prefect.runtime import flow_run as current_flow_run
 
+from usage_pipeline.check_results import CheckResult, ChecksFailed, as_payload
 from usage_pipeline.cursor import format_timestamp
 
 if TYPE_CHECKING:
@@ -65,12 +69,7 @@ def emit_partition_events(report: TickReport) -> None:
         dealers = sorted(d for d, parts in report.plan.dealer_partitions.items() if partner in parts)
         emit_event(
             event=FAILED_EVENT if status.failures else MATERIALIZED_EVENT,
-            resource={
-                "prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}{partner}",
-                "prefect.resource.name": f"partner {partner}",
-                PARTNER_LABEL: partner,
-                FAILURES_LABEL: str(status.failures),
-            },
+            resource=partition_resource(partner, status.failures),
             related=[
                 {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": layer,
                  "prefect.resource.name": run.name}
@@ -85,5 +84,42 @@ def emit_partition_events(report: TickReport) -> None:
                 "consecutive_failures": status.failures,
                 "last_error": status.last_error,
                 "reasons": report.plan.partitions[partner],
+                "checks": as_payload(outcome.checks if outcome else ()),
             },
         )
+
+
+def partition_resource(partner: str, failures: int) -> dict[str, str]:
+    return {
+        "prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}{partner}",
+        "prefect.resource.name": f"partner {partner}",
+        PARTNER_LABEL: partner,
+        FAILURES_LABEL: str(failures),
+    }
+
+
+@contextmanager
+def partition_event_if_manual(partner: str) -> Iterator[list[CheckResult]]:
+    """Around a partner-silver or partner-gold run started by hand (no parent run): the partition
+    event a tick would emit, with the check results the body collects, or those it failed with.
+    Runs of a tick, or a cascading silver's gold, leave that to their parent."""
+    checks: list[CheckResult] = []
+    if current_flow_run.parent_flow_run_id:
+        yield checks
+        return
+    try:
+        yield checks
+    except Exception as exc:
+        failed = checks + list(exc.results if isinstance(exc, ChecksFailed) else ())
+        _emit_manual(FAILED_EVENT, partner, failed, f"{type(exc).__name__}: {exc}")
+        raise
+    _emit_manual(MATERIALIZED_EVENT, partner, checks, None)
+
+
+def _emit_manual(event: str, partner: str, checks: list[CheckResult], error: str | None) -> None:
+    emit_event(
+        event=event,
+        resource=partition_resource(partner, 0 if error is None else 1),
+        payload={"partner": partner, "manual_run": current_flow_run.name, "last_error": error,
+                 "checks": as_payload(checks)},
+    )

@@ -24,7 +24,7 @@ from usage_pipeline.partners import parse_partner_uuid
 from usage_pipeline.settings import load_settings
 
 DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
-SHOW_COLUMNS = ("partner", "dealers", "state", "last_success", "source_watermark", "failed_ticks", "last_error")
+SHOW_COLUMNS = ("partner", "dealers", "state", "last_success", "source_watermark", "failed_ticks", "checks", "last_error")
 
 
 class OperatorError(ValueError):

@@ -37,6 +37,20 @@ def tick_rows(report: TickReport) -> list[dict[str, object]]:
     return rows
 
 
+def check_rows(report: TickReport) -> list[dict[str, object]]:
+    """One row per partition and check (and bronze's start-over totals check), with its numbers."""
+    runs = [("-", "bronze", report.bronze)] if report.bronze else []
+    for partner, outcome in report.partitions.items():
+        runs += [(partner, "silver", outcome.silver), (partner, "gold", outcome.gold)]
+    return [
+        {"partner": partner, "layer": layer, "check": check.name, "expected": check.expected, "actual": check.actual,
+         "passed": check.passed, "severity": "blocking" if check.blocking else "warning"}
+        for partner, layer, run in runs
+        if run is not None
+        for check in run.checks
+    ]
+
+
 def freshness_rows(cursor: Cursor, pending: frozenset[str] = frozenset()) -> list[dict[str, object]]:
     """One row per known partition: its dealers, last success, the watermark it reflects, fresh or stale."""
     return [
@@ -47,6 +61,7 @@ def freshness_rows(cursor: Cursor, pending: frozenset[str] = frozenset()) -> lis
             "last_success": format_timestamp(row.status.materialized_at) or "never",
             "source_watermark": format_timestamp(row.status.source_watermark) or "-",
             "failed_ticks": row.status.failures,
+            "checks": row.status.checks or "-",
             "last_error": row.status.last_error or "",
         }
         for row in partition_freshness(cursor, pending)
@@ -58,6 +73,10 @@ def publish_tick_artifacts(report: TickReport) -> None:
     create_table_artifact(
         key="usage-tick-runs", table=tick_rows(report) or [{"partner": "-", "why": summary}], description=summary
     )
+    if checks := check_rows(report):
+        failed = sum(not row["passed"] for row in checks)
+        create_table_artifact(key="usage-tick-checks", table=checks,
+                              description=f"Checks: {len(checks) - failed} passed, {failed} failed")
     pending = frozenset(report.plan.partitions) if report.plan and report.dry_run else frozenset()
     rows = freshness_rows(report.cursor, pending) if report.cursor else []
     if rows:

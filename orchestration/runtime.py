@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import Flow, get_run_logger
@@ -27,18 +27,29 @@ from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 from prefect.states import Crashed
 from prefect_sqlalchemy import SqlAlchemyConnector
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
-from orchestration.setup import BRONZE_LIMIT, PARTITIONS_LIMIT, V3_BLOCK, ensure_limit, forget_limits, partner_limit
-from usage_pipeline.detection import RunOutcome
+from orchestration.setup import (
+    BILLING_BLOCK,
+    BRONZE_LIMIT,
+    PARTITIONS_LIMIT,
+    V3_BLOCK,
+    ensure_limit,
+    forget_limits,
+    partner_limit,
+)
+from usage_pipeline.check_results import CheckResult, ChecksFailed
+from usage_pipeline.detection import DealerStats, RunOutcome
+from usage_pipeline.materialize import GoldResult, SilverResult, SourceFingerprints
 from usage_pipeline.partners import layer_tag, partner_tag
-from usage_pipeline.queries import dealer_directory
+from usage_pipeline.queries import dealer_directory, relevant_stats
 from usage_pipeline.settings import Settings
 
 SLOT_POLL_SECONDS = 1.0  # longest wait between two asks for a taken slot
 CHILD_POLL_SECONDS = 0.5
 SUBMIT_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 class SourceError(RuntimeError):
@@ -76,16 +87,26 @@ def load_source(block: str) -> Source:
     return Source(block, engine, connectorx_uri, url.password)
 
 
+def query_source(block: str, query: Callable[[Connection], T]) -> T:
+    """One query on a connector block's database; its failure a SourceError naming the block."""
+    source = load_source(block)
+    try:
+        with source.engine.connect() as conn:
+            return query(conn)
+    except Exception as exc:
+        raise source.error(exc) from None
+    finally:
+        source.engine.dispose()
+
+
 def load_dealer_directory() -> tuple[dict[int, str | None], list[str]]:
     """The v3 dealer -> partner map, and a warning per malformed row (those count as unmapped)."""
-    v3 = load_source(V3_BLOCK)
-    try:
-        with v3.engine.connect() as conn:
-            return dealer_directory(conn)
-    except Exception as exc:
-        raise v3.error(exc) from None
-    finally:
-        v3.engine.dispose()
+    return query_source(V3_BLOCK, dealer_directory)
+
+
+def read_source_fingerprints(dealers: list[int]) -> dict[int, DealerStats]:
+    """The dealers' relevant-row stats as the billing source has them now."""
+    return query_source(BILLING_BLOCK, lambda conn: relevant_stats(conn, dealers))
 
 
 def read_dealer_directory() -> dict[int, str | None]:
@@ -100,9 +121,20 @@ def read_dealer_directory() -> dict[int, str | None]:
 class TickShared:
     """What the running tick already holds, for the subflows it runs in its own process: the v3
     map it planned with (one v3 read per tick, and a partition holds exactly the dealers the plan
-    gave it). Manual and deployment runs, in processes of their own, read v3 themselves."""
+    gave it), and what the source said of the dealers it checked before the extract (the source
+    reconciliation check). Manual and deployment runs, in processes of their own, read v3 themselves
+    and have no such fingerprints."""
 
     directory: dict[int, str | None]
+    checked: frozenset[int] = frozenset()  # empty on a start-over tick: it counts dealers from its extract
+    fingerprints: dict[int, DealerStats] = field(default_factory=dict)  # of `checked`; absent: no relevant rows
+
+    def source_fingerprints(self, dealers: list[int]) -> SourceFingerprints | None:
+        checked = [d for d in dealers if d in self.checked]
+        if not checked:
+            return None
+        return SourceFingerprints({d: self.fingerprints[d] for d in checked if d in self.fingerprints}, checked,
+                                  read_source_fingerprints)
 
 
 _TICK_SHARED: ContextVar[TickShared | None] = ContextVar("usage_tick_shared", default=None)
@@ -335,10 +367,17 @@ def run_subflow(flow: Flow, parameters: dict[str, Any], run_name: str, tags: lis
                 return RunOutcome(run_name, "Crashed", False, error, created)
             run_or_module_logger().warning("Starting %s failed (%s); retrying", run_name, error)
             time.sleep(2**attempt)
-    result = state.result(raise_on_failure=False) if state.is_completed() else None
+    result = state.result(raise_on_failure=False) if state.is_completed() or state.is_failed() else None
     rows = getattr(result, "bronze_rows", None)  # a silver run's SilverResult
     return RunOutcome(run_name, state.name, state.is_completed(), state.message, str(state.state_details.flow_run_id),
-                      rows, result=result)
+                      rows, result=result, checks=checks_of(result))
+
+
+def checks_of(result: object) -> tuple[CheckResult, ...]:
+    """A silver or gold run's check results: from its result, or from the ChecksFailed it failed with."""
+    if isinstance(result, ChecksFailed):
+        return result.results
+    return result.checks if isinstance(result, SilverResult | GoldResult) else ()
 
 
 def abandon_subflow_runs(run_name: str, error: str) -> str | None:

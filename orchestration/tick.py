@@ -8,9 +8,10 @@ come in as `Layers`, so this module imports no flow module.
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -24,6 +25,7 @@ from orchestration.runtime import (
     SourceError,
     TickShared,
     load_source,
+    query_source,
     read_cursor_value,
     read_dealer_directory,
     run_child,
@@ -34,6 +36,7 @@ from orchestration.runtime import (
 )
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
+from usage_pipeline.checks import totals_check
 from usage_pipeline.cursor import Cursor, parse_cursor
 from usage_pipeline.detection import (
     PartitionOutcome,
@@ -45,6 +48,7 @@ from usage_pipeline.detection import (
     starts_over,
     with_bronze_stats,
 )
+from usage_pipeline.extract import relevant_totals
 from usage_pipeline.lake import LakePath, read_state_document, remove_stale_temp_files, write_state_document
 from usage_pipeline.materialize import BronzeResult, bronze_dealer_stats
 from usage_pipeline.partners import layer_tag, partner_tag
@@ -150,15 +154,15 @@ def run_bronze(plan: Plan, layers: Layers, settings: Settings) -> RunOutcome:
 
 
 def materialize_partition(partner: str, layers: Layers, settings: Settings, bronze_version: int) -> PartitionOutcome:
-    """Silver of the bronze version the tick committed (not cascading: gold follows here), then gold
-    if silver succeeded."""
+    """Silver of the bronze version the tick committed, checked and staged (not cascading: gold follows
+    here), then gold if silver succeeded."""
     tags = [partner_tag(partner)]
-    silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False, "bronze_version": bronze_version},
-                       f"silver-{partner}", [*tags, layer_tag("silver")], settings)
+    silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False, "bronze_version": bronze_version,
+                                       "publish": False}, f"silver-{partner}", [*tags, layer_tag("silver")], settings)
     gold = None
-    if silver.ok:
-        gold = run_layer(layers.gold, {"partner_uuid": partner}, f"gold-{partner}", [*tags, layer_tag("gold")],
-                         settings)
+    if silver.ok:  # gold builds from the silver staged under the silver run's id and publishes all four files
+        gold = run_layer(layers.gold, {"partner_uuid": partner, "staged_silver": silver.flow_run_id},
+                         f"gold-{partner}", [*tags, layer_tag("gold")], settings)
     outcome = PartitionOutcome(partner, silver, gold)
     if not outcome.ok:  # also when the run never started and so has no log of its own
         get_run_logger().error("Partition %s failed: %s", partner, outcome.error)
@@ -184,8 +188,11 @@ def materialize_partitions(partners: list[str], layers: Layers, settings: Settin
 def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: Settings, report: TickReport) -> SourceSnapshot:
     """Bronze, then the partitions if it succeeded; their outcomes go into `report`. Returns the
     snapshot, completed from bronze when it awaited a full extract."""
-    with sharing_with_subflows(TickShared(snapshot.partners)):
+    checked = frozenset() if snapshot.awaiting_bronze else snapshot.checked  # else counted from the extract
+    with sharing_with_subflows(TickShared(snapshot.partners, checked, snapshot.relevant)):
         report.bronze = run_bronze(plan, layers, settings)
+        if report.bronze.ok and snapshot.awaiting_bronze:
+            report.bronze = check_extract_totals(settings, report.bronze)
         if not report.bronze.ok:
             get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
             return snapshot
@@ -196,6 +203,26 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
         if plan.partitions:
             report.partitions = materialize_partitions(list(plan.partitions), layers, settings, version)
     return snapshot
+
+
+def check_extract_totals(settings: Settings, outcome: RunOutcome) -> RunOutcome:
+    """A start-over tick's extract against one aggregate query of the source (its dealers' fingerprints
+    come from the extract itself). A mismatch fails bronze, so no partition is published, unless the
+    source's totals moved meanwhile: then the tick is deferred ("source moved")."""
+    logger = get_run_logger()
+    root = settings.lake_path
+    version = outcome.result.version if isinstance(outcome.result, BronzeResult) else committed_version(root, outcome)
+    extracted = bronze.totals(root, version)
+    source = query_source(BILLING_BLOCK, relevant_totals)
+    result = totals_check(source, extracted)
+    result = replace(result, blocking=result.name not in settings.warn_only_checks)
+    if not result.passed and query_source(BILLING_BLOCK, relevant_totals) != source:
+        return replace(outcome, state="Deferred", ok=False,
+                       message=f"source moved during the extract ({result.describe()}); deferred to the next tick")
+    logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())
+    if result.passed or not result.blocking:
+        return replace(outcome, checks=(result,))
+    return replace(outcome, state="Failed", ok=False, message=f"check failed: {result.describe()}", checks=(result,))
 
 
 def committed_version(root: LakePath, outcome: RunOutcome) -> int:

@@ -49,7 +49,8 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     versions = []  # the bronze version each silver run read: the one the tick's bronze run committed
     build_silver = flows.partner_silver.build_silver
     monkeypatch.setattr(flows.partner_silver, "build_silver",
-                        lambda root, partner, dealers, version: versions.append(version) or build_silver(root, partner, dealers, version))
+                        lambda root, partner, dealers, version, *rest: versions.append(version)
+                        or build_silver(root, partner, dealers, version, *rest))
     state, report = tick()
     assert state.is_completed(), state.message
     assert report.bronze.ok and report.bronze.name == "bronze-full"

@@ -222,6 +222,16 @@ def read_dealers(root: LakePath, dealers: list[int], version: int | None) -> pl.
     )
 
 
+def newest_version(root: LakePath) -> int:
+    return DeltaTable(table_uri(root)).version()
+
+
+def totals(root: LakePath, version: int) -> tuple[int, object, object]:
+    """Rows, quantity and amount sums of the whole table at `version` (the start-over totals check)."""
+    row = scan(root, version).select(pl.len(), pl.col("quantity").sum(), pl.col("amount").sum()).collect().row(0)
+    return int(row[0]), row[1], row[2]
+
+
 def version_committed_by(root: LakePath, flow_run_id: str, look_back: int = 4 * MAINTENANCE_EVERY) -> int | None:
     """The version a flow run's write made, found in its commit metadata (deployment runs return no value)."""
     for commit in DeltaTable(table_uri(root)).history(limit=look_back):

@@ -58,6 +58,7 @@ class PartitionDocument(TypedDict):
     source_watermark: str | None
     failures: int
     last_error: str | None
+    checks: str | None
 
 
 class StateDocument(TypedDict):
@@ -95,6 +96,7 @@ class PartitionStatus:
     source_watermark: datetime | None = None  # newest relevant usage_modified it reflects
     failures: int = 0  # consecutive ticks on which it failed; > 0 means retry next tick
     last_error: str | None = None
+    checks: str | None = None  # its last run's check results in a line (check_results.summary)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ class Cursor:
                     "source_watermark": format_timestamp(status.source_watermark),
                     "failures": status.failures,
                     "last_error": status.last_error,
+                    "checks": status.checks,
                 }
                 for uuid, status in sorted(self.partitions.items())
             },
@@ -265,11 +268,15 @@ def _partition_entry(key: str, value: Any) -> tuple[str, PartitionStatus]:
     last_error = value.get("last_error")
     if last_error is not None and not isinstance(last_error, str):
         raise ValueError(f"last_error must be a string or null, got {last_error!r}")
+    checks = value.get("checks")
+    if checks is not None and not isinstance(checks, str):
+        raise ValueError(f"checks must be a string or null, got {checks!r}")
     return key.lower(), PartitionStatus(
         materialized_at=parse_timestamp(value.get("materialized_at")),
         source_watermark=parse_timestamp(value.get("source_watermark")),
         failures=failures,
         last_error=last_error,
+        checks=checks,
     )
 
 

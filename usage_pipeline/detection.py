@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from usage_pipeline.check_results import CheckResult, summary
 from usage_pipeline.cursor import Cursor, DealerSeen, PartitionStatus
 
 
@@ -119,6 +120,7 @@ class RunOutcome:
     flow_run_id: str | None = None
     rows: int | None = None  # bronze rows a silver run read, when its result is at hand (subflows)
     result: object = field(default=None, repr=False, compare=False)  # the run's return value (subflows)
+    checks: tuple[CheckResult, ...] = ()  # its checks' results, passed or failed (subflows)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,10 @@ class PartitionOutcome:
     @property
     def ok(self) -> bool:
         return self.silver.ok and self.gold is not None and self.gold.ok
+
+    @property
+    def checks(self) -> tuple[CheckResult, ...]:
+        return self.silver.checks + (self.gold.checks if self.gold else ())
 
     @property
     def error(self) -> str | None:
@@ -326,7 +332,9 @@ def advance_cursor(
         errors = {p: partitions[p].error if p in partitions else "not run" for p in plan.partitions}
     else:
         errors = {p: f"bronze {bronze.state}: {bronze.message or 'no message'}" for p in plan.partitions}
-    statuses = partition_statuses(cursor, snapshot, plan, succeeded, errors, advanced.dealer_last_modified, now)
+    checks = {p: summary(outcome.checks) if outcome.checks else None for p, outcome in partitions.items()}
+    statuses = partition_statuses(cursor, snapshot, plan, succeeded, errors, checks, advanced.dealer_last_modified,
+                                  now)
     return advanced.with_changes(
         partitions=statuses, reconciled_at=now if snapshot.reconciled else cursor.reconciled_at
     )
@@ -373,19 +381,23 @@ def partition_statuses(
     plan: Plan,
     succeeded: set[str],
     errors: dict[str, str | None],
+    checks: dict[str, str | None],
     written: dict[int, datetime | None],
     now: datetime,
 ) -> dict[str, PartitionStatus]:
-    """Freshness after the tick: planned partitions are fresh or one failure further; gone ones dropped."""
+    """Freshness after the tick: planned partitions are fresh or one failure further, with their
+    checks' results (a run that never got to its checks keeps the last ones); gone ones dropped."""
     statuses = dict(cursor.partitions)
     for partner in plan.partitions:
+        old = statuses.get(partner, PartitionStatus())
+        checked = checks.get(partner) or old.checks
         if partner in succeeded:
             marks = [written[d] for d, p in snapshot.partners.items() if p == partner and written.get(d) is not None]
-            statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None))
+            statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None),
+                                                checks=checked)
         else:
-            old = statuses.get(partner, PartitionStatus())
             statuses[partner] = PartitionStatus(old.materialized_at, old.source_watermark, old.failures + 1,
-                                                errors[partner])
+                                                errors[partner], checked)
     live = {p for p in snapshot.partners.values() if p}
     return {p: s for p, s in statuses.items() if p in live or s.failures > 0}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from decimal import Decimal
 
 import polars as pl
 import sqlalchemy as sa
@@ -64,6 +65,16 @@ def _money_units_sqlite(element: money_units, compiler, **kw) -> str:
     scaled = column * MONEY_UNITS
     whole = sa.func.typeof(column) == "integer"
     return compiler.process(sa.case((whole, scaled), else_=sa.cast(sa.func.round(scaled), sa.BigInteger)), **kw)
+
+
+def relevant_totals(conn: sa.Connection) -> tuple[int, Decimal, Decimal]:
+    """Rows, quantity and amount sums of all relevant usage, exact: one aggregate query, the independent
+    number a start-over tick checks its extract against."""
+    rows, quantity, amount = conn.execute(
+        sa.select(sa.func.count(), *(sa.func.sum(money_units(c)) for c in (usage.c.usage_quantity, usage.c.usage_amount)))
+        .select_from(relevant_usage)
+    ).one()
+    return int(rows), *(Decimal(int(units or 0)).scaleb(-4) for units in (quantity, amount))
 
 
 def on_the_wire(fields: tuple[sa.Label, ...]) -> tuple[sa.Label, ...]:

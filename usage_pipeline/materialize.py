@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -10,8 +11,22 @@ import polars as pl
 
 from usage_pipeline import bronze
 from usage_pipeline.bronze import is_table, migrate_legacy, replace_dealers, write_all_spilled
+from usage_pipeline.check_results import CheckResult, SourceMoved, as_json, gate
+from usage_pipeline.checks import gold_checks, mismatched, reconciliation_check, silver_checks
 from usage_pipeline.detection import DealerStats
-from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES, LakePath, bronze_path, partition_path, write_parquet_atomic
+from usage_pipeline.lake import (
+    GOLD_TABLES,
+    SILVER_TABLES,
+    LakePath,
+    bronze_path,
+    partition_path,
+    provenance,
+    provenance_metadata,
+    remove_staging,
+    staged_path,
+    write_parquet_atomic,
+)
+from usage_pipeline.lake import publish as lake_publish
 from usage_pipeline.transforms import (
     active_services,
     billing_monthly_usage_by_service,
@@ -51,7 +66,10 @@ class SilverResult:
     bronze_rows: int
     aggregated_rows: int
     monthly_rows: int
-    bronze_version: int | None = None  # None: the newest (a manual run)
+    bronze_version: int  # the version it read
+    publish_id: str  # its staging directory, and the provenance of the files published from it
+    published: bool  # False: staged for the gold run that follows, which publishes all four files
+    checks: tuple[CheckResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,19 @@ class GoldResult:
     partner: str
     usage_report_rows: int
     active_services_rows: int
+    publish_id: str
+    published_tables: tuple[str, ...]  # gold's two, and silver's two when it published a staged silver
+    checks: tuple[CheckResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceFingerprints:
+    """What a tick's source query said of the partner's dealers it checked, before the extract (absent:
+    no relevant rows), and how to ask the source again after it."""
+
+    expected: dict[int, DealerStats]
+    dealers: list[int]
+    read_again: Callable[[list[int]], dict[int, DealerStats]] = field(repr=False, compare=False)
 
 
 def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None,
@@ -93,26 +124,81 @@ def bronze_dealer_stats(root: LakePath, version: int) -> dict[int, DealerStats]:
     return dealer_stats(bronze.scan(root, version))
 
 
-def build_silver(root: LakePath, partner: str, dealers: list[int], bronze_version: int | None = None) -> SilverResult:
-    """From the partner's dealers' rows of bronze at `bronze_version`: a tick's silver runs read the
-    version its bronze run committed, whatever was written since."""
+def reconcile_with_source(partner: str, rows: pl.DataFrame, source: SourceFingerprints) -> CheckResult:
+    """The bronze rows against the source's fingerprints; a mismatch whose fingerprints moved since is
+    the source changing during the tick (SourceMoved: deferred), else the check fails."""
+    actual = dealer_stats(rows.lazy())
+    result = reconciliation_check(source.expected, actual, source.dealers)
+    if result.passed:
+        return result
+    wrong = mismatched(source.expected, actual, source.dealers)
+    if moved := mismatched(source.expected, source.read_again(wrong), wrong):
+        raise SourceMoved(f"source moved: dealer(s) {moved} of partner {partner} changed during the tick;"
+                          " deferred to the next tick")
+    return result
+
+
+def build_silver(root: LakePath, partner: str, dealers: list[int], bronze_version: int | None = None,
+                 publish_id: str | None = None, publish: bool = True, warn_only: frozenset[str] = frozenset(),
+                 source: SourceFingerprints | None = None) -> SilverResult:
+    """From the partner's dealers' rows of bronze at `bronze_version` (None: the newest), checked, then
+    staged under `publish_id` (the flows pass their run's id); with `publish`, they replace the partner's
+    silver files, else the gold run that follows publishes them with its own (`build_gold`)."""
+    publish_id = publish_id or new_publish_id()
     if not is_table(root):
         raise FileNotFoundError(f"bronze table {bronze_path(root)} is missing; run billing-usage-raw first")
-    rows = bronze.read_dealers(root, dealers, bronze_version)
+    version = bronze.newest_version(root) if bronze_version is None else bronze_version
+    rows = bronze.read_dealers(root, dealers, version)
+    results = [] if source is None else [reconcile_with_source(partner, rows, source)]
     aggregated = billing_usage_aggregated(rows, partner)
     monthly = billing_monthly_usage_by_service(aggregated, partner)
-    for table, frame in zip(SILVER_TABLES, (aggregated, monthly), strict=True):
-        write_parquet_atomic(frame, partition_path(root, "silver", table, partner))
-    return SilverResult(partner, dealers, rows.height, aggregated.height, monthly.height, bronze_version)
+    checks = gate(partner, [*results, *silver_checks(rows, aggregated, monthly)], warn_only)
+    watermark = rows["usage_modified"].max()
+    metadata = provenance_metadata({"publish_id": publish_id, "bronze_version": str(version),
+                                    "source_watermark": "none" if watermark is None else watermark.isoformat(),
+                                    "checks": as_json(checks)})
+    try:
+        for table, frame in zip(SILVER_TABLES, (aggregated, monthly), strict=True):
+            write_parquet_atomic(frame, staged_path(root, publish_id, "silver", table, partner), metadata)
+        if publish:
+            lake_publish(root, publish_id, partner, [("silver", table) for table in SILVER_TABLES])
+    except BaseException:
+        remove_staging(root, publish_id)
+        raise
+    if publish:
+        remove_staging(root, publish_id)
+    return SilverResult(partner, dealers, rows.height, aggregated.height, monthly.height, version, publish_id,
+                        publish, checks)
 
 
-def build_gold(root: LakePath, partner: str) -> GoldResult:
-    silver = partition_path(root, "silver", SILVER_TABLES[0], partner)
-    if not silver.exists():
-        raise FileNotFoundError(f"silver file {silver} is missing; run partner-silver for {partner} first")
-    aggregated = pl.read_parquet(silver)
-    report = usage_report(aggregated, partner)
-    active = active_services(aggregated, partner)
-    for table, frame in zip(GOLD_TABLES, (report, active), strict=True):
-        write_parquet_atomic(frame, partition_path(root, "gold", table, partner))
-    return GoldResult(partner, report.height, active.height)
+def build_gold(root: LakePath, partner: str, staged_silver: str | None = None, publish_id: str | None = None,
+               warn_only: frozenset[str] = frozenset()) -> GoldResult:
+    """From the silver staged under `staged_silver` (a tick's or a cascading silver run's), then all four
+    files published together under that id; without it, from the published silver, gold alone under
+    `publish_id`. Whatever fails, the published files stay as they were."""
+    publish_as = staged_silver or publish_id or new_publish_id()
+    try:
+        silver = (staged_path(root, staged_silver, "silver", SILVER_TABLES[0], partner) if staged_silver
+                  else partition_path(root, "silver", SILVER_TABLES[0], partner))
+        if not silver.exists():
+            raise FileNotFoundError(f"silver file {silver} is missing; run partner-silver for {partner} first")
+        aggregated = pl.read_parquet(silver)
+        report = usage_report(aggregated, partner)
+        active = active_services(aggregated, partner)
+        checks = gate(partner, gold_checks(aggregated, report, active), warn_only)
+        built_from = provenance(silver)
+        metadata = provenance_metadata({"publish_id": publish_as, "checks": as_json(checks),
+                                        "bronze_version": built_from.get("bronze_version", "unknown"),
+                                        "source_watermark": built_from.get("source_watermark", "unknown")})
+        for table, frame in zip(GOLD_TABLES, (report, active), strict=True):
+            write_parquet_atomic(frame, staged_path(root, publish_as, "gold", table, partner), metadata)
+        tables = [("silver", t) for t in SILVER_TABLES if staged_silver] + [("gold", t) for t in GOLD_TABLES]
+        lake_publish(root, publish_as, partner, tables)
+    finally:
+        remove_staging(root, publish_as)
+    return GoldResult(partner, report.height, active.height, publish_as, tuple(t for _, t in tables), checks)
+
+
+def new_publish_id() -> str:
+    """For a build outside a flow run (tests, bench): the flows use their run's id."""
+    return uuid.uuid4().hex

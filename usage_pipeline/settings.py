@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from usage_pipeline.check_results import CHECK_NAMES
 from usage_pipeline.lake import LakePath, resolve_lake_root
 
 ENV_PREFIX = "USAGE_"
@@ -39,10 +40,27 @@ class Settings(BaseSettings):
         90, ge=45, description="mark a pipeline run Crashed after this long without a heartbeat"
     )
     slot_lease_seconds: int = Field(120, ge=60, description="a crashed holder's concurrency slot frees itself after this long")
+    checks_warn_only: str = Field("", description="comma-separated check names that warn instead of blocking a publish")
+
+    @field_validator("checks_warn_only")
+    @classmethod
+    def _known_checks(cls, value: str) -> str:
+        unknown = sorted(set(_names(value)) - set(CHECK_NAMES))
+        if unknown:
+            raise ValueError(f"unknown check name(s) {unknown}; the checks are {', '.join(CHECK_NAMES)}")
+        return value
+
+    @property
+    def warn_only_checks(self) -> frozenset[str]:
+        return frozenset(_names(self.checks_warn_only))
 
     @property
     def lake_path(self) -> LakePath:
         return resolve_lake_root(self.lake_root)
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def load_settings() -> Settings:
