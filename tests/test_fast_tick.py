@@ -15,6 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from orchestration.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
 from usage_pipeline import demo_data
+from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES
 from usage_pipeline.settings import load_settings
 
 
@@ -40,6 +41,12 @@ def demo(harness, tmp_path, monkeypatch):
     from tests.pipeline_helpers import tick  # after the harness: it binds the flow to this API
 
     return billing, made, tick, tmp_path / "lake"
+
+
+def cursor():
+    from tests.pipeline_helpers import cursor
+
+    return cursor()
 
 
 def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo, monkeypatch):
@@ -95,3 +102,134 @@ def test_requested_partner_and_dry_run(demo):
     assert state.message == "dry run: 0 dealer(s) -> 1 partition(s) would run (with bronze)"
     state, report = tick(partners=[partner])
     assert state.is_completed() and set(report.partitions) == {partner}
+
+
+def partner_files(lake, partner: str) -> dict[str, bytes]:
+    return {f"{layer}/{table}": (lake / layer / table / f"partner={partner}" / "data.parquet").read_bytes()
+            for layer, tables in (("silver", SILVER_TABLES), ("gold", GOLD_TABLES)) for table in tables}
+
+
+def with_a_duplicate_key(transform):
+    return lambda *args: (lambda frame: pl.concat([frame, frame.head(1)]))(transform(*args))
+
+
+def test_a_check_broken_in_a_tick_fails_that_partition_keeps_its_files_and_a_later_tick_publishes(demo, monkeypatch):
+    from usage_pipeline import bronze, materialize
+
+    billing, made, tick, lake = demo
+    assert tick()[0].is_completed()
+    partner, dealers = next(iter(made["partners"].items()))
+    before = partner_files(lake, partner)
+    real = {"usage_report": materialize.usage_report, "read_dealers": bronze.read_dealers}
+    breaks = [
+        (materialize, "usage_report", with_a_duplicate_key(real["usage_report"]), "grain.usage_report"),
+        # a bronze slice whose sums differ from what the source said: the source, asked again, says the same
+        (bronze, "read_dealers", lambda *args: real["read_dealers"](*args).with_columns(pl.col("amount") * 2),
+         "reconciliation.source"),
+    ]
+    for failures, (module, name, broken, check) in enumerate(breaks, start=1):
+        monkeypatch.setattr(module, name, broken)
+        demo_data.touch_dealer(billing, dealers[0], datetime(2026, 11, 20, 8, failures))
+        state, report = tick()
+        assert state.is_failed() and set(report.partitions) == {partner}
+        assert check in report.partitions[partner].error and "expected" in report.partitions[partner].error
+        assert partner_files(lake, partner) == before and not list((lake / "_staging").rglob("*.parquet"))
+        status = cursor().partitions[partner]
+        assert status.failures == failures and check in status.checks
+        monkeypatch.setattr(module, name, real[name])
+
+    state, report = tick()
+    assert state.is_completed() and set(report.partitions) == {partner}
+    assert report.partitions[partner].checks and all(c.passed for c in report.partitions[partner].checks)
+    assert [c.name for c in report.partitions[partner].silver.checks][0] == "reconciliation.source"
+    after = partner_files(lake, partner)
+    assert all(after[f] != before[f] for f in after)
+    assert cursor().partitions[partner].failures == 0 and cursor().partitions[partner].checks == "13/13 passed"
+
+
+def test_a_check_downgraded_by_the_setting_publishes_with_a_warning(demo, monkeypatch):
+    from usage_pipeline import materialize
+
+    billing, made, tick, lake = demo
+    assert tick()[0].is_completed()
+    partner, dealers = next(iter(made["partners"].items()))
+    monkeypatch.setattr(materialize, "usage_report", with_a_duplicate_key(materialize.usage_report))
+    monkeypatch.setenv("USAGE_CHECKS_WARN_ONLY", "grain.usage_report,conservation.usage_report")
+    demo_data.touch_dealer(billing, dealers[0], datetime(2026, 11, 21, 8))
+    state, report = tick()
+    assert state.is_completed(), state.message
+    assert cursor().partitions[partner].checks == "11/13 passed; failed: conservation.usage_report, grain.usage_report"
+
+
+def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, monkeypatch):
+    from orchestration import tick as tick_module
+
+    billing, made, tick, lake = demo
+    assert tick()[0].is_completed()
+    before = {p: partner_files(lake, p) for p in made["partners"]}
+    real_totals = tick_module.bronze.totals
+    monkeypatch.setattr(tick_module.bronze, "totals", lambda root, version: (real_totals(root, version)[0] - 1,
+                                                                            *real_totals(root, version)[1:]))
+    state, report = tick(full_refresh=True)
+    assert state.is_failed() and "reconciliation.totals FAILED" in report.bronze.message
+    assert report.partitions == {} and {p: partner_files(lake, p) for p in made["partners"]} == before
+    assert all(s.failures == 1 for s in cursor().partitions.values())
+    monkeypatch.setattr(tick_module.bronze, "totals", real_totals)
+    state, report = tick(full_refresh=True)
+    assert state.is_completed() and report.bronze.checks[0].passed
+    assert report.bronze.checks[0].name == "reconciliation.totals"
+
+
+def test_a_reader_sees_a_mix_of_versions_only_while_a_publish_renames(demo, monkeypatch):
+    """A reader polls one partner's four files while ticks publish it, every other one failing at gold."""
+    import threading
+
+    from usage_pipeline import lake as lake_module
+    from usage_pipeline import materialize
+
+    billing, made, tick, lake = demo
+    assert tick()[0].is_completed()
+    partner, dealers = next(iter(made["partners"].items()))
+    paths = [lake / layer / table / f"partner={partner}" / "data.parquet"
+             for layer, tables in (("silver", SILVER_TABLES), ("gold", GOLD_TABLES)) for table in tables]
+    publishes = {"started": 0, "ended": 0}
+    real_publish = lake_module.publish
+
+    def counted_publish(*args):
+        publishes["started"] += 1
+        try:
+            real_publish(*args)
+        finally:
+            publishes["ended"] += 1
+
+    monkeypatch.setattr(materialize, "lake_publish", counted_publish)
+    observations, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            ended_before = publishes["ended"]
+            ids = tuple(lake_module.provenance(path)["publish_id"] for path in paths)
+            observations.append((ids, publishes["started"] > ended_before))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    published, failed = [], []
+    real_report = materialize.usage_report
+    try:
+        for round_ in range(6):
+            failing = round_ % 2 == 1
+            monkeypatch.setattr(materialize, "usage_report",
+                                with_a_duplicate_key(real_report) if failing else real_report)
+            demo_data.touch_dealer(billing, dealers[0], datetime(2026, 11, 22, 8, round_))
+            state, report = tick()
+            silver_id = report.partitions[partner].silver.flow_run_id
+            (failed if failing else published).append(silver_id)
+            assert state.is_failed() == failing
+    finally:
+        stop.set()
+        reader.join()
+    seen = {publish_id for ids, _ in observations for publish_id in ids}
+    assert len(observations) > 100 and len(seen) >= 2
+    assert not seen & set(failed)  # a failed step never left anything of its build in place
+    mixed = [(ids, overlapping) for ids, overlapping in observations if len(set(ids)) > 1]
+    assert all(overlapping for _, overlapping in mixed), mixed
