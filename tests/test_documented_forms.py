@@ -41,6 +41,7 @@ from tests.pipeline_helpers import (
 )
 from tests.postgres import prefect_database
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C
+from tests.test_alerts import wait_events
 from usage_pipeline.lake import STATE_FILE
 
 pytestmark = pytest.mark.integration
@@ -114,7 +115,9 @@ def test_deployment_run_detection_with_each_documented_parameter(materialized, l
 
 
 def test_deployment_run_partner_silver_cascades_to_gold_unless_cascade_false(materialized, lake_root, prefect_server):
+    """Each manual run is gated by the checks and emits the partition event with their results."""
     api = RestApi(prefect_server)
+    since = datetime.now().astimezone()
     before = file_ids(lake_root)
     alone = completed(deployment_run(api, SILVER, f"partner_uuid={PARTNER_A}", "cascade=false"))
     assert alone["parameters"] == {"partner_uuid": PARTNER_A, "cascade": False}
@@ -128,6 +131,12 @@ def test_deployment_run_partner_silver_cascades_to_gold_unless_cascade_false(mat
     assert rewritten(before, file_ids(lake_root)) == partition_files(PARTNER_A)  # silver, then its gold
     (gold,) = child_runs(cascaded["id"])
     assert gold.name == f"gold-{PARTNER_A}" and gold.state.is_completed()
+    alone_event, cascaded_event = sorted(wait_events("usage.partition.", since, 2), key=lambda e: e["occurred"])
+    for event, run, checks in ((alone_event, alone, 6), (cascaded_event, cascaded, 12)):
+        assert event["event"] == "usage.partition.materialized" and event["payload"]["manual_run"] == run["name"]
+        assert event["resource"]["prefect.resource.id"] == f"usage.partition.{PARTNER_A}"
+        assert len(event["payload"]["checks"]) == checks and all(c["passed"] for c in event["payload"]["checks"])
+    assert not list((lake_root / "_staging").rglob("*.parquet"))
 
 
 # --- usage-pipeline cursor reset with repeated flags ----------------------------------------------------
@@ -220,8 +229,10 @@ def without(environ: dict[str, str], prefix: str) -> dict[str, str]:
         (without(pipeline_environ(), "V3_DB_"), "v3-db: set V3_DB_HOST, V3_DB_USER, V3_DB_DATABASE"),
         ({**pipeline_environ(), "USAGE_MAX_CONCURRENT_PARTITIONS": "0"},
          "USAGE_MAX_CONCURRENT_PARTITIONS: Input should be greater than or equal to 1, got '0'"),
+        ({**pipeline_environ(), "USAGE_CHECKS_WARN_ONLY": "grain.usage_report,grain.invoice"},
+         "USAGE_CHECKS_WARN_ONLY: Value error, unknown check name(s) ['grain.invoice']"),
     ],
-    ids=["host-without-user", "bad-port", "v3-missing", "zero-partitions"],
+    ids=["host-without-user", "bad-port", "v3-missing", "zero-partitions", "unknown-check"],
 )
 def test_setup_with_bad_configuration_exits_2_naming_the_variable(pipeline, prefect_server, variables, message):
     api = RestApi(prefect_server)

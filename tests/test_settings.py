@@ -25,6 +25,25 @@ def test_defaults(clean_env, tmp_path):
     assert (settings.reconcile_seconds, settings.child_run_timeout_seconds) == (3600, 3600)
     assert (settings.alert_block, settings.alert_stall_seconds, settings.alert_failed_ticks) == (None, 900, 3)
     assert (settings.heartbeat_timeout_seconds, settings.slot_lease_seconds) == (90, 120)
+    assert settings.warn_only_checks == frozenset()
+
+
+@pytest.mark.parametrize(("value", "names"), [
+    ("grain.usage_report", {"grain.usage_report"}),
+    ("grain.usage_report,conservation.usage_report", {"grain.usage_report", "conservation.usage_report"}),
+    (" grain.usage_report , reconciliation.totals ,", {"grain.usage_report", "reconciliation.totals"}),
+    ("", set()),
+])
+def test_checks_warn_only_takes_one_name_or_a_comma_separated_list(clean_env, value, names):
+    clean_env.setenv("USAGE_CHECKS_WARN_ONLY", value)
+    assert load_settings().warn_only_checks == names
+
+
+def test_an_unknown_check_name_is_refused_listing_the_checks(clean_env):
+    clean_env.setenv("USAGE_CHECKS_WARN_ONLY", "grain.usage_report,grain.invoice")
+    with pytest.raises(SettingsError, match=r"USAGE_CHECKS_WARN_ONLY: .*unknown check name\(s\) \['grain.invoice'\];"
+                                            r" the checks are reconciliation.source, "):
+        load_settings()
 
 
 def test_every_variable_is_read_from_the_environment(clean_env):
