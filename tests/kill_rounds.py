@@ -42,7 +42,7 @@ from orchestration.deployments import deployment_specs
 from tests.pipeline_helpers import FINAL_STATE_TYPES, RestApi, file_ids, partition_files, read_bronze
 from tests.sourcedata import active_services_truth, usage_report_truth
 from usage_pipeline import bronze
-from usage_pipeline.lake import STALE_TEMP_SECONDS, TEMP_NAME, bronze_path
+from usage_pipeline.lake import STAGING_DIR, STALE_TEMP_SECONDS, TEMP_NAME, bronze_path
 
 KINDS = ("serve", "child", "server", "mariadb")
 PARTNERS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(0xA1, 0xA5)]
@@ -404,7 +404,10 @@ def check_lake(stack: Stack, world: World, billing_admin: sa.Engine) -> list[str
 
 
 def temp_files(lake: Path) -> list[Path]:
-    return [path for path in lake.rglob(".*.tmp") if TEMP_NAME.match(path.name)]
+    """A killed writer's temporary files, and a killed partition's staging directories."""
+    staging = lake / STAGING_DIR
+    return ([path for path in lake.rglob(".*.tmp") if TEMP_NAME.match(path.name)]
+            + (list(staging.iterdir()) if staging.is_dir() else []))
 
 
 def orphaned_bronze_files(lake: Path) -> list[Path]:

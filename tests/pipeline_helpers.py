@@ -16,7 +16,7 @@ from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from flows.usage_change_detection import usage_change_detection
 from orchestration.runtime import read_cursor_value
 from usage_pipeline.cursor import Cursor, parse_cursor
-from usage_pipeline.lake import STATE_FILE, read_state_document
+from usage_pipeline.lake import STAGING_DIR, STATE_FILE, read_state_document
 from usage_pipeline.settings import load_settings
 from usage_pipeline.tick_report import TickReport, as_report
 
@@ -57,7 +57,7 @@ def file_ids(root: Path) -> dict[str, object]:
     ids: dict[str, object] = {
         str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
         for p in sorted(root.rglob("*.parquet"))
-        if p.relative_to(root).parts[0] not in (STATE_DIR, "bronze")
+        if p.relative_to(root).parts[0] not in (STATE_DIR, "bronze", STAGING_DIR)
     }
     if DeltaTable.is_deltatable(str(root / BRONZE_TABLE)):
         ids[BRONZE_TABLE] = DeltaTable(str(root / BRONZE_TABLE)).version()

@@ -206,6 +206,17 @@ def test_stale_temp_files_are_removed_anywhere_in_the_lake_and_young_ones_kept(t
     assert remove_stale_temp_files(ObjectPath("s3://bucket/lake")) == []  # one upload per file: no temp files
 
 
+def test_a_killed_publishs_staging_directory_is_removed_once_stale_and_a_live_one_kept(tmp_path):
+    old_id, live_id = "0b3f6a52-3c0e-4c39-9a52-8e1f1d3c2a10", "1c4a7b63-4d1f-4d4a-8b63-9f2a2e4d3b21"
+    for publish_id in (old_id, live_id):
+        write_parquet_atomic(frame(1), lake.staged_path(tmp_path, publish_id, "silver", SILVER_TABLES[0], P))
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(lake.staging_dir(tmp_path, old_id), (old, old))
+
+    assert remove_stale_temp_files(tmp_path) == [f"_staging/{old_id}"]
+    assert not lake.staging_dir(tmp_path, old_id).exists() and lake.staging_dir(tmp_path, live_id).exists()
+
+
 def test_stale_temp_cleanup_tolerates_a_file_removed_concurrently(tmp_path, monkeypatch):
     path = tmp_path / "t" / "data.parquet"
     path.parent.mkdir(parents=True)
