@@ -34,6 +34,11 @@ def format_timestamp(value: datetime | None) -> str | None:
     return None if value is None else value.strftime(TIMESTAMP_FORMAT)
 
 
+def utc_now() -> datetime:
+    """The current time as the cursor's timestamps are: naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 def parse_timestamp(value: object) -> datetime | None:
     """Parse an ISO-8601 timestamp (or None) to a naive UTC datetime; raise ValueError otherwise."""
     if value is None:
@@ -58,6 +63,7 @@ class PartitionDocument(TypedDict):
     source_watermark: str | None
     failures: int
     last_error: str | None
+    pending_since: str | None  # absent in documents written before issue 19: read as None
 
 
 class StateDocument(TypedDict):
@@ -95,6 +101,20 @@ class PartitionStatus:
     source_watermark: datetime | None = None  # newest relevant usage_modified it reflects
     failures: int = 0  # consecutive ticks on which it failed; > 0 means retry next tick
     last_error: str | None = None
+    # The first tick that found it needing a rebuild, None once published. Not a source timestamp:
+    # those may be NULL, backdated, or gone with a deleted row.
+    pending_since: datetime | None = None
+
+    def lag_seconds(self, now: datetime) -> float:
+        """How long the partition has waited for a rebuild (0 when published), as operators and alerts see it."""
+        return 0.0 if self.pending_since is None else max(0.0, (now - self.pending_since).total_seconds())
+
+    @property
+    def episode(self) -> str:
+        """Names the partition's pending episode by the publish it follows ("never" before the first):
+        the same from the tick that finds it pending to the one that publishes it, even across a tick
+        that died before saving the state, and new after every publish (usage-partition-stale)."""
+        return format_timestamp(self.materialized_at) or "never"
 
 
 @dataclass(frozen=True)
@@ -151,6 +171,7 @@ class Cursor:
                     "source_watermark": format_timestamp(status.source_watermark),
                     "failures": status.failures,
                     "last_error": status.last_error,
+                    "pending_since": format_timestamp(status.pending_since),
                 }
                 for uuid, status in sorted(self.partitions.items())
             },
@@ -270,6 +291,7 @@ def _partition_entry(key: str, value: Any) -> tuple[str, PartitionStatus]:
         source_watermark=parse_timestamp(value.get("source_watermark")),
         failures=failures,
         last_error=last_error,
+        pending_since=parse_timestamp(value.get("pending_since")),
     )
 
 
