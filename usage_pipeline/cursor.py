@@ -106,7 +106,7 @@ class PartitionStatus:
     pending_since: datetime | None = None
 
     def lag_seconds(self, now: datetime) -> float:
-        """How long the partition has waited for a rebuild (0 when published), as operators and alerts see it."""
+        """How long the partition has waited for a rebuild (0 when published), as operators see it."""
         return 0.0 if self.pending_since is None else max(0.0, (now - self.pending_since).total_seconds())
 
     @property
