@@ -1,6 +1,6 @@
-"""The two automations of CONTRACT.md section 8, created or updated by name by `usage-pipeline setup`.
+"""The three automations of CONTRACT.md section 8, created or updated by name by `usage-pipeline setup`.
 
-Both notify the Prefect notification block named by USAGE_ALERT_BLOCK (Slack, e-mail,
+All notify the Prefect notification block named by USAGE_ALERT_BLOCK (Slack, e-mail,
 custom webhook...). Running setup again updates them in place (thresholds included),
 so there is always exactly one of each.
 """
@@ -16,11 +16,23 @@ from prefect.client.schemas.filters import BlockDocumentFilter, BlockDocumentFil
 from prefect.client.schemas.objects import BlockDocument
 from prefect.exceptions import ObjectNotFound
 
-from orchestration.events import FAILED_EVENT, FAILURES_LABEL, PARTITION_RESOURCE_PREFIX, TICK_EVENT, TICK_RESOURCE
+from orchestration.events import (
+    EPISODE_LABEL,
+    FAILED_EVENT,
+    FAILURES_LABEL,
+    MATERIALIZED_EVENT,
+    PARTITION_RESOURCE_PREFIX,
+    PENDING_EVENT,
+    TICK_EVENT,
+    TICK_RESOURCE,
+)
 from usage_pipeline.settings import Settings
 
 STALLED = "usage-detection-stalled"
 FAILING = "usage-partition-failing"
+STALE = "usage-partition-stale"
+
+
 class AlertSetupError(ValueError):
     """An alert block that cannot be found; the message names it."""
 
@@ -47,7 +59,7 @@ def notification_block_id(name: str) -> UUID:
     return documents[0].id
 
 
-def automations(block_id: UUID, stall_seconds: int, failed_ticks: int) -> list[Automation]:
+def automations(block_id: UUID, stall_seconds: int, failed_ticks: int, stale_seconds: int) -> list[Automation]:
     stalled = Automation(
         name=STALLED,
         description=f"No {TICK_EVENT} event within {stall_seconds} s: usage-change detection is not running.",
@@ -96,7 +108,36 @@ def automations(block_id: UUID, stall_seconds: int, failed_ticks: int) -> list[A
             )
         ],
     )
-    return [stalled, failing]
+    stale = Automation(
+        name=STALE,
+        description=f"A partner partition found needing a rebuild is still not published {stale_seconds} s later.",
+        # Opened by the pending event a tick emits before its runs, closed by the materialized event of the same
+        # partition and episode: the server's own clock fires it, so it fires when later ticks fail, hang or stop.
+        # Partitions current when detection stalls were never announced pending: usage-detection-stalled covers them.
+        trigger=EventTrigger(
+            posture=Posture.Proactive,
+            after={PENDING_EVENT},
+            expect={MATERIALIZED_EVENT},
+            match={"prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}*"},
+            for_each={"prefect.resource.id", EPISODE_LABEL},
+            threshold=1,
+            within=timedelta(seconds=stale_seconds),
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject="usage pipeline: partition {{ event.payload.partner }} stale",
+                body=(
+                    "Partner {{ event.payload.partner }} was found needing a rebuild at"
+                    " {{ event.payload.pending_since }} ({{ event.payload.reasons | join('; ') }}) and is still not"
+                    f" published {stale_seconds} s later (last published: {{{{ event.payload.last_published }}}})."
+                    " `usage-pipeline cursor show` lists its failed ticks and last error; if no tick has run since,"
+                    f" see {STALLED}."
+                ),
+            )
+        ],
+    )
+    return [stalled, failing, stale]
 
 
 def ensure_automation(wanted: Automation) -> str:
@@ -111,14 +152,16 @@ def ensure_automation(wanted: Automation) -> str:
 
 
 def setup_alerts(settings: Settings) -> list[str]:
-    """Create or update both automations when USAGE_ALERT_BLOCK is set; otherwise say how to."""
-    stall, failed = settings.alert_stall_seconds, settings.alert_failed_ticks
+    """Create or update the three automations when USAGE_ALERT_BLOCK is set; otherwise say how to."""
+    stall, failed, stale = settings.alert_stall_seconds, settings.alert_failed_ticks, settings.alert_stale_seconds
     if not settings.alert_block:
         return [
             "alerts: off. To turn them on, create a Prefect notification block (Blocks -> Add, e.g. Slack Webhook"
             " or Custom Webhook) and re-run setup with USAGE_ALERT_BLOCK=<block-type-slug>/<block name>"
-            f" (thresholds: USAGE_ALERT_STALL_SECONDS={stall}, USAGE_ALERT_FAILED_TICKS={failed})"
+            f" (thresholds: USAGE_ALERT_STALL_SECONDS={stall}, USAGE_ALERT_FAILED_TICKS={failed},"
+            f" USAGE_ALERT_STALE_SECONDS={stale})"
         ]
     block_id = notification_block_id(settings.alert_block)
-    done = [f"{a.name} {ensure_automation(a)}" for a in automations(block_id, stall, failed)]
-    return [f"alerts to {settings.alert_block}: {', '.join(done)} (stalled after {stall} s, failing after {failed} ticks)"]
+    done = [f"{a.name} {ensure_automation(a)}" for a in automations(block_id, stall, failed, stale)]
+    return [f"alerts to {settings.alert_block}: {', '.join(done)} (stalled after {stall} s, failing after {failed}"
+            f" ticks, stale after {stale} s)"]

@@ -1,7 +1,8 @@
-"""The pipeline's Prefect events (CONTRACT.md section 8): one per tick, one per partition rebuild.
+"""The pipeline's Prefect events (CONTRACT.md section 8): one per tick, one per partition found pending,
+one per partition rebuild.
 
 Operators see them in the UI's Event Feed and build automations on them; `usage-pipeline
-setup` creates them (orchestration/alerts.py). Emitted from the tick's run (or a partner run
+setup` creates three (orchestration/alerts.py). Emitted from the tick's run (or a partner run
 started by hand), so Prefect relates each event to that run, its flow and deployment by itself.
 """
 
@@ -15,14 +16,20 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 
 from usage_pipeline.check_results import CheckResult, ChecksFailed, as_payload
-from usage_pipeline.cursor import format_timestamp
+from usage_pipeline.cursor import Cursor, PartitionStatus, format_timestamp, parse_cursor, utc_now
+from usage_pipeline.detection import partition_freshness
+from usage_pipeline.lake import read_state_document
+from usage_pipeline.settings import load_settings
 
 if TYPE_CHECKING:
-    from usage_pipeline.detection import RunOutcome
+    from datetime import datetime
+
+    from usage_pipeline.detection import Plan, RunOutcome
     from usage_pipeline.tick_report import TickReport
 
 TICK_EVENT = "usage.detection.tick"
 TICK_RESOURCE = "usage.detection"
+PENDING_EVENT = "usage.partition.pending"
 MATERIALIZED_EVENT = "usage.partition.materialized"
 FAILED_EVENT = "usage.partition.failed"
 PARTITION_RESOURCE_PREFIX = "usage.partition."
@@ -30,6 +37,27 @@ PARTITION_RESOURCE_PREFIX = "usage.partition."
 # (usage-partition-failing fires once, on the tick that reaches its threshold).
 FAILURES_LABEL = "usage.consecutive-failures"
 PARTNER_LABEL = "usage.partner"
+# Resource label naming the pending episode (PartitionStatus.episode): usage-partition-stale keeps one
+# window per partition and episode, opened by its pending event and closed by its materialized one.
+EPISODE_LABEL = "usage.episode"
+
+
+def partition_resource(partner: str, episode: str, failures: int) -> dict[str, str]:
+    """The resource of every partition event, whoever emits it: the alerts match and bucket on its labels."""
+    return {
+        "prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}{partner}",
+        "prefect.resource.name": f"partner {partner}",
+        PARTNER_LABEL: partner,
+        FAILURES_LABEL: str(failures),
+        EPISODE_LABEL: episode,
+    }
+
+
+def freshness_lags(cursor: Cursor | None, now: datetime) -> dict[str, float]:
+    """Every known partition's lag in seconds (PartitionStatus.lag_seconds), as the freshness artifact lists them."""
+    if cursor is None:
+        return {}
+    return {row.partner: round(row.status.lag_seconds(now), 3) for row in partition_freshness(cursor)}
 
 
 def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
@@ -51,25 +79,43 @@ def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
             "dry_run": report.dry_run,
             "skipped": report.skipped,
             "bronze": report.bronze_table,
+            "freshness_lag_seconds": freshness_lags(report.cursor, utc_now()),
         },
     )
 
 
+def emit_pending_events(cursor: Cursor, plan: Plan, partners: list[str], now: datetime) -> None:
+    """Each partition this tick newly found needing a rebuild, before its runs: usage-partition-stale
+    fires when no materialized event of the same episode follows in time, whether or not ticks go on."""
+    for partner in partners:
+        status = cursor.partitions.get(partner, PartitionStatus())
+        emit_event(
+            event=PENDING_EVENT,
+            resource=partition_resource(partner, status.episode, status.failures),
+            payload={
+                "partner": partner,
+                "pending_since": format_timestamp(now),
+                "last_published": format_timestamp(status.materialized_at),
+                "reasons": plan.partitions[partner],
+            },
+        )
+
+
 def emit_partition_events(report: TickReport) -> None:
-    """After the cursor advanced: each planned partition, rebuilt or failed (bronze failing fails them all)."""
+    """After the cursor advanced: each planned partition, rebuilt or failed (bronze failing fails them all),
+    with the episode it belonged to when the tick started (a materialized event closes it)."""
     if report.plan is None or report.dry_run or report.cursor is None:
         return
     for partner in report.plan.partitions:
-        status = report.cursor.partitions.get(partner)
-        if status is None:  # a partner that no longer exists and was emptied
-            continue
+        # A partner that no longer exists and was emptied has no status left: it was published.
+        status = report.cursor.partitions.get(partner, PartitionStatus())
         outcome = report.partitions.get(partner)
         runs: list[tuple[str, RunOutcome | None]] = [("silver", outcome.silver if outcome else None),
                                                     ("gold", outcome.gold if outcome else None)]
         dealers = sorted(d for d, parts in report.plan.dealer_partitions.items() if partner in parts)
         emit_event(
             event=FAILED_EVENT if status.failures else MATERIALIZED_EVENT,
-            resource=partition_resource(partner, status.failures),
+            resource=partition_resource(partner, report.episodes[partner], status.failures),
             related=[
                 {"prefect.resource.id": f"prefect.flow-run.{run.flow_run_id}", "prefect.resource.role": layer,
                  "prefect.resource.name": run.name}
@@ -87,15 +133,6 @@ def emit_partition_events(report: TickReport) -> None:
                 "checks": as_payload(outcome.checks if outcome else ()),
             },
         )
-
-
-def partition_resource(partner: str, failures: int) -> dict[str, str]:
-    return {
-        "prefect.resource.id": f"{PARTITION_RESOURCE_PREFIX}{partner}",
-        "prefect.resource.name": f"partner {partner}",
-        PARTNER_LABEL: partner,
-        FAILURES_LABEL: str(failures),
-    }
 
 
 @contextmanager
@@ -117,9 +154,13 @@ def partition_event_if_manual(partner: str) -> Iterator[list[CheckResult]]:
 
 
 def _emit_manual(event: str, partner: str, checks: list[CheckResult], error: str | None) -> None:
+    """With the episode and failure count the pipeline's state records: a manual publish closes the
+    pending episode a tick opened."""
+    state, _ = read_state_document(load_settings().lake_path)
+    status = parse_cursor(None, state)[0].partitions.get(partner, PartitionStatus())
     emit_event(
         event=event,
-        resource=partition_resource(partner, 0 if error is None else 1),
+        resource=partition_resource(partner, status.episode, status.failures),
         payload={"partner": partner, "manual_run": current_flow_run.name, "last_error": error,
                  "checks": as_payload(checks)},
     )

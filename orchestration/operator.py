@@ -17,14 +17,15 @@ from orchestration.report import freshness_rows
 from orchestration.runtime import load_dealer_directory, load_source, read_cursor_value
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
-from usage_pipeline.cursor import Cursor, format_timestamp, parse_cursor
+from usage_pipeline.cursor import Cursor, format_timestamp, parse_cursor, utc_now
 from usage_pipeline.explain import DetectionSchedule, explain_dealer
 from usage_pipeline.lake import read_state_document, state_path
 from usage_pipeline.partners import parse_partner_uuid
 from usage_pipeline.settings import load_settings
 
 DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
-SHOW_COLUMNS = ("partner", "dealers", "state", "last_success", "source_watermark", "failed_ticks", "checks", "last_error")
+SHOW_COLUMNS = ("partner", "dealers", "state", "lag_seconds", "last_success", "source_watermark", "failed_ticks",
+                "checks", "last_error")
 
 
 class OperatorError(ValueError):
@@ -55,7 +56,7 @@ def show_cursor() -> list[str]:
     lines.append("bronze: no Delta table yet" if table is None else f"bronze: {table.describe()}")
     if cursor.is_first_run and block_value is not None:
         lines.append("The cursor is empty: the next tick rebuilds bronze and every partition.")
-    rows = freshness_rows(cursor)
+    rows = freshness_rows(cursor, utc_now())
     if not rows:
         lines.append("No partition has been materialized yet.")
         return lines
@@ -156,7 +157,7 @@ def explain(dealer: int) -> list[str]:
     billing = load_source(BILLING_BLOCK)
     try:
         with billing.engine.connect() as conn:
-            explanation = explain_dealer(conn, dealer, directory, cursor, detection_schedule())
+            explanation = explain_dealer(conn, dealer, directory, cursor, detection_schedule(), utc_now())
     except Exception as exc:
         raise billing.error(exc) from None
     finally:

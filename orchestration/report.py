@@ -6,10 +6,12 @@ from typing import TYPE_CHECKING
 
 from prefect.artifacts import create_table_artifact
 
-from usage_pipeline.cursor import Cursor, format_timestamp
+from usage_pipeline.cursor import Cursor, format_timestamp, utc_now
 from usage_pipeline.detection import partition_freshness
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from usage_pipeline.tick_report import TickReport
 
 
@@ -51,13 +53,15 @@ def check_rows(report: TickReport) -> list[dict[str, object]]:
     ]
 
 
-def freshness_rows(cursor: Cursor, pending: frozenset[str] = frozenset()) -> list[dict[str, object]]:
-    """One row per known partition: its dealers, last success, the watermark it reflects, fresh or stale."""
+def freshness_rows(cursor: Cursor, now: datetime, pending: frozenset[str] = frozenset()) -> list[dict[str, object]]:
+    """One row per known partition: its dealers, fresh or stale, how long it has waited for a rebuild as of
+    `now`, last success, the watermark it reflects."""
     return [
         {
             "partner": row.partner,
             "dealers": ", ".join(map(str, row.dealers)) or "-",
             "state": row.state if row.stale_because is None else f"stale: {row.stale_because}",
+            "lag_seconds": round(row.status.lag_seconds(now)),
             "last_success": format_timestamp(row.status.materialized_at) or "never",
             "source_watermark": format_timestamp(row.status.source_watermark) or "-",
             "failed_ticks": row.status.failures,
@@ -78,6 +82,6 @@ def publish_tick_artifacts(report: TickReport) -> None:
         create_table_artifact(key="usage-tick-checks", table=checks,
                               description=f"Checks: {len(checks) - failed} passed, {failed} failed")
     pending = frozenset(report.plan.partitions) if report.plan and report.dry_run else frozenset()
-    rows = freshness_rows(report.cursor, pending) if report.cursor else []
+    rows = freshness_rows(report.cursor, utc_now(), pending) if report.cursor else []
     if rows:
         create_table_artifact(key="usage-partition-freshness", table=rows, description="Partition freshness")

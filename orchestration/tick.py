@@ -21,6 +21,7 @@ from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
 
 from orchestration.crashed_runs import crash_orphaned_runs, heartbeat_problem
+from orchestration.events import emit_pending_events
 from orchestration.runtime import (
     SourceError,
     TickShared,
@@ -44,6 +45,8 @@ from usage_pipeline.detection import (
     RunOutcome,
     SourceSnapshot,
     advance_cursor,
+    newly_pending,
+    partition_episodes,
     plan_tick,
     starts_over,
     with_bronze_stats,
@@ -297,6 +300,9 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
         logger.info("Dry run: nothing submitted, cursor unchanged")
         return report
 
+    report.episodes = partition_episodes(cursor, plan)
+    # Before any run: a tick that hangs or dies still leaves the stale alert's start behind.
+    emit_pending_events(cursor, plan, newly_pending(cursor, plan), now)
     if plan.runs_bronze:
         with without_subflow_heartbeats():
             snapshot = run_layers(plan, snapshot, layers, settings, report)

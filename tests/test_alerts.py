@@ -1,4 +1,4 @@
-"""Issue 11: events in the API, and the two automations notifying a real HTTP endpoint.
+"""Issues 11 and 19: events in the API, and the three automations notifying a real HTTP endpoint.
 
 A local webhook receiver stands behind a `custom-webhook` notification block; `usage-pipeline
 setup` (a subprocess, as operators run it) creates the automations against the session's
@@ -21,16 +21,17 @@ from prefect.automations import Automation
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.blocks.system import Secret
 
-from orchestration.alerts import FAILING, STALLED
+from orchestration.alerts import FAILING, STALE, STALLED
 from tests.conftest import pipeline_environ
-from tests.pipeline_helpers import tick
-from tests.sourcedata import PARTNER_A, PARTNER_B, SourceBuilder
+from tests.pipeline_helpers import child_runs, cursor, tick
+from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
 from tests.webhook import Receiver
 
 pytestmark = pytest.mark.integration
 STALL_SECONDS = 20  # for the stall itself; while ticks run, the automation allows STEADY_STALL_SECONDS
 STEADY_STALL_SECONDS = 300  # ticks on a loaded 2-core machine can be more than 20 s apart
 FAILED_TICKS = 2
+STALE_SECONDS = 60  # the shortest USAGE_ALERT_STALE_SECONDS; the fixture leaves the default (1800)
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def setup_command(**env: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def alerts(pipeline, receiver):
-    """The two automations, notifying the receiver; deleted afterwards so no other test triggers them."""
+    """The three automations, notifying the receiver; deleted afterwards so no other test triggers them."""
     CustomWebhookNotificationBlock(
         name="usage-alerts-it",
         url=f"http://127.0.0.1:{receiver.server_address[1]}/hook",
@@ -61,7 +62,7 @@ def alerts(pipeline, receiver):
     assert result.returncode == 0, result.stderr
     time.sleep(3)  # the server's trigger service picks up new automations within a few seconds
     yield env
-    for name in (STALLED, FAILING):
+    for name in (STALLED, FAILING, STALE):
         Automation.read(name=name).delete()
 
 
@@ -106,10 +107,21 @@ def test_tick_and_partition_events_carry_resources_payloads_and_related_runs(fre
     tick_run = f"prefect.flow-run.{state.state_details.flow_run_id}"
     assert tick_run in {r["prefect.resource.id"] for r in tick_event["related"]}
 
-    (materialized,) = wait_events("usage.partition.", since, 1)
-    assert materialized["event"] == "usage.partition.materialized"
+    assert payload["freshness_lag_seconds"] == {PARTNER_A: 0, PARTNER_B: 0, PARTNER_C: 0}
+
+    partition_events = {e["event"]: e for e in wait_events("usage.partition.", since, 2)}
+    assert set(partition_events) == {"usage.partition.pending", "usage.partition.materialized"}
+    pending, materialized = partition_events["usage.partition.pending"], partition_events["usage.partition.materialized"]
     assert materialized["resource"]["prefect.resource.id"] == f"usage.partition.{PARTNER_A}"
     assert materialized["resource"]["usage.partner"] == PARTNER_A
+    # The pending event came before the partition's runs, and names the episode its materialized event closes.
+    assert {k: pending["resource"][k] for k in ("prefect.resource.id", "usage.partner", "usage.consecutive-failures")} \
+        == {"prefect.resource.id": f"usage.partition.{PARTNER_A}", "usage.partner": PARTNER_A,
+            "usage.consecutive-failures": "0"}
+    assert pending["resource"]["usage.episode"] == materialized["resource"]["usage.episode"] != "never"
+    assert pending["payload"]["reasons"] == ["dealer 1: MAX(usage_modified) changed"]
+    silver_run = next(run for run in child_runs(state.state_details.flow_run_id) if run.name == f"silver-{PARTNER_A}")
+    assert datetime.fromisoformat(pending["occurred"]) <= silver_run.start_time
     roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in materialized["related"]}
     outcome = report.partitions[PARTNER_A]
     assert roles["silver"] == f"prefect.flow-run.{outcome.silver.flow_run_id}"
@@ -123,12 +135,15 @@ def test_tick_and_partition_events_carry_resources_payloads_and_related_runs(fre
     block_partition(lake_root, PARTNER_B)
     state, _ = tick()
     assert state.is_failed()
-    (failed,) = wait_events("usage.partition.", since, 1)
-    assert failed["event"] == "usage.partition.failed"
+    partition_events = {e["event"]: e for e in wait_events("usage.partition.", since, 2)}
+    failed = partition_events["usage.partition.failed"]
     assert failed["resource"]["usage.consecutive-failures"] == "1"
+    assert failed["resource"]["usage.episode"] == partition_events["usage.partition.pending"]["resource"]["usage.episode"]
     assert failed["payload"]["consecutive_failures"] == 1 and "silver-" in failed["payload"]["last_error"]
     ticked = wait_events("usage.detection.tick", since, 1)[0]["payload"]
     assert (ticked["ok"], ticked["failed"]) == (0, 1)
+    lags = ticked["freshness_lag_seconds"]
+    assert lags[PARTNER_B] > 0 and lags[PARTNER_A] == lags[PARTNER_C] == 0  # B pending since this tick began
 
 
 def test_setup_is_idempotent_for_automations_and_updates_thresholds(alerts):
@@ -138,16 +153,17 @@ def test_setup_is_idempotent_for_automations_and_updates_thresholds(alerts):
     api = os.environ["PREFECT_API_URL"]
     automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
     names = [a["name"] for a in automations]
-    assert names.count(STALLED) == 1 and names.count(FAILING) == 1
+    assert names.count(STALLED) == 1 and names.count(FAILING) == 1 and names.count(STALE) == 1
     assert Automation.read(name=STALLED).trigger.within.total_seconds() == 45
+    assert Automation.read(name=STALE).trigger.within.total_seconds() == 1800  # USAGE_ALERT_STALE_SECONDS unset
 
 
 def test_setup_finds_the_alert_block_by_its_bare_name_when_only_one_block_has_it(alerts):
     bare = setup_command(**{**alerts, "USAGE_ALERT_BLOCK": "usage-alerts-it"})
     assert bare.returncode == 0, bare.stderr
-    assert f"alerts to usage-alerts-it: {STALLED} updated, {FAILING} updated" in bare.stdout
+    assert f"alerts to usage-alerts-it: {STALLED} updated, {FAILING} updated, {STALE} updated" in bare.stdout
     block_id = CustomWebhookNotificationBlock.load("usage-alerts-it")._block_document_id
-    assert Automation.read(name=FAILING).actions[0].block_document_id == block_id
+    assert {Automation.read(name=name).actions[0].block_document_id for name in (FAILING, STALE)} == {block_id}
 
     missing = setup_command(**{**alerts, "USAGE_ALERT_BLOCK": "no-such-alerts"})
     assert missing.returncode == 2 and "USAGE_ALERT_BLOCK='no-such-alerts': no block of that name" in missing.stderr
@@ -202,3 +218,38 @@ def test_alerts_reach_the_webhook_once_per_condition_and_never_on_healthy_ticks(
         "failing": {"seconds_after_failing_tick": round(at - failing_tick_done, 1), "body": failing},
         "stalled": {"seconds_after_last_tick": round(at_stalled - last_tick, 1), "body": stalled},
     }, indent=1))
+
+
+def test_stale_alert_fires_once_for_a_partition_left_unpublished_though_no_tick_runs_after(fresh, lake_root, alerts,
+                                                                                          receiver):
+    """One tick finds A and B needing a rebuild, publishes A and fails B; no tick runs after it (as when
+    detection stops, or a run hangs), and the server's clock alone fires the alert for B, once."""
+    changed = setup_command(**{**alerts, "USAGE_ALERT_STALE_SECONDS": str(STALE_SECONDS)})
+    assert changed.returncode == 0 and f"stale after {STALE_SECONDS} s" in changed.stdout, changed.stderr
+    assert Automation.read(name=STALE).trigger.within.total_seconds() == STALE_SECONDS
+    time.sleep(3)  # the trigger service picks up the changed automation
+    source = SourceBuilder(*fresh)
+    source.standard()
+    assert tick()[0].is_completed()  # every partition found pending, and published in time
+    since = datetime.now().astimezone()
+    source.execute("UPDATE `usage` SET usage_modified = '2026-10-14 00:00:00' WHERE usage_FK_dealer_id IN (1, 3)")
+    block_partition(lake_root, PARTNER_B)
+    state, report = tick()
+    assert state.is_failed() and report.partitions[PARTNER_A].ok and not report.partitions[PARTNER_B].ok
+    pending_sent = time.time()
+    episode = cursor().partitions[PARTNER_B].episode
+    pending = {e["resource"]["usage.partner"]: e for e in wait_events("usage.partition.pending", since, 2)}
+    assert pending[PARTNER_B]["resource"]["usage.episode"] == episode
+
+    at, stale = receiver.wait_for("stale", timeout=STALE_SECONDS + 60)
+    assert stale["subject"] == f"usage pipeline: partition {PARTNER_B} stale"
+    assert f"still not published {STALE_SECONDS} s later (last published: {episode})" in stale["body"]
+    assert "dealer 3: MAX(usage_modified) changed" in stale["body"]
+
+    # A later tick that fails again announces nothing new: that episode fires once.
+    since = datetime.now().astimezone()
+    assert tick()[0].is_failed()
+    wait_events("usage.partition.failed", since, 1)
+    assert events("usage.partition.pending", since) == []
+    assert [body["subject"] for _, body in receiver.subjects("stale")] == [stale["subject"]]  # none for A
+    print("STALE:", json.dumps({"seconds_after_pending": round(at - pending_sent, 1), "body": stale}, indent=1))

@@ -42,7 +42,7 @@ def full_cursor() -> Cursor:
         },
         partitions={
             PARTNER_A: PartitionStatus(datetime(2026, 1, 20, 12, 5), datetime(2026, 1, 20, 12), 0, None),
-            PARTNER_B: PartitionStatus(None, None, 2, "partner-silver Failed: boom"),
+            PARTNER_B: PartitionStatus(None, None, 2, "partner-silver Failed: boom", datetime(2026, 1, 20, 11, 55)),
         },
         reconciled_at=datetime(2026, 1, 20, 11, 0, 0, 1),
         fingerprints={1: "3:6:6.0000:30.0000", 3: "1:9:1.0000:2.5000", 12: "0:0:0:0"},
@@ -65,8 +65,9 @@ def test_to_json_writes_every_timestamp_in_contract_format():
     for seen in value["dealer_seen"].values():
         stamps += [v for v in (seen["raw_max"], seen["last_modified"]) if v is not None]
     for status in value["partitions"].values():
-        stamps += [v for v in (status["materialized_at"], status["source_watermark"]) if v is not None]
-    assert len(stamps) == 11
+        stamps += [v for v in (status["materialized_at"], status["source_watermark"], status["pending_since"])
+                   if v is not None]
+    assert len(stamps) == 12
     for stamp in stamps:
         assert CONTRACT_TIMESTAMP.match(stamp), stamp
     assert value["global_last_modified"] == "2026-01-20T12:00:00.123456Z"
@@ -361,6 +362,39 @@ def test_partition_keys_are_lower_cased_and_missing_fields_default():
     assert warnings == []
     assert cursor.partitions == {PARTNER_A: PartitionStatus(None, None, 3, "boom")}
     assert cursor.retry_partitions == {PARTNER_A}
+
+
+def test_a_partition_written_before_pending_since_existed_is_not_pending():
+    """State documents of older versions have no `pending_since`: the next tick that plans the partition
+    finds it newly pending (and announces it)."""
+    cursor, warnings = parse_cursor({}, {"partitions": {PARTNER_A: {"materialized_at": TS, "source_watermark": TS,
+                                                                    "failures": 2, "last_error": "boom"}}})
+    assert warnings == []
+    assert cursor.partitions[PARTNER_A].pending_since is None
+    assert cursor.partitions[PARTNER_A].lag_seconds(T + timedelta(hours=1)) == 0
+
+
+def test_pending_since_round_trips_and_an_unparsable_one_drops_the_entry_with_a_warning():
+    pending = PartitionStatus(T, T, 1, "boom", pending_since=T + timedelta(minutes=5))
+    state = Cursor(partitions={PARTNER_A: pending}).state_document()
+    assert state["partitions"][PARTNER_A]["pending_since"] == "2026-01-20T12:05:00.000000Z"
+    assert parse_cursor({}, json.loads(json.dumps(state)))[0].partitions == {PARTNER_A: pending}
+    cursor, warnings = parse_cursor({}, {"partitions": {PARTNER_A: {"failures": 1, "pending_since": "soon"}}})
+    assert cursor.partitions == {} and len(warnings) == 1 and "soon" in warnings[0]
+
+
+def test_lag_counts_from_pending_since_and_is_zero_when_published():
+    assert PartitionStatus(materialized_at=T).lag_seconds(T + timedelta(days=3)) == 0
+    pending = PartitionStatus(T, T, 2, "boom", pending_since=T)
+    assert pending.lag_seconds(T + timedelta(minutes=31, microseconds=500000)) == 1860.5
+    assert pending.lag_seconds(T - timedelta(seconds=5)) == 0  # another machine's clock behind: never negative
+
+
+def test_the_episode_is_named_by_the_publish_it_follows():
+    assert PartitionStatus().episode == PartitionStatus(failures=3, pending_since=T).episode == "never"
+    published = PartitionStatus(materialized_at=datetime(2026, 1, 20, 12, 0, 0, 5))
+    assert published.episode == "2026-01-20T12:00:00.000005Z"
+    assert PartitionStatus(published.materialized_at, None, 4, "boom", T).episode == published.episode
 
 
 def test_partitions_not_an_object_warns_and_is_absent():

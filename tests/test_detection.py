@@ -22,6 +22,8 @@ from usage_pipeline.detection import (
     RunOutcome,
     advance_cursor,
     assemble_snapshot,
+    newly_pending,
+    partition_episodes,
     partition_freshness,
     plan_tick,
     probe_candidates,
@@ -776,6 +778,64 @@ def test_bronze_failure_advances_nobody(settled, source):
     assert retry.cursor.dealer_last_modified[1] == t(90)
     assert retry.cursor.dealer_last_modified[12] == t(92)
     assert retry.cursor.retry_partitions == set()
+
+
+# --- freshness lag and pending episodes (issue 19) ---------------------------------------------------------
+
+
+def test_a_partition_is_pending_from_the_first_tick_that_planned_it_until_it_is_published(settled, source):
+    """The lag counts from the tick that first found it needing a rebuild, not from a source timestamp."""
+    source.raw_max[1] = t(90)
+    source.relevant[1] = DealerStats(t(90), "fp1b")
+    first = tick(settled, source, fail={A})
+    assert newly_pending(settled, first.plan) == [A]
+    assert first.cursor.partitions[A].pending_since == NOW
+    assert first.cursor.partitions[B].pending_since is None  # not planned
+
+    later = NOW + timedelta(minutes=5)
+    second = tick(first.cursor, source, fail_gold={A}, now=later)
+    assert newly_pending(first.cursor, second.plan) == []  # announced by the first tick
+    assert second.cursor.partitions[A].pending_since == NOW
+    assert second.cursor.partitions[A].lag_seconds(later) == 300
+
+    published = NOW + timedelta(minutes=10)
+    third = tick(second.cursor, source, now=published)
+    assert third.cursor.partitions[A].pending_since is None
+    assert third.cursor.partitions[A].lag_seconds(published + timedelta(hours=1)) == 0
+
+
+def test_the_episode_of_a_pending_partition_holds_until_it_is_published_then_a_new_one_begins(settled, source):
+    source.raw_max[1] = t(90)
+    source.relevant[1] = DealerStats(t(90), "fp1b")
+    first = tick(settled, source, fail={A})
+    opened = partition_episodes(settled, first.plan)
+    assert opened == {A: settled.partitions[A].episode}
+    second = tick(first.cursor, source, now=NOW + timedelta(minutes=5))
+    assert partition_episodes(first.cursor, second.plan) == opened  # the publishing tick closes the same one
+    source.raw_max[1] = t(95)
+    source.relevant[1] = DealerStats(t(95), "fp1c")
+    third = tick(second.cursor, source, now=NOW + timedelta(minutes=10))
+    assert newly_pending(second.cursor, third.plan) == [A]
+    assert partition_episodes(second.cursor, third.plan)[A] not in opened.values()
+
+
+def test_a_tick_that_died_before_saving_leaves_the_next_one_the_same_episode(settled, source):
+    """Its pending event was sent; the retry announces the same episode again, so that episode's window
+    (usage-partition-stale) is the one the retry's publish closes."""
+    source.raw_max[3] = t(90)
+    source.relevant[3] = DealerStats(t(90), "fp3b")
+    died = plan_tick(settled, snapshot_for(settled, source))
+    retry = tick(settled, source, now=NOW + timedelta(minutes=7))
+    assert newly_pending(settled, died) == newly_pending(settled, retry.plan) == [B]
+    assert partition_episodes(settled, died) == partition_episodes(settled, retry.plan)
+
+
+def test_bronze_failure_leaves_every_planned_partition_pending_since_that_tick(settled, source):
+    source.raw_max[1] = t(90)
+    source.relevant[1] = DealerStats(t(90), "fp1b")
+    failed = tick(settled, source, bronze_ok=False)
+    assert failed.cursor.partitions[A].pending_since == NOW
+    assert failed.cursor.partitions[B].pending_since is None
 
 
 def test_bronze_failure_on_first_run_leaves_every_partition_to_retry(source):

@@ -231,8 +231,13 @@ def without(environ: dict[str, str], prefix: str) -> dict[str, str]:
          "USAGE_MAX_CONCURRENT_PARTITIONS: Input should be greater than or equal to 1, got '0'"),
         ({**pipeline_environ(), "USAGE_CHECKS_WARN_ONLY": "grain.usage_report,grain.invoice"},
          "USAGE_CHECKS_WARN_ONLY: Value error, unknown check name(s) ['grain.invoice']"),
+        ({**pipeline_environ(), "USAGE_ALERT_STALE_SECONDS": "59"},
+         "USAGE_ALERT_STALE_SECONDS: Input should be greater than or equal to 60, got '59'"),
+        ({**pipeline_environ(), "USAGE_ALERT_STALE_SECONDS": "abc"},
+         "USAGE_ALERT_STALE_SECONDS: Input should be a valid integer, unable to parse string as an integer, got 'abc'"),
     ],
-    ids=["host-without-user", "bad-port", "v3-missing", "zero-partitions", "unknown-check"],
+    ids=["host-without-user", "bad-port", "v3-missing", "zero-partitions", "unknown-check", "stale-below-60",
+         "stale-not-a-number"],
 )
 def test_setup_with_bad_configuration_exits_2_naming_the_variable(pipeline, prefect_server, variables, message):
     api = RestApi(prefect_server)

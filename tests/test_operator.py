@@ -9,6 +9,8 @@ the store's write and the block's.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from datetime import date, datetime
@@ -122,7 +124,28 @@ def test_cursor_show_lists_every_partner_with_its_freshness(materialized):
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line[:8] in {p[:8] for p in ALL_PARTNERS}}
     assert set(rows) == ALL_PARTNERS
-    assert rows[PARTNER_A].split()[1:4] == ["1,", "2", "fresh"]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("partner "))
+    assert header.split() == ["partner", "dealers", "state", "lag_seconds", "last_success", "source_watermark",
+                              "failed_ticks", "last_error"]
+    assert rows[PARTNER_A].split()[1:5] == ["1,", "2", "fresh", "0"]
+
+
+def test_cursor_show_and_explain_give_a_partition_waiting_for_its_rebuild_its_lag(materialized, lake_root):
+    silver = lake_root / "silver" / "billing_usage_aggregated" / f"partner={PARTNER_B}"
+    shutil.rmtree(silver)
+    silver.write_text("blocked")  # B's silver cannot write its file
+    materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-15 00:00:00' WHERE usage_FK_dealer_id = 3")
+    assert tick()[0].is_failed()
+    pending_since = cursor().partitions[PARTNER_B].pending_since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    lines = cli("cursor", "show").stdout.splitlines()
+    header = next(line for line in lines if line.startswith("partner "))
+    row = next(line for line in lines if line.startswith(PARTNER_B))
+    assert "stale: failed 1 tick(s) in a row" in row
+    assert int(row[header.index("lag_seconds"):header.index("last_success")]) > 0
+    explained = cli("explain", "3").stdout
+    assert re.search(rf"partition lag:     [1-9]\d* s \({PARTNER_B} pending since {pending_since}, 1 failed tick\(s\)\)",
+                     explained), explained
 
 
 def test_cursor_reset_all_makes_the_next_tick_rebuild_everything(materialized):
@@ -181,6 +204,8 @@ def test_explain_shows_rows_filters_maxima_partner_cursor_and_next_tick(material
     assert f"v3 partner:        {PARTNER_B}" in text
     assert "cursor entry:      2026-10-01T10:00:00.123456Z" in text
     assert "next tick:         nothing for this dealer" in text and "writer updates usage_modified" in text
+    published = cursor().partitions[PARTNER_B].materialized_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert f"partition lag:     0 s ({PARTNER_B} published {published})" in text
 
     materialized.usage(3, 501, 1, date(2026, 10, 9), "1.0000", datetime(2026, 10, 21))
     assert f"next tick rebuilds {PARTNER_B}" in cli("explain", "3").stdout

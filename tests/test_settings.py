@@ -24,6 +24,7 @@ def test_defaults(clean_env, tmp_path):
     assert (settings.max_concurrent_partitions, settings.partition_runs) == (8, "subflow")
     assert (settings.reconcile_seconds, settings.child_run_timeout_seconds) == (3600, 3600)
     assert (settings.alert_block, settings.alert_stall_seconds, settings.alert_failed_ticks) == (None, 900, 3)
+    assert settings.alert_stale_seconds == 1800
     assert (settings.heartbeat_timeout_seconds, settings.slot_lease_seconds) == (90, 120)
     assert settings.warn_only_checks == frozenset()
 
@@ -49,7 +50,8 @@ def test_an_unknown_check_name_is_refused_listing_the_checks(clean_env):
 def test_every_variable_is_read_from_the_environment(clean_env):
     values = {"LAKE_ROOT": "s3://bucket/lake/", "MAX_CONCURRENT_PARTITIONS": "3", "RECONCILE_SECONDS": "60",
               "CHILD_RUN_TIMEOUT_SECONDS": "30.5", "PARTITION_RUNS": "deployment", "ALERT_BLOCK": "slack-webhook/ops",
-              "ALERT_STALL_SECONDS": "600", "ALERT_FAILED_TICKS": "5", "HEARTBEAT_TIMEOUT_SECONDS": "45",
+              "ALERT_STALL_SECONDS": "600", "ALERT_FAILED_TICKS": "5", "ALERT_STALE_SECONDS": "60",
+              "HEARTBEAT_TIMEOUT_SECONDS": "45",
               "SLOT_LEASE_SECONDS": "60"}
     for name, value in values.items():
         clean_env.setenv(ENV_PREFIX + name, value)
@@ -58,7 +60,7 @@ def test_every_variable_is_read_from_the_environment(clean_env):
     assert settings.max_concurrent_partitions == 3 and settings.reconcile_seconds == 60
     assert settings.child_run_timeout_seconds == 30.5 and settings.partition_runs == "deployment"
     assert settings.alert_block == "slack-webhook/ops"
-    assert (settings.alert_stall_seconds, settings.alert_failed_ticks) == (600, 5)
+    assert (settings.alert_stall_seconds, settings.alert_failed_ticks, settings.alert_stale_seconds) == (600, 5, 60)
     assert (settings.heartbeat_timeout_seconds, settings.slot_lease_seconds) == (45, 60)
 
 
@@ -86,6 +88,10 @@ def test_a_relative_lake_root_is_made_absolute(clean_env, tmp_path):
         ("USAGE_PARTITION_RUNS", ""),
         ("USAGE_ALERT_STALL_SECONDS", "9"),
         ("USAGE_ALERT_FAILED_TICKS", "0"),
+        ("USAGE_ALERT_STALE_SECONDS", "59"),  # shorter than a tick's own runs may take
+        ("USAGE_ALERT_STALE_SECONDS", "abc"),
+        ("USAGE_ALERT_STALE_SECONDS", "90.5"),
+        ("USAGE_ALERT_STALE_SECONDS", ""),
         ("USAGE_LAKE_ROOT", ""),
     ],
 )

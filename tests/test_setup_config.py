@@ -200,3 +200,30 @@ def test_a_source_repr_hides_the_password_and_the_connectorx_uri():
     source = Source("billing-db", sa.create_engine(url), url.replace("+pymysql", ""), PASSWORD_BILLING)
     assert PASSWORD_BILLING not in repr(source) and PASSWORD_BILLING not in str(source)
     assert "billing-db" in repr(source)
+
+
+# --- the alert automations ----------------------------------------------------------------------
+
+
+def test_the_stale_alert_is_a_proactive_window_per_partition_and_episode():
+    """Opened by the pending event, closed by the materialized one of the same episode; the server's clock
+    fires it, so it needs no later tick. Its message reads only what the pending event carries."""
+    from uuid import uuid4
+
+    from prefect.automations import Posture
+
+    from orchestration.alerts import FAILING, STALE, STALLED, automations
+    from orchestration.events import EPISODE_LABEL, MATERIALIZED_EVENT, PENDING_EVENT
+
+    block_id = uuid4()
+    by_name = {a.name: a for a in automations(block_id, stall_seconds=900, failed_ticks=3, stale_seconds=60)}
+    assert set(by_name) == {STALLED, FAILING, STALE}
+    trigger = by_name[STALE].trigger
+    assert trigger.posture == Posture.Proactive and trigger.threshold == 1
+    assert (trigger.after, trigger.expect) == ({PENDING_EVENT}, {MATERIALIZED_EVENT})
+    assert trigger.for_each == {"prefect.resource.id", EPISODE_LABEL}
+    assert trigger.within.total_seconds() == 60
+    (notify,) = by_name[STALE].actions
+    assert notify.block_document_id == block_id
+    for field in ("partner", "pending_since", "reasons", "last_published"):
+        assert f"event.payload.{field}" in notify.subject + notify.body

@@ -147,7 +147,8 @@ def test_detection_run_page_leads_to_the_freshness_table_of_every_partner(browse
     browser.screenshot("ui-freshness-artifact")
     assert sorted(row["partner"] for row in shown_rows) == sorted([PARTNER_A, PARTNER_B, PARTNER_C])
     assert sorted(row["partner"] for row in stored_rows) == sorted([PARTNER_A, PARTNER_B, PARTNER_C])
-    assert all(row["state"] == "fresh" for row in shown_rows)
+    assert all(row["state"] == "fresh" and row["lag_seconds"] == "0" for row in shown_rows)
+    assert all(row["lag_seconds"] == 0 for row in stored_rows)
 
 
 def test_custom_run_form_rebuilds_the_partner_entered(browser, api, first_tick, lake_root):

@@ -34,6 +34,11 @@ def format_timestamp(value: datetime | None) -> str | None:
     return None if value is None else value.strftime(TIMESTAMP_FORMAT)
 
 
+def utc_now() -> datetime:
+    """The current time as the cursor's timestamps are: naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 def parse_timestamp(value: object) -> datetime | None:
     """Parse an ISO-8601 timestamp (or None) to a naive UTC datetime; raise ValueError otherwise."""
     if value is None:
@@ -59,6 +64,7 @@ class PartitionDocument(TypedDict):
     failures: int
     last_error: str | None
     checks: str | None
+    pending_since: str | None  # absent in documents written before issue 19: read as None
 
 
 class StateDocument(TypedDict):
@@ -97,6 +103,20 @@ class PartitionStatus:
     failures: int = 0  # consecutive ticks on which it failed; > 0 means retry next tick
     last_error: str | None = None
     checks: str | None = None  # its last run's check results in a line (check_results.summary)
+    # The first tick that found it needing a rebuild, None once published. Not a source timestamp:
+    # those may be NULL, backdated, or gone with a deleted row.
+    pending_since: datetime | None = None
+
+    def lag_seconds(self, now: datetime) -> float:
+        """How long the partition has waited for a rebuild (0 when published), as operators see it."""
+        return 0.0 if self.pending_since is None else max(0.0, (now - self.pending_since).total_seconds())
+
+    @property
+    def episode(self) -> str:
+        """Names the partition's pending episode by the publish it follows ("never" before the first):
+        the same from the tick that finds it pending to the one that publishes it, even across a tick
+        that died before saving the state, and new after every publish (usage-partition-stale)."""
+        return format_timestamp(self.materialized_at) or "never"
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,7 @@ class Cursor:
                     "failures": status.failures,
                     "last_error": status.last_error,
                     "checks": status.checks,
+                    "pending_since": format_timestamp(status.pending_since),
                 }
                 for uuid, status in sorted(self.partitions.items())
             },
@@ -277,6 +298,7 @@ def _partition_entry(key: str, value: Any) -> tuple[str, PartitionStatus]:
         failures=failures,
         last_error=last_error,
         checks=checks,
+        pending_since=parse_timestamp(value.get("pending_since")),
     )
 
 

@@ -385,8 +385,9 @@ def partition_statuses(
     written: dict[int, datetime | None],
     now: datetime,
 ) -> dict[str, PartitionStatus]:
-    """Freshness after the tick: planned partitions are fresh or one failure further, with their
-    checks' results (a run that never got to its checks keeps the last ones); gone ones dropped."""
+    """Freshness after the tick: planned partitions are fresh or one failure further (and pending since the
+    first tick that planned them), with their checks' results (a run that never got to its checks keeps
+    the last ones); gone ones dropped."""
     statuses = dict(cursor.partitions)
     for partner in plan.partitions:
         old = statuses.get(partner, PartitionStatus())
@@ -396,10 +397,22 @@ def partition_statuses(
             statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None),
                                                 checks=checked)
         else:
-            statuses[partner] = PartitionStatus(old.materialized_at, old.source_watermark, old.failures + 1,
-                                                errors[partner], checked)
+            statuses[partner] = replace(old, failures=old.failures + 1, last_error=errors[partner], checks=checked,
+                                        pending_since=old.pending_since or now)
     live = {p for p in snapshot.partners.values() if p}
     return {p: s for p, s in statuses.items() if p in live or s.failures > 0}
+
+
+def newly_pending(cursor: Cursor, plan: Plan) -> list[str]:
+    """Planned partitions that were not pending when the tick started: the ones it announces
+    (`usage.partition.pending`) before its runs; the others were announced by an earlier tick."""
+    return [p for p in plan.partitions if cursor.partitions.get(p, PartitionStatus()).pending_since is None]
+
+
+def partition_episodes(cursor: Cursor, plan: Plan) -> dict[str, str]:
+    """The pending episode of each planned partition, as the cursor at the tick's start names it: the
+    tick's events for that partition carry it, the materialized one closing it."""
+    return {p: cursor.partitions.get(p, PartitionStatus()).episode for p in plan.partitions}
 
 
 @dataclass(frozen=True)

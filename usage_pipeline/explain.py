@@ -14,7 +14,7 @@ from typing import Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from usage_pipeline.cursor import Cursor, format_timestamp
+from usage_pipeline.cursor import Cursor, PartitionStatus, format_timestamp
 from usage_pipeline.detection import (
     DealerStats,
     SourceSnapshot,
@@ -96,6 +96,7 @@ class Explanation:
     cursor_entry: tuple[bool, datetime | None]  # (present, value)
     materialized_under: str | None  # partner its rows were last materialized under (pipeline state)
     state_known: bool
+    partition_lag: str  # how long its partner has waited for a rebuild
     next_tick: str
     detection_schedule: DetectionSchedule | None  # None: unknown
     hints: list[str]
@@ -117,6 +118,7 @@ class Explanation:
             f"  cursor entry:      {_show(entry) if present else 'absent'}",
             f"  materialized under: {self.materialized_under or '-'}"
             + ("" if self.state_known else " (no pipeline state: every dealer is re-checked)"),
+            f"  partition lag:     {self.partition_lag}",
             f"  detection:         {_schedule(self.detection_schedule)}",
             f"  next tick:         {self.next_tick}",
             *(f"  why: {hint}" for hint in self.hints),
@@ -125,6 +127,17 @@ class Explanation:
 
 def _show(value: datetime | None) -> str:
     return format_timestamp(value) or "NULL"
+
+
+def _lag(cursor: Cursor, partner: str | None, now: datetime) -> str:
+    if partner is None:
+        return "- (no partner)"
+    status = cursor.partitions.get(partner, PartitionStatus())
+    if status.pending_since is None:
+        published = format_timestamp(status.materialized_at)
+        return f"0 s ({partner} published {published})" if published else f"0 s ({partner} never found pending)"
+    return (f"{round(status.lag_seconds(now))} s ({partner} pending since {format_timestamp(status.pending_since)},"
+            f" {status.failures} failed tick(s))")
 
 
 def _schedule(schedule: DetectionSchedule | None) -> str:
@@ -141,8 +154,10 @@ def explain_dealer(
     directory: dict[int, str | None],
     cursor: Cursor,
     detection_schedule: DetectionSchedule | None,
+    now: datetime,
 ) -> Explanation:
-    """What the next tick will do about `dealer` and, when nothing, which of the seed's causes applies."""
+    """What the next tick will do about `dealer` and, when nothing, which of the seed's causes applies;
+    its partner's lag as of `now`."""
     rows = dealer_rows(conn, dealer)
     stats = relevant_stats(conn, [dealer]).get(dealer)
     raw_max = {dealer: rows.raw_max} if rows.total else {}
@@ -171,6 +186,7 @@ def explain_dealer(
         cursor_entry=entry,
         materialized_under=seen.partner if seen else None,
         state_known=cursor.dealer_seen is not None,
+        partition_lag=_lag(cursor, directory.get(dealer) or (seen.partner if seen else None), now),
         next_tick=next_tick,
         detection_schedule=detection_schedule,
         hints=hints,

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     alert_block: str | None = Field(None, description="notification block for the alerts: <type-slug>/<name>")
     alert_stall_seconds: int = Field(900, ge=10, description="alert when no tick arrives for this long")
     alert_failed_ticks: int = Field(3, ge=1, description="alert when a partition failed this many ticks in a row")
+    # At least a minute: a tick's own runs take seconds to minutes, and the server checks proactive windows every 5 s.
+    alert_stale_seconds: int = Field(
+        1800, ge=60, description="alert when a partition found needing a rebuild is not published this long after"
+    )
     # Crash recovery (README "Failure modes"): Prefect's heartbeats come at least 30 s apart, its leases last 60 s or more.
     heartbeat_timeout_seconds: int = Field(
         90, ge=45, description="mark a pipeline run Crashed after this long without a heartbeat"

@@ -19,6 +19,7 @@ class TickReport:
     plan: Plan | None = None
     bronze: RunOutcome | None = None
     partitions: dict[str, PartitionOutcome] = field(default_factory=dict)
+    episodes: dict[str, str] = field(default_factory=dict)  # planned partner -> its pending episode (cursor.py)
     cursor: Cursor | None = None
     cursor_saved: bool = False
     source_seconds: float | None = None  # time spent querying v3 and billing for the snapshot
