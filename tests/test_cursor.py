@@ -41,7 +41,8 @@ def full_cursor() -> Cursor:
             12: DealerSeen(datetime(2026, 1, 2), True, datetime(2025, 12, 31, 23, 59, 59), PARTNER_A),
         },
         partitions={
-            PARTNER_A: PartitionStatus(datetime(2026, 1, 20, 12, 5), datetime(2026, 1, 20, 12), 0, None),
+            PARTNER_A: PartitionStatus(datetime(2026, 1, 20, 12, 5), datetime(2026, 1, 20, 12), 0, None,
+                                       checks="13/13 passed"),
             PARTNER_B: PartitionStatus(None, None, 2, "partner-silver Failed: boom", datetime(2026, 1, 20, 11, 55)),
         },
         reconciled_at=datetime(2026, 1, 20, 11, 0, 0, 1),

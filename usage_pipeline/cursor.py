@@ -102,10 +102,10 @@ class PartitionStatus:
     source_watermark: datetime | None = None  # newest relevant usage_modified it reflects
     failures: int = 0  # consecutive ticks on which it failed; > 0 means retry next tick
     last_error: str | None = None
-    checks: str | None = None  # its last run's check results in a line (check_results.summary)
     # The first tick that found it needing a rebuild, None once published. Not a source timestamp:
     # those may be NULL, backdated, or gone with a deleted row.
     pending_since: datetime | None = None
+    checks: str | None = None  # its last run's check results in a line (check_results.summary)
 
     def lag_seconds(self, now: datetime) -> float:
         """How long the partition has waited for a rebuild (0 when published), as operators see it."""
