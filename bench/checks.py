@@ -1,6 +1,6 @@
 """What the publish checks cost, per partition, against the partition's build: the bench set, no Prefect.
 
-    .venv/bin/python bench/checks.py                 # the 5 M-row set (loaded first if needed)
+    .venv/bin/python bench/checks.py --buffer-pool-mib 1024   # the 5 M-row set (loaded first if needed)
     .venv/bin/python bench/checks.py --rows 100000 --reps 3
 
 Bronze is extracted once into a temporary lake. Then, for every partner, in one run:
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from load_data import FULL_ROWS, ensure_loaded  # noqa: E402
+from load_data import FULL_ROWS, buffer_pool, ensure_loaded  # noqa: E402
 
 from usage_pipeline import bronze, checks  # noqa: E402
 from usage_pipeline.extract import relevant_totals, stream_relevant_usage  # noqa: E402
@@ -63,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=FULL_ROWS, help=f"usage rows of the bench set (default {FULL_ROWS:,})")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--buffer-pool-mib", type=int, default=0,
+                        help="MariaDB's innodb_buffer_pool_size for the run, as bench/run.py (0: leave it alone)")
     args = parser.parse_args(argv)
+    with buffer_pool(args.buffer_pool_mib):
+        return measure_checks(args)
+
+
+def measure_checks(args: argparse.Namespace) -> int:
     bench = ensure_loaded(args.rows)
     billing, v3 = sa.create_engine(bench.billing_url()), sa.create_engine(bench.v3_url())
     with v3.connect() as conn:
