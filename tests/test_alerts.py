@@ -85,7 +85,7 @@ def block_partition(lake_root, partner: str):
     directory = lake_root / "silver" / "billing_usage_aggregated" / f"partner={partner}"
     (directory / "data.parquet").unlink()
     directory.rmdir()
-    directory.write_text("blocked")  # silver for this partner cannot write its file
+    directory.write_text("blocked")  # gold for this partner cannot publish its silver there
     return directory
 
 
@@ -139,7 +139,7 @@ def test_tick_and_partition_events_carry_resources_payloads_and_related_runs(fre
     failed = partition_events["usage.partition.failed"]
     assert failed["resource"]["usage.consecutive-failures"] == "1"
     assert failed["resource"]["usage.episode"] == partition_events["usage.partition.pending"]["resource"]["usage.episode"]
-    assert failed["payload"]["consecutive_failures"] == 1 and "silver-" in failed["payload"]["last_error"]
+    assert failed["payload"]["consecutive_failures"] == 1 and "gold-" in failed["payload"]["last_error"]
     ticked = wait_events("usage.detection.tick", since, 1)[0]["payload"]
     assert (ticked["ok"], ticked["failed"]) == (0, 1)
     lags = ticked["freshness_lag_seconds"]
@@ -201,7 +201,7 @@ def test_alerts_reach_the_webhook_once_per_condition_and_never_on_healthy_ticks(
     at, failing = receiver.wait_for("failing", timeout=30)
     assert PARTNER_B in failing["subject"]
     assert f"Partner {PARTNER_B} failed {FAILED_TICKS} detection ticks in a row" in failing["body"]
-    assert "silver-" in failing["body"] and "Last error:" in failing["body"]
+    assert "gold-" in failing["body"] and "Last error:" in failing["body"]
     blocked.unlink()
 
     # Detection stops: one notification about STALL_SECONDS after the last tick, and no repeat.

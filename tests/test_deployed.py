@@ -332,7 +332,8 @@ def test_deployed_with_workers_end_to_end(stack: Stack, source: SourceBuilder, s
         assert run["deployment_id"] is None and run["work_pool_name"] is None, run
     artifacts = stack.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run2["id"]]}}})
     artifact_text = {a["key"]: {"description": a["description"], "data": a["data"]} for a in artifacts}
-    assert set(artifact_text) == {"usage-tick-runs", "usage-partition-freshness"}, artifact_text
+    assert set(artifact_text) == {"usage-tick-runs", "usage-tick-checks", "usage-partition-freshness"}, artifact_text
+    assert "Checks: 26 passed, 0 failed" == artifact_text["usage-tick-checks"]["description"]
     print("ARTIFACTS of tick 2:", json.dumps(artifact_text, indent=1, default=str))
     tick2_children = {c["name"]: c for c in children2}
 

@@ -23,7 +23,7 @@ from flows.partner_silver import partner_silver
 from orchestration.runtime import read_cursor_value
 from orchestration.setup import partner_limit
 from tests.conftest import PIPELINE_PASSWORD
-from tests.pipeline_helpers import RestApi, cursor, file_ids, read, save_cursor_value, tick
+from tests.pipeline_helpers import RestApi, cursor, file_ids, read, rewritten, save_cursor_value, tick
 from tests.sourcedata import PARTNER_A, PARTNER_B, PARTNER_C, SourceBuilder
 from usage_pipeline.partners import InvalidPartnerUUID
 from usage_pipeline.settings import load_settings
@@ -141,16 +141,26 @@ def block_partition(lake_root, layer: str, table: str, partner: str):
     return directory
 
 
-def test_silver_and_gold_failures_are_retried_next_tick_and_others_land(materialized, lake_root, caplog):
+def test_silver_and_gold_failures_are_retried_next_tick_and_others_land(materialized, lake_root, caplog, monkeypatch):
+    """A's silver fails a check (its aggregate loses a row), B's gold cannot publish (a file where a
+    directory must be): both retried every tick, nothing of them replaced, C lands."""
+    import usage_pipeline.materialize
+
     materialized.execute("UPDATE `usage` SET usage_modified = '2026-10-10 00:00:00' WHERE usage_FK_dealer_id IN (1, 3, 4)")
-    silver_block = block_partition(lake_root, "silver", "billing_monthly_usage_by_service", PARTNER_A)
+    aggregate = usage_pipeline.materialize.billing_usage_aggregated
+    monkeypatch.setattr(usage_pipeline.materialize, "billing_usage_aggregated",
+                        lambda rows, partner: aggregate(rows, partner).slice(int(partner == PARTNER_A)))
     gold_block = block_partition(lake_root, "gold", "active_services", PARTNER_B)
+    before = file_ids(lake_root)
 
     state, report = tick()
     assert state.is_failed() and "1/3 ok" in state.message
     assert report.partitions[PARTNER_C].ok
     assert not report.partitions[PARTNER_A].silver.ok and report.partitions[PARTNER_A].gold is None
+    assert "conservation.aggregated FAILED" in report.partitions[PARTNER_A].silver.message
     assert report.partitions[PARTNER_B].silver.ok and not report.partitions[PARTNER_B].gold.ok
+    after = file_ids(lake_root)
+    assert {f for f in rewritten(before, after) if "partner=" in f and PARTNER_C not in f} == set()  # not A's, B's
     value = read_cursor_value()
     assert value["dealer_last_modified"]["4"] == "2026-10-10T00:00:00.000000Z"
     assert value["dealer_last_modified"]["1"] == "2026-10-01T09:00:00.123456Z"
@@ -165,7 +175,7 @@ def test_silver_and_gold_failures_are_retried_next_tick_and_others_land(material
         for r in caplog.records if r.levelname == "ERROR"
     )
 
-    silver_block.unlink()
+    monkeypatch.undo()
     gold_block.unlink()
     state, report = tick()
     assert state.is_completed(), state.message

@@ -81,13 +81,16 @@ def test_child_runs_are_tagged_subflows_of_the_tick(source):
     runs = child_runs(state.state_details.flow_run_id)
     names = sorted(run.name for run in runs)
     assert names == sorted(["bronze-full"] + [f"{layer}-{p}" for p in ALL_PARTNERS for layer in ("silver", "gold")])
+    silver_ids = {run.name.split("-", 1)[1]: str(run.id) for run in runs if run.name.startswith("silver-")}
     for run in runs:
         if run.name.startswith(("silver-", "gold-")):
             layer, partner = run.name.split("-", 1)
             assert {f"partner:{partner}", f"layer:{layer}"} <= set(run.tags)
-            # silver reads the bronze version the tick's bronze run committed
-            assert run.parameters == ({"partner_uuid": partner, "cascade": False, "bronze_version": 0}
-                                      if layer == "silver" else {"partner_uuid": partner})
+            # silver reads the bronze version the tick's bronze run committed and stages its tables;
+            # gold publishes them with its own
+            assert run.parameters == ({"partner_uuid": partner, "cascade": False, "bronze_version": 0, "publish": False}
+                                      if layer == "silver" else {"partner_uuid": partner,
+                                                                 "staged_silver": silver_ids[partner]})
 
 
 def test_no_change_runs_nothing_and_rewrites_nothing(materialized, lake_root):

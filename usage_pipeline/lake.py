@@ -110,8 +110,9 @@ def publish(root: LakePath, publish_id: str, partner_uuid: str, tables: list[tup
                 filesystem.create_dir(target.rsplit("/", 1)[0])
             filesystem.copy_file(pafs.FileSystem.from_uri(str(staged))[1], target)
         return
-    for staged, published in pairs:
+    for _, published in pairs:  # what can fail before the first rename does
         published.parent.mkdir(parents=True, exist_ok=True)
+    for staged, published in pairs:
         os.replace(staged, published)
     for directory in {published.parent for _, published in pairs}:
         _fsync_directory(directory)
