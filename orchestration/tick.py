@@ -194,13 +194,14 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
     checked = frozenset() if snapshot.awaiting_bronze else snapshot.checked  # else counted from the extract
     with sharing_with_subflows(TickShared(snapshot.partners, checked, snapshot.relevant)):
         report.bronze = run_bronze(plan, layers, settings)
-        if report.bronze.ok and snapshot.awaiting_bronze:
-            report.bronze = check_extract_totals(settings, report.bronze)
+        if report.bronze.ok:
+            written = report.bronze.result if isinstance(report.bronze.result, BronzeResult) else None
+            version = written.version if written is not None else committed_version(settings.lake_path, report.bronze)
+            if snapshot.awaiting_bronze:
+                report.bronze = check_extract_totals(settings, report.bronze, version)
         if not report.bronze.ok:
             get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
             return snapshot
-        written = report.bronze.result if isinstance(report.bronze.result, BronzeResult) else None
-        version = written.version if written is not None else committed_version(settings.lake_path, report.bronze)
         if snapshot.awaiting_bronze:
             snapshot = complete_snapshot(snapshot, settings.lake_path, written, version)
         if plan.partitions:
@@ -208,18 +209,20 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
     return snapshot
 
 
-def check_extract_totals(settings: Settings, outcome: RunOutcome) -> RunOutcome:
-    """A start-over tick's extract against one aggregate query of the source (its dealers' fingerprints
-    come from the extract itself). A mismatch fails bronze, so no partition is published, unless the
-    source's totals moved meanwhile: then the tick is deferred ("source moved")."""
+def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int) -> RunOutcome:
+    """A start-over tick's extract (bronze at `version`) against one aggregate query of the source (its
+    dealers' fingerprints come from the extract itself). A mismatch fails bronze, so no partition is
+    published, unless the source's totals moved meanwhile: then the tick is deferred ("source moved")."""
     logger = get_run_logger()
-    root = settings.lake_path
-    version = outcome.result.version if isinstance(outcome.result, BronzeResult) else committed_version(root, outcome)
-    extracted = bronze.totals(root, version)
-    source = query_source(BILLING_BLOCK, relevant_totals)
-    result = totals_check(source, extracted)
+    extracted = bronze.totals(settings.lake_path, version)
+    try:
+        source = query_source(BILLING_BLOCK, relevant_totals)
+        result = totals_check(source, extracted)
+        moved = not result.passed and query_source(BILLING_BLOCK, relevant_totals) != source
+    except SourceError as exc:
+        return replace(outcome, state="Failed", ok=False, message=f"reconciliation.totals could not ask the source: {exc}")
     result = replace(result, blocking=result.name not in settings.warn_only_checks)
-    if not result.passed and query_source(BILLING_BLOCK, relevant_totals) != source:
+    if moved:
         return replace(outcome, state="Deferred", ok=False,
                        message=f"source moved during the extract ({result.describe()}); deferred to the next tick")
     logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())

@@ -126,8 +126,9 @@ def test_cursor_show_lists_every_partner_with_its_freshness(materialized):
     assert set(rows) == ALL_PARTNERS
     header = next(line for line in result.stdout.splitlines() if line.startswith("partner "))
     assert header.split() == ["partner", "dealers", "state", "lag_seconds", "last_success", "source_watermark",
-                              "failed_ticks", "last_error"]
+                              "failed_ticks", "checks", "last_error"]
     assert rows[PARTNER_A].split()[1:5] == ["1,", "2", "fresh", "0"]
+    assert "12/12 passed" in rows[PARTNER_A]  # a first tick: its extract is checked by totals, not per dealer
 
 
 def test_cursor_show_and_explain_give_a_partition_waiting_for_its_rebuild_its_lag(materialized, lake_root):
