@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -192,13 +193,18 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
     """Bronze, then the partitions if it succeeded; their outcomes go into `report`. Returns the
     snapshot, completed from bronze when it awaited a full extract."""
     checked = frozenset() if snapshot.awaiting_bronze else snapshot.checked  # else counted from the extract
-    with sharing_with_subflows(TickShared(snapshot.partners, checked, snapshot.relevant)):
+    with sharing_with_subflows(TickShared(snapshot.partners, checked, snapshot.relevant)), \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-totals") as pool:
+        # A start-over tick's independent number, asked as its extract starts (the source as it was
+        # before the extract, like an incremental tick's fingerprints) and alongside it.
+        totals = pool.submit(contextvars.copy_context().run, query_source, BILLING_BLOCK, relevant_totals) \
+            if snapshot.awaiting_bronze else None
         report.bronze = run_bronze(plan, layers, settings)
         if report.bronze.ok:
             written = report.bronze.result if isinstance(report.bronze.result, BronzeResult) else None
             version = written.version if written is not None else committed_version(settings.lake_path, report.bronze)
-            if snapshot.awaiting_bronze:
-                report.bronze = check_extract_totals(settings, report.bronze, version)
+            if totals is not None:
+                report.bronze = check_extract_totals(settings, report.bronze, version, totals)
         if not report.bronze.ok:
             get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
             return snapshot
@@ -209,14 +215,16 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
     return snapshot
 
 
-def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int) -> RunOutcome:
-    """A start-over tick's extract (bronze at `version`) against one aggregate query of the source (its
-    dealers' fingerprints come from the extract itself). A mismatch fails bronze, so no partition is
-    published, unless the source's totals moved meanwhile: then the tick is deferred ("source moved")."""
+def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
+                         source_totals: Future[tuple[int, Decimal, Decimal]]) -> RunOutcome:
+    """A start-over tick's extract (bronze at `version`) against the source's totals asked as it started
+    (its dealers' fingerprints come from the extract itself). A mismatch fails bronze, so no partition
+    is published, unless the totals moved since: then the source changed during the tick, and the
+    tick is deferred ("source moved")."""
     logger = get_run_logger()
     extracted = bronze.totals(settings.lake_path, version)
     try:
-        source = query_source(BILLING_BLOCK, relevant_totals)
+        source = source_totals.result()
         result = totals_check(source, extracted)
         moved = not result.passed and query_source(BILLING_BLOCK, relevant_totals) != source
     except SourceError as exc:

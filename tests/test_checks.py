@@ -215,3 +215,15 @@ def test_every_check_has_a_unique_documented_name():
     assert len(set(CHECK_NAMES)) == len(CHECK_NAMES) == 14
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert [name for name in CHECK_NAMES if f"`{name}`" not in readme] == []
+
+
+@pytest.mark.parametrize(("keys", "duplicates"), [
+    ({"a": [1, 1, 2, 2], "b": [1, 2, 1, 2]}, 0),  # sorted by the key: neighbours tell
+    ({"a": [1, 1, 2, 2], "b": [1, 1, 1, 2]}, 1),
+    ({"a": [2, 1, 2, 1], "b": [1, 1, 1, 1]}, 2),  # another order: counted by hashing
+    ({"a": [1, 2, 1, 3], "b": [5, 5, 5, 5]}, 1),
+    ({"a": [1, None, None, 2], "b": [1, 1, 1, 1]}, 1),  # null keys: hashed too
+    ({"a": [7], "b": [7]}, 0),
+])
+def test_duplicate_keys_whatever_the_frames_order(keys, duplicates):
+    assert checks.duplicate_keys(pl.DataFrame(keys), ("a", "b")) == duplicates

@@ -175,6 +175,22 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
     assert report.partitions == {} and {p: partner_files(lake, p) for p in made["partners"]} == before
     assert all(s.failures == 1 for s in cursor().partitions.values())
     monkeypatch.setattr(tick_module.bronze, "totals", real_totals)
+
+    # The source's totals moved between the query alongside the extract and the one after it: deferred.
+    real_query, asked = tick_module.relevant_totals, []
+
+    def moving_totals(conn):
+        asked.append(conn)
+        rows, *sums = real_query(conn)
+        return rows + len(asked), *sums
+
+    monkeypatch.setattr(tick_module, "relevant_totals", moving_totals)
+    state, report = tick(full_refresh=True)
+    assert state.is_failed() and report.bronze.state == "Deferred" and len(asked) == 2
+    assert report.bronze.message.startswith("source moved during the extract (reconciliation.totals FAILED")
+    assert {p: partner_files(lake, p) for p in made["partners"]} == before
+    monkeypatch.setattr(tick_module, "relevant_totals", real_query)
+
     state, report = tick(full_refresh=True)
     assert state.is_completed() and report.bronze.checks[0].passed
     assert report.bronze.checks[0].name == "reconciliation.totals"

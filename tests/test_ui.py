@@ -30,6 +30,7 @@ pytestmark = pytest.mark.integration
 CURSOR_PATH = "/block_types/slug/usage-cursor/block_documents/name/usage-change-detection"
 DETECTION = "usage-change-detection/usage-change-detection"
 FRESHNESS_KEY = "usage-partition-freshness"
+CHECKS_KEY = "usage-tick-checks"
 SAVE = "//button[@type='submit'][normalize-space()='Save']"  # Cancel is a submit button too
 # A cursor as a tick stores it: microseconds, and null for a dealer whose rows have no usage_modified.
 CURSOR_VALUE = {
@@ -149,6 +150,26 @@ def test_detection_run_page_leads_to_the_freshness_table_of_every_partner(browse
     assert sorted(row["partner"] for row in stored_rows) == sorted([PARTNER_A, PARTNER_B, PARTNER_C])
     assert all(row["state"] == "fresh" and row["lag_seconds"] == "0" for row in shown_rows)
     assert all(row["lag_seconds"] == 0 for row in stored_rows)
+
+
+def test_the_checks_table_shows_each_partition_and_check_with_its_numbers(browser, api, first_tick):
+    run_id = str(first_tick.state_details.flow_run_id)
+    (artifact,) = api.post("/artifacts/filter", {"artifacts": {"key": {"any_": [CHECKS_KEY]},
+                                                               "flow_run_id": {"any_": [run_id]}}})
+    stored_rows = json.loads(artifact["data"])
+    assert artifact["description"] == f"Checks: {len(stored_rows)} passed, 0 failed"
+    browser.open(f"/artifacts/artifact/{artifact['id']}")
+    browser.click("//*[normalize-space(text())='Items per page']/following::button[@role='combobox'][1]")
+    browser.click("//*[@role='option'][normalize-space()='50']")
+    shown_rows = browser.wait(lambda d: len(rows := browser.table_rows()) == len(stored_rows) and rows,
+                              "checks table does not show one row per partition and check")
+    browser.screenshot("ui-checks-artifact")
+    assert set(shown_rows[0]) == {"partner", "layer", "check", "expected", "actual", "passed", "severity"}
+    gold = [row for row in shown_rows if row["partner"] == PARTNER_A and row["layer"] == "gold"]
+    assert [row["check"] for row in gold] == ["conservation.usage_report", "conservation.active_services",
+                                              "grain.usage_report", "schema.usage_report",
+                                              "grain.active_services", "schema.active_services"]
+    assert gold[0]["expected"] == gold[0]["actual"] and gold[0]["expected"].startswith("quantity=")
 
 
 def test_custom_run_form_rebuilds_the_partner_entered(browser, api, first_tick, lake_root):

@@ -18,7 +18,6 @@ from usage_pipeline.transforms import (
     AGGREGATED_SCHEMA,
     MONTHLY_BY_SERVICE_SCHEMA,
     USAGE_REPORT_SCHEMA,
-    with_month,
 )
 
 SCHEMAS = {
@@ -58,9 +57,28 @@ def compare(name: str, expected: str, actual: str) -> CheckResult:
     return CheckResult(name, expected, actual, expected == actual)
 
 
+def duplicate_keys(frame: pl.DataFrame, keys: tuple[str, ...]) -> int:
+    """Rows beyond the first of each key. The transforms sort their output by its key, so comparing
+    neighbours is one cheap pass; a frame in another order, or with null keys, is counted by hashing."""
+    if frame.height < 2:
+        return 0
+    lower, equal = pl.lit(False), pl.lit(True)
+    for key in keys:
+        before = pl.col(key).shift()
+        lower = lower | (equal & (before < pl.col(key)))
+        equal = equal & (before == pl.col(key))
+    ordered, duplicates, nulls = frame.select(
+        (lower | equal).slice(1).all().alias("ordered"), equal.slice(1).sum().alias("duplicates"),
+        pl.any_horizontal(pl.col(keys).is_null()).any().alias("nulls"),
+    ).row(0)
+    if ordered and not nulls:
+        return int(duplicates)
+    return frame.height - frame.select(keys).unique().height
+
+
 def grain_check(table: str, frame: pl.DataFrame) -> CheckResult:
     keys = KEYS[table]
-    duplicates = frame.height - frame.select(keys).unique().height
+    duplicates = duplicate_keys(frame, keys)
     return CheckResult(f"grain.{table}", f"0 duplicate ({', '.join(keys)})", f"{duplicates} duplicate(s)",
                        duplicates == 0)
 
@@ -79,20 +97,23 @@ def shape_checks(tables: Mapping[str, pl.DataFrame]) -> list[CheckResult]:
 
 def silver_checks(bronze_rows: pl.DataFrame, aggregated: pl.DataFrame, monthly: pl.DataFrame) -> list[CheckResult]:
     """Bronze rows -> daily aggregate -> monthly by service: row counts and sums carry through."""
+    daily = frame_totals(aggregated)
     return [
-        compare("conservation.aggregated", frame_totals(bronze_rows, None), frame_totals(aggregated)),
-        compare("conservation.monthly", frame_totals(aggregated), frame_totals(monthly)),
+        compare("conservation.aggregated", frame_totals(bronze_rows, None), daily),
+        compare("conservation.monthly", daily, frame_totals(monthly)),
         *shape_checks({"billing_usage_aggregated": aggregated, "billing_monthly_usage_by_service": monthly}),
     ]
 
 
 def gold_checks(aggregated: pl.DataFrame, report: pl.DataFrame, active: pl.DataFrame) -> list[CheckResult]:
     """The report's sums are the aggregate's; the active services are exactly the latest month's."""
-    latest_month = with_month(aggregated).filter(pl.col("month") == pl.col("month").max())
-    latest = latest_month.group_by("dealer_id", "customer_id", "service_id").agg(pl.col("amount").sum())
+    newest = aggregated["usage_date"].max()
+    latest = aggregated.filter(pl.col("usage_date") >= newest.replace(day=1)) if newest else aggregated.clear()
+    services, amount = latest.select(pl.struct("dealer_id", "customer_id", "service_id").n_unique(),
+                                     pl.col("amount").sum()).row(0)
     return [
         compare("conservation.usage_report", sums(aggregated), sums(report)),
-        compare("conservation.active_services", f"{latest.height} service(s), amount={_money(latest['amount'].sum())}",
+        compare("conservation.active_services", f"{services} service(s), amount={_money(amount)}",
                 f"{active.height} service(s), amount={_money(active['amount'].sum())}"),
         *shape_checks({"usage_report": report, "active_services": active}),
     ]

@@ -127,7 +127,7 @@ def bronze_dealer_stats(root: LakePath, version: int) -> dict[int, DealerStats]:
 def reconcile_with_source(partner: str, rows: pl.DataFrame, source: SourceFingerprints) -> CheckResult:
     """The bronze rows against the source's fingerprints; a mismatch whose fingerprints moved since is
     the source changing during the tick (SourceMoved: deferred), else the check fails."""
-    actual = dealer_stats(rows.lazy())
+    actual = dealer_stats(rows.lazy().filter(pl.col("dealer_id").is_in(source.dealers)))
     result = reconciliation_check(source.expected, actual, source.dealers)
     if result.passed:
         return result

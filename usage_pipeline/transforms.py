@@ -180,14 +180,13 @@ def billing_usage_aggregated(rows: pl.DataFrame, partner_uuid: str) -> pl.DataFr
     return conform(frame, AGGREGATED_SCHEMA).sort("dealer_id", "customer_id", "service_id", "usage_date")
 
 
-def with_month(aggregated: pl.DataFrame) -> pl.DataFrame:
-    """`month`: the first day of each row's usage month."""
+def _with_month(aggregated: pl.DataFrame) -> pl.DataFrame:
     return aggregated.with_columns(pl.col("usage_date").dt.truncate("1mo").alias("month"))
 
 
 def billing_monthly_usage_by_service(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
     """Silver: one row per month and service."""
-    grouped = with_month(aggregated).group_by("month", "service_id").agg(
+    grouped = _with_month(aggregated).group_by("month", "service_id").agg(
         pl.col("service_name").drop_nulls().max(),
         pl.col("quantity").sum(),
         pl.col("amount").sum(),
@@ -200,7 +199,7 @@ def billing_monthly_usage_by_service(aggregated: pl.DataFrame, partner_uuid: str
 
 def usage_report(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
     """Gold: one row per month and dealer."""
-    grouped = with_month(aggregated).group_by("month", "dealer_id").agg(
+    grouped = _with_month(aggregated).group_by("month", "dealer_id").agg(
         pl.col("quantity").sum(),
         pl.col("amount").sum(),
         pl.col("service_id").n_unique().alias("services"),
@@ -212,7 +211,7 @@ def usage_report(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
 
 def active_services(aggregated: pl.DataFrame, partner_uuid: str) -> pl.DataFrame:
     """Gold: dealer, customer and service with usage in the partner's latest month, over that month."""
-    monthly = with_month(aggregated)
+    monthly = _with_month(aggregated)
     latest = monthly["month"].max()
     grouped = (
         monthly.filter(pl.col("month") == latest if latest is not None else pl.lit(False))
