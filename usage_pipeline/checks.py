@@ -109,8 +109,8 @@ def gold_checks(aggregated: pl.DataFrame, report: pl.DataFrame, active: pl.DataF
     """The report's sums are the aggregate's; the active services are exactly the latest month's."""
     newest = aggregated["usage_date"].max()
     latest = aggregated.filter(pl.col("usage_date") >= newest.replace(day=1)) if newest else aggregated.clear()
-    services, amount = latest.select(pl.struct("dealer_id", "customer_id", "service_id").n_unique(),
-                                     pl.col("amount").sum()).row(0)
+    services = latest.height - duplicate_keys(latest, KEYS["active_services"])
+    amount = latest["amount"].sum()
     return [
         compare("conservation.usage_report", sums(aggregated), sums(report)),
         compare("conservation.active_services", f"{services} service(s), amount={_money(amount)}",
