@@ -138,6 +138,20 @@ def test_a_check_broken_in_a_tick_fails_that_partition_keeps_its_files_and_a_lat
         assert status.failures == failures and check in status.checks
         monkeypatch.setattr(module, name, real[name])
 
+    # The source moved during the tick: asked again, it no longer says what the snapshot said. Deferred,
+    # and the deferral counts like a failure.
+    from orchestration import runtime
+
+    real_fingerprints = runtime.read_source_fingerprints
+    monkeypatch.setattr(bronze, "read_dealers", breaks[1][2])
+    monkeypatch.setattr(runtime, "read_source_fingerprints", lambda dealers: {})
+    demo_data.touch_dealer(billing, dealers[0], datetime(2026, 11, 20, 9))
+    state, report = tick()
+    assert state.is_failed() and "source moved: dealer(s)" in report.partitions[partner].error
+    assert partner_files(lake, partner) == before and cursor().partitions[partner].failures == len(breaks) + 1
+    monkeypatch.setattr(bronze, "read_dealers", real["read_dealers"])
+    monkeypatch.setattr(runtime, "read_source_fingerprints", real_fingerprints)
+
     state, report = tick()
     assert state.is_completed() and set(report.partitions) == {partner}
     assert report.partitions[partner].checks and all(c.passed for c in report.partitions[partner].checks)
@@ -189,6 +203,7 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
     assert state.is_failed() and report.bronze.state == "Deferred" and len(asked) == 2
     assert report.bronze.message.startswith("source moved during the extract (reconciliation.totals FAILED")
     assert {p: partner_files(lake, p) for p in made["partners"]} == before
+    assert all(s.failures == 2 for s in cursor().partitions.values())  # a deferral counts like a failure
     monkeypatch.setattr(tick_module, "relevant_totals", real_query)
 
     state, report = tick(full_refresh=True)
