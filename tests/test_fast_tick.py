@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from prefect.testing.utilities import prefect_test_harness
 
 from orchestration.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
+from tests.test_checks import with_a_duplicate_key
 from usage_pipeline import demo_data
 from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES
 from usage_pipeline.settings import load_settings
@@ -107,10 +108,6 @@ def test_requested_partner_and_dry_run(demo):
 def partner_files(lake, partner: str) -> dict[str, bytes]:
     return {f"{layer}/{table}": (lake / layer / table / f"partner={partner}" / "data.parquet").read_bytes()
             for layer, tables in (("silver", SILVER_TABLES), ("gold", GOLD_TABLES)) for table in tables}
-
-
-def with_a_duplicate_key(transform):
-    return lambda *args: (lambda frame: pl.concat([frame, frame.head(1)]))(transform(*args))
 
 
 def test_a_check_broken_in_a_tick_fails_that_partition_keeps_its_files_and_a_later_tick_publishes(demo, monkeypatch):
