@@ -52,7 +52,7 @@ def partner_silver(partner_uuid: PartnerUUID, cascade: bool = True, bronze_versi
     settings = load_settings()
     tag_current_run(partner, "silver")
     shared = tick_shared()
-    with partition_event_if_manual(partner) as checks:
+    with partition_event_if_manual(partner, publishes=publish or cascade) as checks:
         with partner_slot(partner, settings):
             dealers = partner_dealers(partner)
             result = build_silver(settings.lake_path, partner, dealers, bronze_version, str(current_flow_run.id),

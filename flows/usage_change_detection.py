@@ -44,8 +44,8 @@ def usage_change_detection(
     except SlotTaken:
         get_run_logger().warning("Another detection tick is running; this one does nothing")
         report = TickReport(dry_run=dry_run, skipped="another detection tick is running")
+    emit_partition_events(report)  # first: the stale alert's episodes close with them
     publish_tick_artifacts(report)
-    emit_partition_events(report)
     emit_tick_event(report, time.perf_counter() - started)
     if report.skipped:
         return Completed(name="Skipped", message=report.summary(), data=report)

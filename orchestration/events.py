@@ -136,12 +136,13 @@ def emit_partition_events(report: TickReport) -> None:
 
 
 @contextmanager
-def partition_event_if_manual(partner: str) -> Iterator[list[CheckResult]]:
-    """Around a partner-silver or partner-gold run started by hand (no parent run): the partition
-    event a tick would emit, with the check results the body collects, or those it failed with.
-    Runs of a tick, or a cascading silver's gold, leave that to their parent."""
+def partition_event_if_manual(partner: str, publishes: bool = True) -> Iterator[list[CheckResult]]:
+    """Around a partner-silver or partner-gold run started by hand (no parent run) that `publishes`:
+    the partition event a tick would emit, with the check results the body collects, or those it
+    failed with. Runs of a tick, or a cascading silver's gold, leave that to their parent; a silver
+    started by hand only to stage (`publish=false, cascade=false`) publishes nothing to announce."""
     checks: list[CheckResult] = []
-    if current_flow_run.parent_flow_run_id:
+    if current_flow_run.parent_flow_run_id or not publishes:
         yield checks
         return
     try:
@@ -162,5 +163,5 @@ def _emit_manual(event: str, partner: str, checks: list[CheckResult], error: str
         event=event,
         resource=partition_resource(partner, status.episode, status.failures),
         payload={"partner": partner, "manual_run": current_flow_run.name, "last_error": error,
-                 "checks": as_payload(checks)},
+                 "consecutive_failures": status.failures, "checks": as_payload(checks)},
     )

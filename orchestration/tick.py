@@ -218,21 +218,25 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
 def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
                          source_totals: Future[tuple[int, Decimal, Decimal]]) -> RunOutcome:
     """A start-over tick's extract (bronze at `version`) against the source's totals asked as it started
-    (its dealers' fingerprints come from the extract itself). A mismatch fails bronze, so no partition
-    is published, unless the totals moved since: then the source changed during the tick, and the
-    tick is deferred ("source moved")."""
+    (its dealers' fingerprints come from the extract itself), or asked again after it. A mismatch fails
+    bronze, so no partition is published. If the totals moved between the two asks, the source changed
+    during the extract and the totals cannot tell: a warning, not a failure (the ticks after it find
+    each dealer the extract missed by its fingerprint, and rebuild it). Deferring instead would keep a
+    busy source from ever finishing a first tick."""
     logger = get_run_logger()
     extracted = bronze.totals(settings.lake_path, version)
     try:
         source = source_totals.result()
         result = totals_check(source, extracted)
-        moved = not result.passed and query_source(BILLING_BLOCK, relevant_totals) != source
+        after = None if result.passed else query_source(BILLING_BLOCK, relevant_totals)
     except SourceError as exc:
         return replace(outcome, state="Failed", ok=False, message=f"reconciliation.totals could not ask the source: {exc}")
-    result = replace(result, blocking=result.name not in settings.warn_only_checks)
-    if moved:
-        return replace(outcome, state="Deferred", ok=False,
-                       message=f"source moved during the extract ({result.describe()}); deferred to the next tick")
+    if after is not None and totals_check(after, extracted).passed:
+        result = replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
+    elif after is not None and after != source:
+        result = replace(result, blocking=False,
+                         actual=f"{result.actual} (inconclusive: the source moved during the extract)")
+    result = replace(result, blocking=result.blocking and result.name not in settings.warn_only_checks)
     logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())
     if result.passed or not result.blocking:
         return replace(outcome, checks=(result,))

@@ -227,3 +227,34 @@ def test_every_check_has_a_unique_documented_name():
 ])
 def test_duplicate_keys_whatever_the_frames_order(keys, duplicates):
     assert checks.duplicate_keys(pl.DataFrame(keys), ("a", "b")) == duplicates
+
+
+def test_bronze_matching_the_source_as_it_is_after_the_extract_passes(published):
+    """The extract caught a change made after the tick's source query: right data, published; the
+    cursor keeps the earlier fingerprint, so the next tick sees the change and redoes it."""
+    root, before = published
+    fingerprints, asked = source(bronze_rows("6"), again=bronze_rows())
+    silver = build_silver(root, P, [1, 2], publish=False, source=fingerprints)
+    assert asked == [[2]] and silver.checks[0].passed and "as the source after the extract" in silver.checks[0].actual
+
+
+def test_a_moving_source_publishes_with_a_warning_when_the_reconciliation_is_warn_only(published):
+    root, before = published
+    fingerprints, _ = source(bronze_rows("7.0001"), again=bronze_rows("7.0002"))
+    silver = build_silver(root, P, [1, 2], publish=False, source=fingerprints,
+                          warn_only=frozenset({"reconciliation.source"}))
+    assert not silver.checks[0].passed and not silver.checks[0].blocking
+
+
+def test_columns_out_of_the_documented_order_fail_the_schema_check():
+    frame = pl.DataFrame(schema=dict(reversed(checks.SCHEMAS["usage_report"].items())))
+    result = checks.schema_check("usage_report", frame)
+    assert not result.passed and result.actual.startswith("columns in the order customers, services")
+
+
+def test_a_checks_failure_survives_pickling_with_its_results():
+    import pickle
+
+    failed = ChecksFailed(P, (checks.compare("grain.usage_report", "0", "1"),))
+    copy = pickle.loads(pickle.dumps(failed))
+    assert (copy.partner, copy.results, str(copy)) == (failed.partner, failed.results, str(failed))

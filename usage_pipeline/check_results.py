@@ -44,6 +44,10 @@ class ChecksFailed(RuntimeError):
         failed = [r.describe() for r in results if not r.passed and r.blocking]
         super().__init__(f"partner {partner} not published, check(s) failed: {'; '.join(failed)}")
 
+    def __reduce__(self) -> tuple:
+        """Picklable (Prefect may persist a failed run's exception) despite the two-argument init."""
+        return ChecksFailed, (self.partner, self.results)
+
 
 class SourceMoved(RuntimeError):
     """The source changed while the tick ran: the partition is deferred to the next tick."""
@@ -67,7 +71,7 @@ def summary(results: Iterable[CheckResult]) -> str:
 
 def as_json(results: Iterable[CheckResult]) -> str:
     """For a published file's Parquet metadata."""
-    return json.dumps([asdict(r) for r in results], separators=(",", ":"))
+    return json.dumps(as_payload(results), separators=(",", ":"))
 
 
 def as_payload(results: Iterable[CheckResult]) -> list[dict]:

@@ -88,6 +88,8 @@ def schema_check(table: str, frame: pl.DataFrame) -> CheckResult:
     actual = dict(frame.schema)
     diff = [f"{c}: {actual.get(c, 'missing')}" for c in expected if actual.get(c) != expected[c]]
     diff += [f"{c}: unexpected" for c in actual if c not in expected]
+    if not diff and list(actual) != list(expected):
+        diff = [f"columns in the order {', '.join(actual)}"]
     return CheckResult(f"schema.{table}", "the README's lake schema", "; ".join(diff) or "as documented", not diff)
 
 

@@ -386,12 +386,12 @@ def partition_statuses(
     now: datetime,
 ) -> dict[str, PartitionStatus]:
     """Freshness after the tick: planned partitions are fresh or one failure further (and pending since the
-    first tick that planned them), with their checks' results (a run that never got to its checks keeps
-    the last ones); gone ones dropped."""
+    first tick that planned them), with this tick's check results (None when none are known: bronze
+    failed, or the runs were deployment runs); gone ones dropped."""
     statuses = dict(cursor.partitions)
     for partner in plan.partitions:
         old = statuses.get(partner, PartitionStatus())
-        checked = checks.get(partner) or old.checks
+        checked = checks.get(partner)
         if partner in succeeded:
             marks = [written[d] for d, p in snapshot.partners.items() if p == partner and written.get(d) is not None]
             statuses[partner] = PartitionStatus(materialized_at=now, source_watermark=max(marks, default=None),

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import polars as pl
 
 from usage_pipeline import bronze
 from usage_pipeline.bronze import is_table, migrate_legacy, replace_dealers, write_all_spilled
-from usage_pipeline.check_results import CheckResult, SourceMoved, as_json, gate
+from usage_pipeline.check_results import RECONCILIATION_SOURCE, CheckResult, SourceMoved, as_json, gate
 from usage_pipeline.checks import gold_checks, mismatched, reconciliation_check, silver_checks
 from usage_pipeline.detection import DealerStats
 from usage_pipeline.lake import (
@@ -124,15 +124,21 @@ def bronze_dealer_stats(root: LakePath, version: int) -> dict[int, DealerStats]:
     return dealer_stats(bronze.scan(root, version))
 
 
-def reconcile_with_source(partner: str, rows: pl.DataFrame, source: SourceFingerprints) -> CheckResult:
-    """The bronze rows against the source's fingerprints; a mismatch whose fingerprints moved since is
-    the source changing during the tick (SourceMoved: deferred), else the check fails."""
+def reconcile_with_source(partner: str, rows: pl.DataFrame, source: SourceFingerprints,
+                          warn_only: frozenset[str] = frozenset()) -> CheckResult:
+    """The bronze rows against the source's fingerprints from before the extract, or, for the dealers
+    that differ, from after it (the extract caught a change made meanwhile: the next tick sees that
+    change again and redoes it). Matching neither while the source moved between the two reads is the
+    source changing during the extract: SourceMoved, deferred, unless the check is warn-only."""
     actual = dealer_stats(rows.lazy().filter(pl.col("dealer_id").is_in(source.dealers)))
     result = reconciliation_check(source.expected, actual, source.dealers)
     if result.passed:
         return result
     wrong = mismatched(source.expected, actual, source.dealers)
-    if moved := mismatched(source.expected, source.read_again(wrong), wrong):
+    after = source.read_again(wrong)
+    if not mismatched(after, actual, wrong):
+        return replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
+    if (moved := mismatched(source.expected, after, wrong)) and RECONCILIATION_SOURCE not in warn_only:
         raise SourceMoved(f"source moved: dealer(s) {moved} of partner {partner} changed during the tick;"
                           " deferred to the next tick")
     return result
@@ -149,7 +155,7 @@ def build_silver(root: LakePath, partner: str, dealers: list[int], bronze_versio
         raise FileNotFoundError(f"bronze table {bronze_path(root)} is missing; run billing-usage-raw first")
     version = bronze.newest_version(root) if bronze_version is None else bronze_version
     rows = bronze.read_dealers(root, dealers, version)
-    results = [] if source is None else [reconcile_with_source(partner, rows, source)]
+    results = [] if source is None else [reconcile_with_source(partner, rows, source, warn_only)]
     aggregated = billing_usage_aggregated(rows, partner)
     monthly = billing_monthly_usage_by_service(aggregated, partner)
     checks = gate(partner, [*results, *silver_checks(rows, aggregated, monthly)], warn_only)

@@ -147,7 +147,8 @@ def read_snapshot(
     if check_all:
         checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
     else:
-        checked = frozenset(candidates | dealers_of_partners(cursor, partners, requested))
+        # A retried partition's dealers too: their slices are re-extracted, so they are checked again.
+        checked = frozenset(candidates | dealers_of_partners(cursor, partners, requested | cursor.retry_partitions))
     if stats_from_bronze:  # reconciled once `with_bronze_stats` fills in every dealer
         snapshot = assemble_snapshot(cursor, raw_max, checked, {}, partners, reconciled=False)
         return replace(snapshot, awaiting_bronze=True), probe_seconds
