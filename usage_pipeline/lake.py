@@ -6,7 +6,8 @@ or shared file system, data is written to a hidden temporary file beside the
 target, fsynced, then renamed over it (rename is atomic on POSIX file
 systems). Under an object-storage root (`s3://…`, `gs://…`, `az://…`,
 `file://…`), polars writes the object itself: one upload replaces an object
-atomically.
+atomically. A partner's silver and gold are first written under `_staging/<publish id>/`, then
+`publish` moves them over the published files back to back (README "Checks and publishing").
 """
 
 from __future__ import annotations
