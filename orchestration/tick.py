@@ -38,6 +38,7 @@ from orchestration.runtime import (
 )
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
+from usage_pipeline.check_results import with_severity
 from usage_pipeline.checks import totals_check
 from usage_pipeline.cursor import Cursor, parse_cursor
 from usage_pipeline.detection import (
@@ -236,7 +237,7 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
     elif after is not None and after != source:
         result = replace(result, blocking=False,
                          actual=f"{result.actual} (inconclusive: the source moved during the extract)")
-    result = replace(result, blocking=result.blocking and result.name not in settings.warn_only_checks)
+    result = with_severity(result, settings.warn_only_checks)
     logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())
     if result.passed or not result.blocking:
         return replace(outcome, checks=(result,))

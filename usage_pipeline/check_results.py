@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES
 
@@ -53,9 +53,14 @@ class SourceMoved(RuntimeError):
     """The source changed while the tick ran: the partition is deferred to the next tick."""
 
 
+def with_severity(result: CheckResult, warn_only: frozenset[str]) -> CheckResult:
+    """The result downgraded to a warning if USAGE_CHECKS_WARN_ONLY names it."""
+    return replace(result, blocking=result.blocking and result.name not in warn_only)
+
+
 def gate(partner: str, results: list[CheckResult], warn_only: frozenset[str]) -> tuple[CheckResult, ...]:
     """Results with their severity applied; raises ChecksFailed if a blocking one failed."""
-    graded = tuple(CheckResult(r.name, r.expected, r.actual, r.passed, r.name not in warn_only) for r in results)
+    graded = tuple(with_severity(r, warn_only) for r in results)
     if any(not r.passed and r.blocking for r in graded):
         raise ChecksFailed(partner, graded)
     return graded
