@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from load_data import FULL_ROWS, buffer_pool, ensure_loaded  # noqa: E402
+from load_data import FULL_ROWS, BenchSet, buffer_pool, ensure_loaded  # noqa: E402
 
 from usage_pipeline import bronze, checks  # noqa: E402
 from usage_pipeline.extract import relevant_totals, stream_relevant_usage  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_checks(args: argparse.Namespace) -> int:
-    bench = ensure_loaded(args.rows)
+    bench = ensure_loaded(BenchSet(args.rows))
     billing, v3 = sa.create_engine(bench.billing_url()), sa.create_engine(bench.v3_url())
     with v3.connect() as conn:
         directory, _ = dealer_directory(conn)

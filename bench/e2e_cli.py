@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/e2e_cli.py                   # SQLite-backed server
     .venv/bin/python bench/e2e_cli.py --server both     # SQLite, then PostgreSQL
+    .venv/bin/python bench/e2e_cli.py --server postgres --scale 1 10   # the bench set and 10x it, in one run
 
 Issue "A tick close to its work". Operators start a tick with
 `prefect deployment run usage-change-detection/usage-change-detection --watch`,
@@ -15,6 +16,12 @@ tick that Prefect's runs, tags and slots cost on this runner.
 Ticks run against the bench databases of `bench/load_data.py`, which are only
 read, and write to a temporary lake. The one-dealer tick follows
 `usage-pipeline cursor reset --dealer ID`.
+
+With several `--scale` values (`bench/load_data.py --scale K` sets, loaded first if
+missing), each scale gets its own server, and a last table sets the largest scale
+against the smallest, with issue 18's targets: the bare source read (connectorx,
+`usage` in the extract's keyed ranges and the relevant service rows), the peak RSS of
+the serve process tree during each tick, and the lake's and bookkeeping's sizes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,7 +49,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's packages, whatever the venv was
 
 import httpx  # noqa: E402
 import prefect  # noqa: E402
-from load_data import FULL_ROWS, BenchSet, buffer_pool, mariadb_buffer_pool_mib  # noqa: E402 (bench/ is on sys.path)
+from load_data import BenchSet, buffer_pool, ensure_loaded, mariadb_buffer_pool_mib  # noqa: E402 (bench/ is on sys.path)
 from prefect import flow  # noqa: E402
 
 from orchestration import local_prefect  # noqa: E402
@@ -50,7 +58,6 @@ FLOOR = "bench-floor"
 FLOOR_DEPLOYMENT = f"{FLOOR}/{FLOOR}"
 PARTITIONS_FLOOR = "bench-partitions-floor"
 PARTITIONS_FLOOR_DEPLOYMENT = f"{PARTITIONS_FLOOR}/{PARTITIONS_FLOOR}"
-FIRST_TICK_PARTITIONS = 20  # the bench set's partners, all rebuilt by a first tick
 DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
 # The dealer that bench/run.py's (c) picks: mapped, with the median number of relevant rows (1,664).
 DEFAULT_DEALER = 1879
@@ -75,9 +82,7 @@ def bench_floor() -> None:
     """Does nothing, so its run costs only what every served run costs."""
 
 
-@flow(name="bench-noop-silver", flow_run_name="silver-{partner_uuid}")
-def noop_silver(partner_uuid: str, cascade: bool = False) -> None:
-    """A partition run that holds its slots as partner-silver does, and builds nothing."""
+def hold_partner_slots(partner_uuid: str) -> None:
     from orchestration.runtime import partner_slot
     from usage_pipeline.settings import load_settings
 
@@ -85,13 +90,21 @@ def noop_silver(partner_uuid: str, cascade: bool = False) -> None:
         pass
 
 
+@flow(name="bench-noop-silver", flow_run_name="silver-{partner_uuid}")
+def noop_silver(partner_uuid: str, cascade: bool = False, bronze_version: int | None = None,
+                publish: bool = True) -> None:
+    """A partition run with partner-silver's parameters that holds its slots as it does, and builds nothing."""
+    hold_partner_slots(partner_uuid)
+
+
 @flow(name="bench-noop-gold", flow_run_name="gold-{partner_uuid}")
-def noop_gold(partner_uuid: str) -> None:
-    noop_silver.fn(partner_uuid)
+def noop_gold(partner_uuid: str, staged_silver: str | None = None) -> None:
+    """The same for partner-gold."""
+    hold_partner_slots(partner_uuid)
 
 
 @flow(name=PARTITIONS_FLOOR)
-def bench_partitions_floor(partitions: int = FIRST_TICK_PARTITIONS) -> None:
+def bench_partitions_floor(partitions: int = 20) -> None:
     """A first tick's partition phase with nothing to build: the tick's own `materialize_partitions`
     runs a silver and a gold subflow per partner, tagged and holding slots, in this process. What is
     left is what Prefect's subflow runs, tags and slots cost on this runner."""
@@ -101,7 +114,8 @@ def bench_partitions_floor(partitions: int = FIRST_TICK_PARTITIONS) -> None:
 
     partners = [str(uuid.UUID(int=0xBE4C0000_0000_4000_8000_000000000000 + n)) for n in range(partitions)]
     with without_subflow_heartbeats():
-        outcomes = materialize_partitions(partners, Layers(noop_silver, noop_silver, noop_gold), load_settings())
+        outcomes = materialize_partitions(partners, Layers(noop_silver, noop_silver, noop_gold), load_settings(),
+                                          bronze_version=0)
     failed = [outcome for outcome in outcomes.values() if not outcome.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} no-op partition(s) failed: {failed[:3]}")
@@ -155,9 +169,8 @@ def prefect_server(kind: str, work: Path) -> Iterator[str]:
             run_checked([*POSTGRES, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"])
 
 
-def pipeline_env(api_url: str, work: Path) -> dict[str, str]:
+def pipeline_env(api_url: str, work: Path, bench: BenchSet) -> dict[str, str]:
     """What an operator's shell holds: the bench databases (read only), a temporary lake, this server."""
-    bench = BenchSet(FULL_ROWS)
     env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_HOME=str(work / "client-home"),
                USAGE_LAKE_ROOT=str(work / "lake"))
     for prefix, database in (("BILLING_CDRS_DB", bench.billing_db), ("V3_DB", bench.v3_db)):
@@ -167,7 +180,7 @@ def pipeline_env(api_url: str, work: Path) -> dict[str, str]:
 
 
 @contextmanager
-def serving(env: dict[str, str], log: Path) -> Iterator[None]:
+def serving(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """This script's `--serve-only` in the background, until all six deployments exist."""
     process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-only"],
                                env={**env, **CLIENT_DEBUG}, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
@@ -178,7 +191,7 @@ def serving(env: dict[str, str], log: Path) -> Iterator[None]:
             lambda: all(httpx.get(f"{api}/deployments/name/{name}", timeout=2).status_code == 200 for name in names),
             "serve", 120, process,
         )
-        yield
+        yield process
     finally:
         local_prefect.stop(process)
 
@@ -189,14 +202,59 @@ class CliRun:
     message: str
     run_id: str
     started_at: datetime  # when the CLI was started (UTC)
+    peak_rss: int  # bytes: the serve process tree's largest total resident set while the run went on
 
 
-def deployment_run(name: str, env: dict[str, str], expected: str | None = None) -> CliRun:
-    """`prefect deployment run NAME --watch`, timed around the CLI. The run's final state is read back over REST;
-    it must be Completed (not Skipped) with a message matching `expected`."""
+def tree_rss(root: int) -> int:
+    """Resident bytes of `root` and all its descendants, from /proc (a process gone meanwhile counts 0)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    total, frontier = 0, [root]
+    while frontier:
+        pid = frontier.pop()
+        frontier += children.get(pid, [])
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+@contextmanager
+def peak_rss(root: int, every: float = 0.2) -> Iterator[list[int]]:
+    """Sample `tree_rss(root)` in a thread while the block runs; the list holds the peak once it ends."""
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss(root))
+            done.wait(every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+
+
+def deployment_run(name: str, env: dict[str, str], expected: str | None = None, serve_pid: int | None = None,
+                   parameters: dict[str, object] | None = None) -> CliRun:
+    """`prefect deployment run NAME --watch`, timed around the CLI, with the serve process tree's peak RSS
+    meanwhile. The run's final state is read back over REST; it must be Completed (not Skipped) with a
+    message matching `expected`."""
+    params = [arg for key, value in (parameters or {}).items() for arg in ("-p", f"{key}={value}")]
     started_at = datetime.now(UTC)
     started = time.perf_counter()
-    output = run_checked([PREFECT_CLI, "deployment", "run", name, "--watch"], env)
+    with peak_rss(serve_pid or os.getpid()) as peak:
+        output = run_checked([PREFECT_CLI, "deployment", "run", name, *params, "--watch"], env)
     wall = time.perf_counter() - started
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", output)
     if run_id is None:
@@ -205,7 +263,7 @@ def deployment_run(name: str, env: dict[str, str], expected: str | None = None) 
     message = state["message"] or ""
     if (state["type"], state["name"]) != ("COMPLETED", "Completed") or (expected and not re.fullmatch(expected, message)):
         raise RuntimeError(f"{name} run {run_id[1]} ended {state['name']}: {message!r} (expected {expected!r})")
-    return CliRun(wall, message, run_id[1], started_at)
+    return CliRun(wall, message, run_id[1], started_at, peak[0])
 
 
 def timeline(run: CliRun, api: str, partitions_in_detail: bool = True) -> str:
@@ -268,37 +326,103 @@ class Measurement:
         return [self.label, wall, f"{times:.2f}×", target]
 
 
-def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Measurement], list[str]]:
-    """Every measurement against one server: a first tick, then `reps` rounds of floor, one-dealer and no-change.
+@dataclass(frozen=True)
+class ScaleRun:
+    """One server's measurements of one bench set."""
+    bench: BenchSet
+    measurements: list[Measurement]
+    notes: list[str]
+    source_read: float  # seconds: the bare connectorx read of what a full extract reads
+    rss: dict[str, int]  # tick kind -> peak RSS (bytes) of the serve process tree
+    sizes: dict[str, int]  # what -> bytes (or a count, where the name says so)
+
+
+def bare_source_read(bench: BenchSet) -> tuple[float, int]:
+    """What a full extract reads, with nothing else done: the relevant service rows, then `usage` in the
+    extract's keyed ranges, each through connectorx and dropped. Seconds and usage rows."""
+    import sqlalchemy as sa
+
+    from usage_pipeline.extract import BATCH_ROWS, read_frame, services_statement, usage_range_statement
+
+    engine = sa.create_engine(bench.billing_url())
+    try:
+        started = time.perf_counter()
+        read_frame(engine, services_statement(), bench.connectorx_uri())
+        after, rows = None, 0
+        while True:
+            batch = read_frame(engine, usage_range_statement(after, BATCH_ROWS), bench.connectorx_uri())
+            rows += batch.height
+            if batch.height < BATCH_ROWS:
+                return time.perf_counter() - started, rows
+            after = batch["usage_id"].max()
+    finally:
+        engine.dispose()
+
+
+def lake_sizes(env: dict[str, str]) -> dict[str, int]:
+    """The bronze table's bytes and files, the state document's bytes, and the cursor block's and the
+    tick artifacts' JSON bytes as the server hands them to the UI."""
+    from blocks.usage_cursor import CURSOR_DOCUMENT
+    from usage_pipeline import bronze
+    from usage_pipeline.lake import state_path
+
+    lake = Path(env["USAGE_LAKE_ROOT"])
+    table = Path(bronze.table_uri(lake))
+    files = [f for f in table.rglob("*") if f.is_file()]
+    api = env["PREFECT_API_URL"]
+    block = httpx.get(f"{api}/block_types/slug/usage-cursor/block_documents/name/{CURSOR_DOCUMENT}",
+                      params={"include_secrets": "false"}, timeout=30).raise_for_status()
+    sizes = {"bronze table bytes (data and log)": sum(f.stat().st_size for f in files),
+             "bronze data files (count)": bronze.status(lake).files,
+             "state document bytes": state_path(lake).stat().st_size,
+             "cursor block bytes (JSON)": len(block.content)}
+    for key in ("usage-partition-freshness", "usage-tick-runs", "usage-tick-checks"):
+        latest = httpx.get(f"{api}/artifacts/{key}/latest", timeout=30)
+        if latest.status_code == 200:
+            sizes[f"`{key}` artifact bytes (JSON)"] = len(latest.content)
+    return sizes
+
+
+def bench_server(kind: str, bench: BenchSet, reps: int, first_ticks: int, dealer: int, keep: bool) -> ScaleRun:
+    """Every measurement against one server: the first tick, then `reps` rounds of floor, one-dealer and
+    no-change, `first_ticks - 1` ticks after `cursor reset --all`, and `reps` no-op partition phases.
     The notes end with the timelines of the first tick and of the slowest one-dealer tick."""
-    work = Path(tempfile.mkdtemp(prefix=f"usage-bench-e2e-{kind}-"))
+    progress(f"{kind} x{bench.scale}: bare source read")
+    bare_source_read(bench)  # untimed: every measured read then finds the source in MariaDB's buffer pool
+    source_read, source_rows = bare_source_read(bench)
+    work = Path(tempfile.mkdtemp(prefix=f"usage-bench-e2e-{kind}-x{bench.scale}-"))
     try:
         with prefect_server(kind, work) as url:
-            env = pipeline_env(url, work)
+            env = pipeline_env(url, work, bench)
             run_checked([sys.executable, "-m", "orchestration.cli", "setup"], env)
-            with serving(env, work / "serve.log"):
-                progress(f"{kind}: first tick")
-                first = deployment_run(DETECTION_DEPLOYMENT, env, FIRST_TICK)
+            with serving(env, work / "serve.log") as serve:
+                def tick(expected: str) -> CliRun:
+                    return deployment_run(DETECTION_DEPLOYMENT, env, expected, serve.pid)
+
+                progress(f"{kind} x{bench.scale}: first tick")
+                first = tick(FIRST_TICK)
                 first_timeline = timeline(first, url, partitions_in_detail=False)
+                sizes = lake_sizes(env)
                 floor, partitions_floor, one, quiet = [], [], [], []
                 for rep in range(1, reps + 1):
-                    progress(f"{kind}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
+                    progress(f"{kind} x{bench.scale}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
                     floor.append(deployment_run(FLOOR_DEPLOYMENT, env))
                     reset = run_checked([sys.executable, "-m", "orchestration.cli", "cursor", "reset",
                                          "--dealer", str(dealer)], env)
                     if not reset.startswith("Removed the cursor entries"):
                         raise RuntimeError(f"cursor reset --dealer {dealer}: {reset}")
-                    one.append(deployment_run(DETECTION_DEPLOYMENT, env, ONE_DEALER))
-                    quiet.append(deployment_run(DETECTION_DEPLOYMENT, env, NO_CHANGE))
+                    one.append(tick(ONE_DEALER))
+                    quiet.append(tick(NO_CHANGE))
                 starts_over = []  # the first tick's work again: bronze in full and every partition
-                for rep in range(2, reps + 1):
-                    progress(f"{kind}: tick after `cursor reset --all`, {rep - 1}/{reps - 1}")
+                for rep in range(2, first_ticks + 1):
+                    progress(f"{kind} x{bench.scale}: tick after `cursor reset --all`, {rep - 1}/{first_ticks - 1}")
                     run_checked([sys.executable, "-m", "orchestration.cli", "cursor", "reset", "--all"], env)
-                    starts_over.append(deployment_run(DETECTION_DEPLOYMENT, env, FIRST_TICK))
+                    starts_over.append(tick(FIRST_TICK))
                 # Last: the server is still recording a no-op partition phase's events some seconds after it ends.
                 for rep in range(1, reps + 1):
-                    progress(f"{kind}: no-op partitions, round {rep}/{reps}")
-                    partitions_floor.append(deployment_run(PARTITIONS_FLOOR_DEPLOYMENT, env))
+                    progress(f"{kind} x{bench.scale}: no-op partitions, round {rep}/{reps}")
+                    partitions_floor.append(deployment_run(PARTITIONS_FLOOR_DEPLOYMENT, env,
+                                                           parameters={"partitions": bench.partners}))
                 slowest = max(one, key=lambda r: r.wall)
                 one_timeline = timeline(slowest, url)
         logs = "".join((work / name).read_text(errors="replace") for name in ("serve.log", "server.log"))
@@ -310,12 +434,13 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
             progress(f"(kept {work}: server.log, serve.log, lake/)")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    firsts = [first, *starts_over]
     measurements = [
         Measurement(f"floor: served no-op flow `{FLOOR}` ({reps} runs)", [r.wall for r in floor], None),
-        Measurement(f"no-op partitions: `{PARTITIONS_FLOOR}`, {FIRST_TICK_PARTITIONS} partners' silver and gold"
+        Measurement(f"no-op partitions: `{PARTITIONS_FLOOR}`, {bench.partners} partners' silver and gold"
                     f" subflows ({reps} runs)", [r.wall for r in partitions_floor], None),
-        Measurement(f"first tick: empty lake, no cursor (1 run), then after `cursor reset --all` ({reps - 1} runs)",
-                    [first.wall, *(r.wall for r in starts_over)], 3),
+        Measurement(f"first tick: empty lake, no cursor (1 run), then after `cursor reset --all`"
+                    f" ({first_ticks - 1} runs)", [r.wall for r in firsts], 3),
         Measurement(f"one-dealer tick after `cursor reset --dealer {dealer}` ({reps} runs)", [r.wall for r in one], 1.5),
         Measurement(f"no-change tick ({reps} runs)", [r.wall for r in quiet], 1.2),
     ]
@@ -323,6 +448,8 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
     notes = [
         f"Every run ended Completed. State messages: first tick `{first.message}`; "
         f"one-dealer `{one[-1].message}`; no-change `{quiet[-1].message}`.  ",
+        f"Bare source read (connectorx: relevant service rows, then {source_rows:,} `usage` rows in keyed ranges):"
+        f" {source_read:.2f} s.  ",
         f"Serve and server logs (client retries at DEBUG): {problems}.  ",
         "",
         f"<details><summary>Timeline of the first tick ({first.wall:.2f} s)</summary>",
@@ -338,14 +465,62 @@ def bench_server(kind: str, reps: int, dealer: int, keep: bool) -> tuple[list[Me
         "</details>",
         "",
     ]
-    return measurements, notes
+    rss = {"first tick": max(r.peak_rss for r in firsts), "one-dealer tick": max(r.peak_rss for r in one),
+           "no-change tick": max(r.peak_rss for r in quiet)}
+    return ScaleRun(bench, measurements, notes, source_read, rss, sizes)
 
 
 def table(measurements: list[Measurement]) -> str:
     floor = measurements[0].median
     rows = [["measurement", "wall (median, min–max)", "× floor", "target"], ["---"] * 4]
     rows += [m.row(floor) for m in measurements]
+    return markdown(rows)
+
+
+def markdown(rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def verdict(ok: bool, target: str) -> str:
+    return f"{target}: " + ("met" if ok else "**not met**")
+
+
+def growth_table(small: ScaleRun, large: ScaleRun) -> str:
+    """The largest scale against the smallest, with issue 18's targets."""
+    k = large.bench.scale // small.bench.scale
+    names = ["floor", "partitions floor", "first tick", "one-dealer tick", "no-change tick"]
+    walls = {name: (a.median, b.median) for name, a, b in zip(names, small.measurements, large.measurements, strict=True)}
+    rows = [["measured (same run)", f"K = {small.bench.scale}", f"K = {large.bench.scale}", "growth", "target"],
+            ["---"] * 5]
+    rows.append(["usage rows / dealers / partners", f"{small.bench.rows:,} / {small.bench.dealers:,} / "
+                 f"{small.bench.partners}", f"{large.bench.rows:,} / {large.bench.dealers:,} / {large.bench.partners}",
+                 f"{k}×", "-"])
+    rows.append(["bare source read", f"{small.source_read:.2f} s", f"{large.source_read:.2f} s",
+                 f"{large.source_read / small.source_read:.2f}×", "-"])
+    for name, (a, b) in walls.items():
+        target = "-"
+        if name == "first tick":
+            budget = walls["partitions floor"][1] + large.source_read
+            target = verdict(b <= 1.5 * budget, f"≤ 1.5 × (partitions floor + source read) = {1.5 * budget:.1f} s")
+        elif name == "one-dealer tick":
+            target = verdict(b <= 1.2 * a, f"≤ 1.2× K = {small.bench.scale}")
+        elif name == "no-change tick":
+            floor = walls["floor"][1]
+            target = verdict(b <= 1.2 * floor, f"≤ 1.2× floor ({floor:.2f} s) = {1.2 * floor:.2f} s")
+        rows.append([f"{name}, wall (median)", f"{a:.2f} s", f"{b:.2f} s", f"{b / a:.2f}×", target])
+    for name in small.rss:
+        a, b = small.rss[name], large.rss[name]
+        target = verdict(b <= 2 * 2**30 and b <= 1.5 * a, "≤ 2 GiB and ≤ 1.5×") if name == "first tick" else "-"
+        rows.append([f"{name}, peak RSS of the serve process tree", gib(a), gib(b), f"{b / a:.2f}×", target])
+    for name in small.sizes:
+        a, b = small.sizes[name], large.sizes.get(name, 0)
+        show = (lambda n: f"{n:,}") if "count" in name else (lambda n: f"{n / 2**10:,.0f} KiB")
+        rows.append([name, show(a), show(b), f"{b / a:.2f}×" if a else "-", "-"])
+    return markdown(rows)
 
 
 def load_average() -> str:
@@ -356,7 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", choices=[*SERVERS, "both"], default="sqlite",
                         help="the Prefect server's database (default sqlite; both: SQLite, then PostgreSQL)")
+    parser.add_argument("--scale", type=int, nargs="+", default=[1], metavar="K",
+                        help="bench sets of `bench/load_data.py --scale K`, smallest first (default 1)")
     parser.add_argument("--reps", type=int, default=3, help="rounds of floor, one-dealer and no-change runs (default 3)")
+    parser.add_argument("--first-ticks", type=int, default=3,
+                        help="first ticks: the empty lake's, then after `cursor reset --all` (default 3)")
     parser.add_argument("--dealer", type=int, default=DEFAULT_DEALER,
                         help=f"the mapped dealer whose cursor entry is reset (default {DEFAULT_DEALER})")
     parser.add_argument("--keep", action="store_true", help="keep each server's temp dir (logs, lake)")
@@ -368,48 +547,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_only:
         serve_with_floor()
         return 0
+    if min(args.scale) < 1 or args.reps < 1 or args.first_ticks < 1:
+        parser.error("--scale, --reps and --first-ticks must be positive")
+    scales = sorted(set(args.scale))
 
     started = time.perf_counter()
     command = shlex.join([sys.executable, *sys.argv])
     print(f"Command (from {ROOT}): `{command}`\n", flush=True)
+    benches = [ensure_loaded(BenchSet.scaled(k)) for k in scales]
     with buffer_pool(args.buffer_pool_mib, progress):
-        print(warm_source(), "\n", flush=True)
         for kind in SERVERS if args.server == "both" else [args.server]:
-            bench_one_server(kind, args)
+            runs = [bench_one_server(kind, bench, args) for bench in benches]
+            if len(runs) > 1:
+                print(f"#### K = {scales[0]} and K = {scales[-1]} on the {SERVERS[kind]}-backed server\n\n"
+                      f"{growth_table(runs[0], runs[-1])}\n", flush=True)
     print(f"Total wall time: {time.perf_counter() - started:,.0f} s.", flush=True)
     return 0
 
 
-def warm_source() -> str:
-    """Read what a first tick reads, untimed, so that every measured tick finds the source in
-    MariaDB's buffer pool (the issue measured warm ticks; bench/run.py warms up the same way)."""
-    import sqlalchemy as sa
-
-    from usage_pipeline.extract import extract_relevant_usage
-
-    bench = BenchSet(FULL_ROWS)
-    engine = sa.create_engine(bench.billing_url())
-    started = time.perf_counter()
-    try:
-        rows = extract_relevant_usage(engine, bench.connectorx_uri(), None).height
-    finally:
-        engine.dispose()
-    return f"Warm-up: one full relevant extract ({rows:,} rows) in {time.perf_counter() - started:.1f} s before the runs."
-
-
-def bench_one_server(kind: str, args: argparse.Namespace) -> None:
+def bench_one_server(kind: str, bench: BenchSet, args: argparse.Namespace) -> ScaleRun:
     load_before = load_average()
-    measurements, notes = bench_server(kind, args.reps, args.dealer, args.keep)
+    run = bench_server(kind, bench, args.reps, args.first_ticks, args.dealer, args.keep)
     print("\n".join([
-        f"#### Prefect {prefect.__version__} server on {SERVERS[kind]}, {datetime.now():%Y-%m-%d %H:%M}",
+        f"#### Prefect {prefect.__version__} server on {SERVERS[kind]}, K = {bench.scale} ({bench.billing_db}:"
+        f" {bench.rows:,} usage rows, {bench.dealers:,} dealers, {bench.partners} partners),"
+        f" {datetime.now():%Y-%m-%d %H:%M}",
         "",
-        table(measurements),
+        table(run.measurements),
         "",
-        *notes,
+        *run.notes,
         f"MariaDB innodb_buffer_pool_size {mariadb_buffer_pool_mib()} MiB. "
         f"Load average before {load_before}; after {load_average()}.",
         "",
     ]), flush=True)
+    return run
 
 
 if __name__ == "__main__":

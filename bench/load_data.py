@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/load_data.py                 # 5,000,000 usage rows (the full set)
     .venv/bin/python bench/load_data.py --rows 500000   # a smaller set, in its own databases
+    .venv/bin/python bench/load_data.py --scale 10      # 10x the full set in every dimension
     .venv/bin/python bench/load_data.py --force         # rebuild even if already loaded
 
 The tables are exactly the contract's (created by `usage_pipeline.schema.billing_metadata`
@@ -17,10 +18,15 @@ from the SEQUENCE engine (`seq_1_to_N`), so nothing is shipped over the wire:
   one dealer), dates over 90 days, ~10 % credits (negative amounts), ~2 %
   NULL usage_modified, ~2 % on a service id with no service-data row.
 
+`--scale K` multiplies every dimension: usage rows, customers (and so service
+rows), dealers (mapped and unmapped) and partners; its partners begin with the
+full set's 20. `--rows N` changes the rows (and customers) only.
+
 Data is deterministic (fixed RAND seeds). The full set (5 M rows) lives in
-`usage_bench_billing` / `usage_bench_v3`; any other size N in
-`usage_bench_billing_N` / `usage_bench_v3_N`, so a small run never wipes the
-full one. A database that already holds the requested set is left alone.
+`usage_bench_billing` / `usage_bench_v3`; K times it in `usage_bench_billing_x<K>`
+/ `usage_bench_v3_x<K>`; any other row count N in `usage_bench_billing_N` /
+`usage_bench_v3_N`, so a small run never wipes the full one. A database that
+already holds the requested set is left alone.
 """
 
 from __future__ import annotations
@@ -58,10 +64,25 @@ CONNECTORX_BASE = os.environ.get("USAGE_BENCH_CONNECTORX_URL", "mysql://root@127
 @dataclass(frozen=True)
 class BenchSet:
     rows: int
+    scale: int = 1  # dealers and partners are this many times the full set's
+
+    @classmethod
+    def scaled(cls, scale: int) -> BenchSet:
+        return cls(FULL_ROWS * scale, scale)
 
     @property
     def suffix(self) -> str:
+        if self.scale != 1:
+            return f"_x{self.scale}"
         return "" if self.rows == FULL_ROWS else f"_{self.rows}"
+
+    @property
+    def partners(self) -> int:
+        return PARTNERS * self.scale
+
+    @property
+    def mapped_dealers(self) -> int:
+        return MAPPED_DEALERS * self.scale
 
     @property
     def billing_db(self) -> str:
@@ -73,7 +94,7 @@ class BenchSet:
 
     @property
     def dealers(self) -> int:
-        return MAPPED_DEALERS + UNMAPPED_DEALERS
+        return (MAPPED_DEALERS + UNMAPPED_DEALERS) * self.scale
 
     @property
     def customers(self) -> int:
@@ -115,12 +136,12 @@ def is_loaded(bench: BenchSet, billing: sa.Engine, v3: sa.Engine) -> bool:
 
 
 def load_dealers(bench: BenchSet, v3: sa.Engine) -> None:
-    partners = [partner_uuid(i, SEED) for i in range(PARTNERS)]
+    partners = [partner_uuid(i, SEED) for i in range(bench.partners)]
     rows = [
         {
             "dealer_id": d,
             "dealer_name": f"Bench dealer {d}",
-            "dealer_partner_uuid": partners[(d - 1) % PARTNERS] if d <= MAPPED_DEALERS else None,
+            "dealer_partner_uuid": partners[(d - 1) % bench.partners] if d <= bench.mapped_dealers else None,
         }
         for d in range(1, bench.dealers + 1)
     ]
@@ -217,14 +238,14 @@ def describe(bench: BenchSet, billing: sa.Engine) -> list[str]:
     return [
         f"{bench.rows:,} usage rows ({float(null_share):.1%} NULL usage_modified), "
         f"{bench.service_rows:,} service-data rows ({1 - float(relevant_share):.1%} excluded by the billing filters), "
-        f"{bench.dealers:,} dealers ({MAPPED_DEALERS:,} mapped to {PARTNERS} partners, {UNMAPPED_DEALERS} unmapped)",
+        f"{bench.dealers:,} dealers ({bench.mapped_dealers:,} mapped to {bench.partners} partners,"
+        f" {bench.dealers - bench.mapped_dealers} unmapped)",
         "on-disk size: " + ", ".join(f"{name} {mb} MiB" for name, mb in sizes),
     ]
 
 
-def ensure_loaded(rows: int = FULL_ROWS, force: bool = False) -> BenchSet:
-    """Create and fill the bench databases for `rows` unless they already hold exactly that set."""
-    bench = BenchSet(rows)
+def ensure_loaded(bench: BenchSet, force: bool = False) -> BenchSet:
+    """Create and fill the bench databases for `bench` unless they already hold exactly that set."""
     admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         for database in (bench.billing_db, bench.v3_db):
@@ -233,9 +254,10 @@ def ensure_loaded(rows: int = FULL_ROWS, force: bool = False) -> BenchSet:
     billing, v3 = sa.create_engine(bench.billing_url()), sa.create_engine(bench.v3_url())
     try:
         if not force and is_loaded(bench, billing, v3):
-            print(f"{bench.billing_db}/{bench.v3_db} already loaded with {rows:,} usage rows; skipping the load")
+            print(f"{bench.billing_db}/{bench.v3_db} already loaded with {bench.rows:,} usage rows; skipping the load")
             return bench
-        print(f"Loading {bench.billing_db} and {bench.v3_db} ({rows:,} usage rows)", flush=True)
+        print(f"Loading {bench.billing_db} and {bench.v3_db} ({bench.rows:,} usage rows,"
+              f" {bench.dealers:,} dealers, {bench.partners} partners)", flush=True)
         started = time.perf_counter()
         billing_metadata.drop_all(billing)
         v3_metadata.drop_all(v3)
@@ -307,13 +329,22 @@ def set_buffer_pool(mib: int, wait: bool = True) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=FULL_ROWS, help=f"usage rows (default {FULL_ROWS:,})")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--rows", type=int, help=f"usage rows, with the full set's dealers (default {FULL_ROWS:,})")
+    size.add_argument("--scale", type=int, help="K times the full set in every dimension")
     parser.add_argument("--force", action="store_true", help="rebuild even if the set is already loaded")
     args = parser.parse_args(argv)
-    if args.rows < 1:
-        parser.error("--rows must be positive")
-    ensure_loaded(args.rows, args.force)
+    ensure_loaded(bench_set(parser, args.rows, args.scale), args.force)
     return 0
+
+
+def bench_set(parser: argparse.ArgumentParser, rows: int | None, scale: int | None) -> BenchSet:
+    """The set that `--rows` / `--scale` name (the full set without either); a bad value is a usage error."""
+    if rows is not None and rows < 1:
+        parser.error("--rows must be positive")
+    if scale is not None and scale < 1:
+        parser.error("--scale must be positive")
+    return BenchSet.scaled(scale) if scale else BenchSet(rows or FULL_ROWS)
 
 
 if __name__ == "__main__":

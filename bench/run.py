@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.chdir(ROOT)
 
-    bench = ensure_loaded(args.rows)
+    bench = ensure_loaded(BenchSet(args.rows))
     with buffer_pool(args.buffer_pool_mib, say):
         return run(args, bench)
 
