@@ -140,7 +140,6 @@ from usage_pipeline import bronze
 from tests.test_bronze import rows
 import random
 
-bronze.TARGET_FILE_BYTES = 16 * 1024  # files are written out while the stream still runs
 root, marker = Path(sys.argv[1]), Path(sys.argv[2])
 rng = random.Random(7)
 
@@ -148,7 +147,7 @@ def batches():
     for start in range(0, 200_000, 20_000):
         yield rows(list(range(start, start + 20_000)), list(range(start // 1000, start // 1000 + 20)), rng, "9")
     marker.touch()
-    time.sleep(600)  # killed here: the data files are written, the commit is not
+    time.sleep(600)  # killed here: the buckets passed are written out, the commit is not
 
 bronze.write_all(root, batches())
 """
@@ -198,7 +197,17 @@ def test_a_full_refresh_from_batches_in_any_order_writes_every_file_in_dealer_or
     written = bronze.write_all_spilled(tmp_path, batches, group_rows=2500)
     assert (written.version, written.rows) == (0, everything.height)
     assert table(tmp_path).equals(everything.sort("usage_id"))
-    for path in file_paths(tmp_path):
-        dealers = pl.read_parquet(Path(bronze.table_uri(tmp_path)) / path)["dealer_id"]
-        assert dealers.is_sorted()
+    dataset = DeltaTable(bronze.table_uri(tmp_path)).to_pyarrow_dataset()  # the other reader, the same rows
+    assert pl.from_arrow(dataset.to_table()).select(*bronze.BRONZE_SCHEMA).sort("usage_id").equals(table(tmp_path))
+    actions = pl.DataFrame(DeltaTable(bronze.table_uri(tmp_path)).get_add_actions(flatten=True))
+    assert actions.height == len(set(actions["partition.dealer_bucket"]))  # one file a bucket
+    for action in actions.iter_rows(named=True):  # the statistics written with each file are its own
+        data = pl.read_parquet(Path(bronze.table_uri(tmp_path)) / action["path"])
+        assert bronze.BUCKET_COLUMN not in data.columns and data["dealer_id"].is_sorted()
+        assert (action["num_records"], action["min.dealer_id"], action["max.dealer_id"], action["min.usage_id"],
+                action["max.usage_id"], action["null_count.service_name"]) == (
+            data.height, data["dealer_id"].min(), data["dealer_id"].max(), data["usage_id"].min(),
+            data["usage_id"].max(), data["service_name"].null_count())
+    assert pl.scan_delta(bronze.table_uri(tmp_path)).filter(pl.col("dealer_id") == 45).collect().height == \
+        everything.filter(pl.col("dealer_id") == 45).height
     assert bronze.write_all_spilled(tmp_path / "empty", []).rows == 0

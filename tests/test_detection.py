@@ -924,3 +924,16 @@ def test_freshness_is_fresh_after_success_and_names_why_otherwise(settled, sourc
     assert {r.stale_because for r in partition_freshness(reset)} == {"cursor reset: rebuilt on the next tick"}
     planned = {r.partner: r.stale_because for r in partition_freshness(settled, frozenset([A, B]))}
     assert planned == {A: "rebuild planned", B: "rebuild planned", C: None}
+
+
+def test_freshness_lists_each_partners_dealers_sorted_from_one_pass():
+    """Dealers of several partners, interleaved and out of order, each listed under its partner in
+    dealer order; a partner known only from its status has none (bench/bookkeeping.py: 200 x 20,000)."""
+    partners = [A, B, C]
+    seen = {dealer: DealerSeen(t(dealer), True, t(dealer), partners[dealer % 3] if dealer % 7 else None)
+            for dealer in (14, 3, 9, 1, 22, 7, 5, 30, 2)}
+    cursor = Cursor(dealer_last_modified={d: t(d) for d in seen}, dealer_seen=seen,
+                    partitions={D: PartitionStatus(materialized_at=t(0))})
+    rows = {row.partner: row.dealers for row in partition_freshness(cursor)}
+    assert rows == {p: sorted(d for d, s in seen.items() if s.partner == p) for p in partners} | {D: []}
+    assert rows[A] == [3, 9, 30] and rows[B] == [1, 22] and rows[C] == [2, 5]

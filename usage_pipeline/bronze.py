@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.fs as pafs
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, write_deltalake
 from deltalake.fs import DeltaStorageHandler
+from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from usage_pipeline.lake import DATA_FILE, LakePath, bronze_path
 from usage_pipeline.transforms import BRONZE_SCHEMA, empty
@@ -47,9 +50,11 @@ TABLE_CONFIG = {
     "delta.deletedFileRetentionDuration": "interval 24 hours",
     "delta.logRetentionDuration": "interval 2 days",
 }
-# A file is closed and uploaded once this big; a bucket's rows (about 1.5 MiB on the bench set) fit in one.
+# Predicate overwrites and compaction close a file once this big; a bucket (about 1.5 MiB on the bench set) fits.
 TARGET_FILE_BYTES = 64 * 2**20
 WRITER = WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="SNAPPY")
+FILE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "compression": "snappy", "statistics": True}  # WRITER, in polars
+STATS_COLUMNS = ("usage_id", "dealer_id", "customer_id", "service_id", "service_status_id", "usage_date")
 MAINTENANCE_KEY = "usage.maintenance"  # table property: what the last maintenance did, and when
 RUN_KEY = "usage.flow_run_id"  # commit metadata: the flow run that made a commit
 
@@ -100,40 +105,62 @@ def with_bucket(frame: pl.DataFrame) -> pl.DataFrame:
 TABLE_SCHEMA = with_bucket(empty(BRONZE_SCHEMA)).to_arrow().schema
 
 
-def _write(batches: Iterable[pl.DataFrame], **options) -> None:
-    """Batches in the bronze schema as one Arrow stream, which delta-rs writes without holding it all.
-
-    An exception raised while producing a batch (a source error, BadSourceRows) reaches
-    delta-rs as text only; it is raised here again as itself, for the caller's retry rules.
-    """
-    failed: list[BaseException] = []
-
-    def arrow() -> Iterator[pa.RecordBatch]:
-        try:
-            for batch in batches:
-                yield from with_bucket(batch).rechunk().to_arrow().cast(TABLE_SCHEMA).to_batches()
-        except BaseException as exc:
-            failed.append(exc)
-            raise
-
-    try:
-        write_deltalake(data=pa.RecordBatchReader.from_batches(TABLE_SCHEMA, arrow()), **options)
-    except Exception:
-        if failed:
-            raise failed[0] from None
-        raise
-
-
 def _commit(metadata: dict[str, str] | None) -> CommitProperties | None:
     return CommitProperties(custom_metadata=metadata) if metadata else None
 
 
+def _stats(frame: pl.DataFrame) -> str:
+    """A data file's Delta statistics: its rows, every column's nulls, and bounds of the integer and
+    date columns only, which JSON holds exactly (readers skip files on dealer_id). Without bounds a
+    Decimal, Datetime or String column is never used to skip a file, so it cannot skip one wrongly."""
+    bounds = frame.select(STATS_COLUMNS)
+    lo, hi = bounds.min().row(0, named=True), bounds.max().row(0, named=True)
+    return json.dumps({
+        "numRecords": frame.height,
+        "minValues": {c: v if isinstance(v, int) else v.isoformat() for c, v in lo.items() if v is not None},
+        "maxValues": {c: v if isinstance(v, int) else v.isoformat() for c, v in hi.items() if v is not None},
+        "nullCount": dict(zip(frame.columns, frame.null_count().row(0), strict=True)),
+    })
+
+
+def _write_file(root: LakePath, files: pafs.FileSystem, bucket: int, frame: pl.DataFrame) -> AddAction:
+    """One bucket's rows (bronze schema, dealer order) as one data file: a local file or one object
+    upload, by polars with the lake's credentials (the output streams of `_table_files` reject
+    pyarrow's buffers in deltalake 1.6.6). The bucket is in the path only, as delta-rs writes it."""
+    path = f"{BUCKET_COLUMN}={bucket}/part-{uuid.uuid4()}.snappy.parquet"
+    frame.write_parquet(f"{table_uri(root)}/{path}", mkdir=True, **FILE_OPTIONS)
+    return AddAction(path, files.get_file_info(path).size, {BUCKET_COLUMN: str(bucket)}, int(time.time() * 1000),
+                     True, _stats(frame))
+
+
 def write_all(root: LakePath, batches: Iterable[pl.DataFrame], metadata: dict[str, str] | None = None) -> BronzeWrite:
-    """Replace the whole table, or create it: one overwrite commit. Batches in dealer order keep
-    each file in dealer order."""
-    _write(batches, table_or_uri=table_uri(root), mode="overwrite", partition_by=[BUCKET_COLUMN],
-           configuration=TABLE_CONFIG, target_file_size=TARGET_FILE_BYTES, writer_properties=WRITER,
-           commit_properties=_commit(metadata))
+    """Replace the whole table, or create it, from batches in dealer order: one overwrite commit.
+
+    Each bucket's file is written and closed as soon as the batches move past the bucket, then all
+    are committed at once (`create_write_transaction`), so memory holds one bucket, not every
+    bucket's open writer as `write_deltalake` does until its commit. A writer killed before the
+    commit leaves only files no commit references (`maintain` vacuums them).
+    """
+    files, actions = _table_files(root), []
+    bucket, pending = None, []
+    for batch in batches:
+        for (key,), part in with_bucket(batch).partition_by(
+                BUCKET_COLUMN, as_dict=True, maintain_order=True, include_key=False).items():
+            if key != bucket and pending:
+                actions.append(_write_file(root, files, bucket, pl.concat(pending)))
+                pending = []
+            bucket = key
+            pending.append(part)
+    if pending:
+        actions.append(_write_file(root, files, bucket, pl.concat(pending)))
+    if is_table(root):
+        DeltaTable(table_uri(root)).create_write_transaction(
+            actions, mode="overwrite", schema=TABLE_SCHEMA, partition_by=[BUCKET_COLUMN],
+            commit_properties=_commit(metadata))
+    else:
+        create_table_with_add_actions(
+            table_uri(root), Schema.from_arrow(TABLE_SCHEMA), actions, partition_by=[BUCKET_COLUMN],
+            configuration=TABLE_CONFIG, commit_properties=_commit(metadata))
     return _written(root)
 
 
@@ -142,7 +169,8 @@ def write_all_spilled(root: LakePath, batches: Iterable[pl.DataFrame], metadata:
     """`write_all` for batches in any order (a scan of `usage` comes in usage_id order), in bounded
     memory: each batch is sorted and spilled to a local temporary file, then the spills are read
     back a group of buckets at a time (row-group statistics skip the rest of each spill), sorted
-    by dealer and streamed into the one commit. Needs local disk for about the compressed table."""
+    by dealer and written bucket by bucket into the one commit. Needs local disk for about the
+    compressed table."""
     with tempfile.TemporaryDirectory(prefix="usage-bronze-") as spill:
         runs, counts = [], []
         for batch in batches:
@@ -182,9 +210,9 @@ def replace_dealers(root: LakePath, frame: pl.DataFrame, dealers: list[int],
     buckets = sorted({bucket_of(d) for d in dealers})
     predicate = (f"{BUCKET_COLUMN} IN ({', '.join(map(str, buckets))})"
                  f" AND dealer_id IN ({', '.join(map(str, dealers))})") if dealers else "false"
-    _write([frame.sort("dealer_id", "usage_id")], table_or_uri=table_uri(root), mode="overwrite",
-           predicate=predicate, target_file_size=TARGET_FILE_BYTES, writer_properties=WRITER,
-           commit_properties=_commit(metadata))
+    write_deltalake(table_uri(root), with_bucket(frame.sort("dealer_id", "usage_id")).to_arrow().cast(TABLE_SCHEMA),
+                    mode="overwrite", predicate=predicate, target_file_size=TARGET_FILE_BYTES,
+                    writer_properties=WRITER, commit_properties=_commit(metadata))
     return _written(root)
 
 
@@ -274,8 +302,12 @@ def maintain(root: LakePath, every: int = MAINTENANCE_EVERY, force: bool = False
 
 
 def _table_files(root: LakePath) -> pafs.FileSystem:
-    """The table directory through delta-rs' object store: the same access on a disk and on S3."""
-    return pafs.PyFileSystem(DeltaStorageHandler(table_uri(root)))
+    """The table directory through delta-rs' object store: the same access on a disk and on S3.
+    A local directory is made first: the store opens only an existing one."""
+    uri = table_uri(root)
+    if "://" not in uri or uri.startswith("file://"):
+        Path(uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+    return pafs.PyFileSystem(DeltaStorageHandler(uri))
 
 
 def legacy_file(root: LakePath) -> LakePath:

@@ -440,9 +440,13 @@ def partition_freshness(cursor: Cursor, pending: frozenset[str] = frozenset()) -
             return dealer in written
         return dealer not in written or written[dealer] != seen.last_modified
 
+    dealers_of: dict[str, list[int]] = {}  # one pass over the dealers, not one per partner (200 x 20,000)
+    for dealer, seen in sorted(seen_all.items()):
+        if seen.partner:
+            dealers_of.setdefault(seen.partner, []).append(dealer)
     rows = []
-    for partner in sorted(set(cursor.partitions) | {s.partner for s in seen_all.values() if s.partner}):
-        dealers = sorted(d for d, seen in seen_all.items() if seen.partner == partner)
+    for partner in sorted(set(cursor.partitions) | set(dealers_of)):
+        dealers = dealers_of.get(partner, [])
         status = cursor.partitions.get(partner, PartitionStatus())
         if status.failures:
             why = f"failed {status.failures} tick(s) in a row; retried every tick"
