@@ -102,8 +102,9 @@ class PhaseTimer:
 
 def build_source(work: Path, partners: int, dealers_per_partner: int) -> dict:
     """The demo's synthetic source, sized: `partners` x `dealers_per_partner` mapped dealers (plus one
-    unmapped), one customer of two services and two usage rows each, where `usage-pipeline setup`
-    points the blocks when no database is configured."""
+    unmapped), one customer of three services and eight usage rows each (so that almost every
+    dealer has relevant usage and a cursor entry), where `usage-pipeline setup` points the blocks
+    when no database is configured."""
     import sqlalchemy as sa
 
     from orchestration.setup import DEMO_FILES, DEMO_SOURCE_DIR
@@ -114,7 +115,7 @@ def build_source(work: Path, partners: int, dealers_per_partner: int) -> dict:
     billing, v3 = (sa.create_engine(f"sqlite:///{(DEMO_SOURCE_DIR / DEMO_FILES[b]).resolve()}") for b in DEMO_FILES)
     demo_data.create_schema(billing, v3)
     shape = demo_data.DemoShape(partners=partners, dealers_per_partner=dealers_per_partner, unmapped_dealers=1,
-                                customers_per_dealer=1, services=2, rows_per_customer=2)
+                                customers_per_dealer=1, services=3, rows_per_customer=8)
     made = demo_data.populate(billing, v3, shape)
     billing.dispose()
     v3.dispose()

@@ -126,8 +126,11 @@ def serve_with_floor() -> None:
     from prefect import serve
 
     from orchestration.cli import RUNNER_POLL_SECONDS
+    from orchestration.crashed_runs import SERVE_HEARTBEAT_SECONDS
     from orchestration.deployments import runner_deployments
     from usage_pipeline.settings import load_settings
+
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(SERVE_HEARTBEAT_SECONDS))  # as cmd_serve
 
     serve(
         *runner_deployments(schedule=False),
