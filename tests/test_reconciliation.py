@@ -144,6 +144,11 @@ def test_a_cycle_never_completed_or_an_old_state_reconciles_everything_when_due(
     assert on_time.dealers == frozenset({1}) and on_time.next_dealer == 2
 
 
+def test_a_clock_behind_the_cycle_s_start_completes_it_instead_of_waiting():
+    behind = plan_slice({1, 2, 3}, T0 + timedelta(hours=5), 2, T0, HOUR)
+    assert behind.completes and behind.dealers == frozenset({2, 3})
+
+
 def test_a_slice_waits_at_the_end_until_the_cycle_is_due_and_counts_in_its_description():
     ahead = plan_slice({1, 2, 3}, T0, 4, T0 + timedelta(minutes=40), HOUR)
     assert ahead.dealers == frozenset() and not ahead.completes and ahead.next_dealer == 4

@@ -55,14 +55,15 @@ def plan_slice(known: Iterable[int], reconciled_at: datetime | None, next_dealer
                period_seconds: float) -> ReconcileSlice:
     """This tick's slice of the cycle that started at `reconciled_at` (None: never completed, so all
     now). Dealers that appear mid-cycle behind `next_dealer` wait for the next cycle (the probe checks
-    a new dealer anyway); the tick at or after the target takes all that is left and completes it."""
+    a new dealer anyway); the tick at or after the target takes all that is left and completes it, and
+    so does one whose clock is behind the cycle's start (else the cycle would wait for it)."""
     ordered = sorted(set(known))
     start = 0 if next_dealer is None else bisect_left(ordered, next_dealer)
     target = cycle_seconds(period_seconds)
     elapsed = None if reconciled_at is None else (now - reconciled_at).total_seconds()
-    if elapsed is None or elapsed >= target:
+    if elapsed is None or elapsed < 0 or elapsed >= target:
         return ReconcileSlice(frozenset(ordered[start:]), len(ordered), len(ordered), True, None)
-    due = math.ceil(len(ordered) * max(elapsed, 0.0) / target)
+    due = math.ceil(len(ordered) * elapsed / target)
     taken = ordered[start:max(start, due)]
     position = taken[-1] + 1 if taken else next_dealer
     return ReconcileSlice(frozenset(taken), len(ordered), start + len(taken), False, position)
