@@ -4,7 +4,7 @@ re-checked once per USAGE_RECONCILE_SECONDS while no tick pays for the join of a
 A cycle is one pass over every known dealer in id order. It starts when the previous one completed
 (`reconciled_at`); each tick takes the dealers that the cycle's elapsed share of its target length
 calls for, from where the last tick stopped (`next_dealer`). Plain values only (README
-"Reconciliation").
+"The rolling reconciliation").
 """
 
 from __future__ import annotations
