@@ -61,7 +61,7 @@ def freshness_lags(cursor: Cursor | None, now: datetime) -> dict[str, float]:
 
 
 def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
-    plan = report.plan
+    plan, rolling = report.plan, report.reconciliation
     outcomes = report.partitions.values()
     emit_event(
         event=TICK_EVENT,
@@ -75,7 +75,10 @@ def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
                                                          if plan and report.bronze and not report.bronze.ok else 0),
             "duration_seconds": round(duration_seconds, 3),
             "source_query_seconds": round(report.source_seconds, 3) if report.source_seconds is not None else None,
-            "reconciliation": bool(report.snapshot_reconciled),
+            # True when the tick completed a cycle of the rolling reconciliation (every dealer re-checked).
+            "reconciliation": bool(rolling and rolling.completes),
+            "reconciled_dealers": len(rolling.dealers) if rolling else 0,
+            "reconciliation_cycle_percent": rolling.cycle_percent if rolling else None,
             "dry_run": report.dry_run,
             "skipped": report.skipped,
             "bronze": report.bronze_table,

@@ -157,7 +157,8 @@ def explain(dealer: int) -> list[str]:
     billing = load_source(BILLING_BLOCK)
     try:
         with billing.engine.connect() as conn:
-            explanation = explain_dealer(conn, dealer, directory, cursor, detection_schedule(), utc_now())
+            explanation = explain_dealer(conn, dealer, directory, cursor, detection_schedule(), utc_now(),
+                                         load_settings().reconcile_seconds)
     except Exception as exc:
         raise billing.error(exc) from None
     finally:

@@ -60,7 +60,7 @@ from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
 from usage_pipeline.schema import INDEX_ADVICE
 from usage_pipeline.settings import Settings
-from usage_pipeline.tick_report import TickReport, reconcile_due
+from usage_pipeline.tick_report import TickReport
 
 SLOW_PROBE_SECONDS = 1.0
 
@@ -84,7 +84,7 @@ def take_snapshot(
     try:
         with billing.engine.connect() as conn:
             snapshot, probe_seconds = read_snapshot(
-                conn, cursor, reconcile_due(cursor, now, reconcile_seconds), partners, requested, stats_from_bronze
+                conn, cursor, now, reconcile_seconds, partners, requested, stats_from_bronze
             )
         if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
             logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
@@ -99,8 +99,8 @@ def take_snapshot(
         )
     else:
         logger.info(
-            "Found usage data for %d dealer(s); checked %d under the billing filters%s",
-            len(snapshot.raw_max), len(snapshot.checked), " (full reconciliation)" if snapshot.reconciled else "",
+            "Found usage data for %d dealer(s); checked %d under the billing filters; %s",
+            len(snapshot.raw_max), len(snapshot.checked), snapshot.reconciliation.describe(),
         )
     return snapshot
 
@@ -304,7 +304,7 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
     try:
         snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds, stats_from_bronze)
-        report.source_seconds, report.snapshot_reconciled = time.perf_counter() - started, snapshot.reconciled
+        report.source_seconds, report.reconciliation = time.perf_counter() - started, snapshot.reconciliation
     except SourceError as exc:
         logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
         report.skipped = str(exc)
@@ -322,7 +322,7 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     if plan.runs_bronze:
         with without_subflow_heartbeats():
             snapshot = run_layers(plan, snapshot, layers, settings, report)
-        report.snapshot_reconciled = snapshot.reconciled  # a start-over tick's, once bronze counted every dealer
+        report.reconciliation = snapshot.reconciliation  # a start-over tick's, once bronze counted every dealer
 
     new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
     for partner, status in new_cursor.partitions.items():

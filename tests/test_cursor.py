@@ -46,6 +46,7 @@ def full_cursor() -> Cursor:
             PARTNER_B: PartitionStatus(None, None, 2, "partner-silver Failed: boom", datetime(2026, 1, 20, 11, 55)),
         },
         reconciled_at=datetime(2026, 1, 20, 11, 0, 0, 1),
+        reconcile_next_dealer=7,
         fingerprints={1: "3:6:6.0000:30.0000", 3: "1:9:1.0000:2.5000", 12: "0:0:0:0"},
     )
 
@@ -589,7 +590,23 @@ def test_aware_utc_datetimes_from_parsing_compare_equal_to_naive_source_values()
 
 def test_block_value_holds_exactly_the_two_operator_keys():
     assert list(full_cursor().block_value()) == ["global_last_modified", "dealer_last_modified"]
-    assert set(full_cursor().state_document()) == {"dealer_seen", "partitions", "reconciled_at", "fingerprints"}
+    assert set(full_cursor().state_document()) == {"dealer_seen", "partitions", "reconciled_at",
+                                                   "reconcile_next_dealer", "fingerprints"}
+
+
+def test_a_state_written_before_the_rolling_reconciliation_loads_with_its_cycle_at_the_first_dealer():
+    state = json.loads(json.dumps(full_cursor().state_document()))
+    del state["reconcile_next_dealer"]
+    parsed, warnings = parse_cursor(full_cursor().block_value(), state)
+    assert warnings == [] and parsed == full_cursor().with_changes(reconcile_next_dealer=None)
+
+
+@pytest.mark.parametrize("bad", ["7", 1.5, True, [7]])
+def test_an_unreadable_reconciliation_position_warns_and_restarts_the_cycle_s_dealers(bad):
+    state = {**full_cursor().state_document(), "reconcile_next_dealer": bad}
+    parsed, warnings = parse_cursor(full_cursor().block_value(), state)
+    assert parsed.reconcile_next_dealer is None and parsed.reconciled_at == full_cursor().reconciled_at
+    assert len(warnings) == 1 and "reconcile_next_dealer" in warnings[0] and "first dealer" in warnings[0]
 
 
 def test_block_and_state_round_trip_separately():

@@ -30,6 +30,7 @@ from usage_pipeline.detection import (
     starts_over,
     with_bronze_stats,
 )
+from usage_pipeline.reconciliation import ReconcileSlice, plan_slice
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -83,17 +84,24 @@ def outcome(partner: str, silver_fails: bool = False, gold_fails: bool = False) 
     return PartitionOutcome(partner, silver, gold)
 
 
-def snapshot_for(cursor: Cursor, source: Source, reconcile: bool = False, from_bronze: bool = False):
-    """Like read_snapshot: probe, query only the candidates (all on reconciliation), read v3; or, for a
-    tick that re-extracts all of bronze (`from_bronze`), query nothing and await that extract."""
+def snapshot_for(cursor: Cursor, source: Source, reconcile: bool | ReconcileSlice = False, from_bronze: bool = False):
+    """Like read_snapshot: probe, query the candidates and the rolling reconciliation's slice (`reconcile`:
+    that slice; True: one completing a cycle with every dealer; False: none), read v3; or, for a tick that
+    re-extracts all of bronze (`from_bronze`), query nothing and await that extract."""
     candidates = probe_candidates(cursor, source.raw_max)
-    reconciled = candidates is None or reconcile or from_bronze
-    checked = (frozenset(source.raw_max) | frozenset(cursor.dealer_last_modified)) if reconciled else frozenset(candidates)
+    known = frozenset(source.raw_max) | frozenset(cursor.dealer_last_modified)
     if from_bronze:
-        snapshot = assemble_snapshot(cursor, dict(source.raw_max), checked, {}, dict(source.partners), False)
+        snapshot = assemble_snapshot(cursor, dict(source.raw_max), known, {}, dict(source.partners), None)
         return replace(snapshot, awaiting_bronze=True)
+    if candidates is None or reconcile is True:
+        rolling = ReconcileSlice.everything(known)
+    elif reconcile is False:
+        rolling = ReconcileSlice(frozenset(), len(known), 0, False, cursor.reconcile_next_dealer)
+    else:
+        rolling = reconcile
+    checked = known if candidates is None else frozenset(candidates) | rolling.dealers
     queried = {d: s for d, s in source.relevant.items() if d in checked}
-    return assemble_snapshot(cursor, dict(source.raw_max), checked, queried, dict(source.partners), reconciled)
+    return assemble_snapshot(cursor, dict(source.raw_max), checked, queried, dict(source.partners), rolling)
 
 
 @dataclass
@@ -105,7 +113,7 @@ class Tick:
 
 
 def tick(cursor: Cursor, source: Source, *, fail: set[str] = frozenset(), fail_gold: set[str] = frozenset(),
-         bronze_ok: bool = True, reconcile: bool = False, now: datetime = NOW, full_refresh: bool = False,
+         bronze_ok: bool = True, reconcile: bool | ReconcileSlice = False, now: datetime = NOW, full_refresh: bool = False,
          stats_from_bronze: bool = False) -> Tick:
     """One tick as orchestration/tick.py runs it; `stats_from_bronze` as it does when `starts_over`."""
     before = combined(cursor)
@@ -522,7 +530,7 @@ def test_unchanged_dealers_are_not_queried_and_their_rows_are_carried_over(settl
     source.relevant[3] = DealerStats(t(80), "fp3b")
     snapshot = snapshot_for(settled, source)
     assert snapshot.checked == frozenset({3})
-    assert not snapshot.reconciled
+    assert snapshot.reconciliation.dealers == frozenset()
     assert snapshot.relevant == {
         1: DealerStats(t(1), "fp1"),
         2: DealerStats(t(2), "fp2"),
@@ -539,7 +547,7 @@ def test_assemble_snapshot_fills_unchecked_dealers_from_the_cursor():
         checked=frozenset({2, 4}),
         queried={4: DealerStats(t(4), "fp4")},  # 2 was checked and has no relevant rows any more
         partners={1: A, 2: A, 3: B, 4: None},
-        reconciled=False,
+        reconciliation=None,
     )
     assert snapshot.relevant == {
         1: DealerStats(t(1), "fp1"),
@@ -549,12 +557,12 @@ def test_assemble_snapshot_fills_unchecked_dealers_from_the_cursor():
     assert snapshot.raw_max == {1: t(1), 2: t(9), 3: None, 4: t(4)}
     assert snapshot.partners == {1: A, 2: A, 3: B, 4: None}
     assert snapshot.checked == frozenset({2, 4})
-    assert snapshot.reconciled is False
+    assert snapshot.reconciliation is None
 
 
 def test_assemble_snapshot_uses_an_empty_fingerprint_when_none_was_stored():
     cursor = Cursor(dealer_last_modified={1: t(1)})
-    snapshot = assemble_snapshot(cursor, {1: t(1)}, frozenset(), {}, {1: A}, False)
+    snapshot = assemble_snapshot(cursor, {1: t(1)}, frozenset(), {}, {1: A}, None)
     assert snapshot.relevant == {1: DealerStats(t(1), "")}
 
 
@@ -576,6 +584,29 @@ def test_missing_fingerprints_rematerialize_on_reconciliation(settled, source):
     assert set(result.plan.dealer_changes) == {1, 2, 3, 6}
     assert set(result.plan.dealer_changes.values()) == {"rows changed without a newer usage_modified"}
     assert result.cursor.fingerprints == settled.fingerprints
+
+
+def test_the_rolling_reconciliation_finds_a_silent_change_when_its_slice_reaches_the_dealer(settled, source):
+    """Ticks five minutes apart reconcile a slice each (real `plan_slice`, as read_snapshot plans it):
+    dealer 3's change is found by the slice that holds it, and the cycle's last slice completes it."""
+    source.relevant[3] = DealerStats(t(3), "fp3-after-delete")  # same MAX: only the fingerprint sees it
+    known = set(source.raw_max) | set(settled.dealer_last_modified)
+    cursor, now, slices = settled, NOW, []
+    while True:
+        now += timedelta(minutes=5)
+        rolling = plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer, now, 3600)
+        assert plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer, now, 3600) == rolling
+        result = tick(cursor, source, reconcile=rolling, now=now)  # a tick that dies before saving redoes it
+        slices.append(sorted(rolling.dealers))
+        assert bool(result.plan.dealer_changes) == (3 in rolling.dealers)
+        cursor = result.cursor
+        if rolling.completes:
+            break
+        assert cursor.reconcile_next_dealer == rolling.next_dealer and cursor.reconciled_at == NOW
+    assert sum(slices, []) == sorted(known) and len(slices) == 10
+    assert cursor.fingerprints[3] == "fp3-after-delete"
+    assert cursor.reconciled_at == now == NOW + timedelta(minutes=50) and cursor.reconcile_next_dealer is None
+    assert parse_cursor(json.loads(json.dumps(combined(cursor))))[0] == cursor
 
 
 def test_missing_dealer_seen_checks_every_dealer_and_rebuilds_bronze_and_every_partition(settled, source):

@@ -65,7 +65,7 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     assert versions == [report.bronze.result.version] * len(made["partners"]) == [0] * len(made["partners"])
     assert report.plan.first_run and set(report.partitions) == set(made["partners"])
     assert report.bronze_table["version"] == 0 and report.bronze_table["files"] > 0
-    assert report.snapshot_reconciled  # every dealer counted, from the full extract
+    assert report.reconciliation.completes  # every dealer counted, from the full extract
     for partner in made["partners"]:
         gold = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
         assert set(gold["dealer_id"]) <= set(made["partners"][partner])
@@ -81,7 +81,7 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     # The source's own SQL re-checks every dealer and agrees with what the first tick counted from bronze.
     monkeypatch.setenv("USAGE_RECONCILE_SECONDS", "0.001")
     state, report = tick()
-    assert report.snapshot_reconciled and state.message == "no changes"
+    assert report.reconciliation.completes and state.message == "no changes"
 
 
 def test_a_ticks_partitions_use_its_dealer_directory_and_manual_runs_read_v3():

@@ -38,6 +38,7 @@ DEALERS = list(range(1, 16))
 CUSTOMERS = list(range(100, 112))
 SERVICES = [1, 2, 3]
 OK = RunOutcome("test", "Completed", True)
+NOW = datetime(2030, 1, 1)  # every tick's: the rolling reconciliation's cycle never moves on by itself
 
 
 class World:
@@ -110,10 +111,11 @@ def relevant_content(engine: sa.Engine) -> dict[str, set[tuple]]:
 
 
 def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: str, reconcile: bool):
+    """`reconcile`: with a period this short every dealer is reconciled; else one this long reconciles none."""
     with v3.connect() as conn:
         partners, _ = dealer_directory(conn)
     with billing.connect() as conn:
-        snapshot, _ = read_snapshot(conn, cursor, reconcile, partners)
+        snapshot, _ = read_snapshot(conn, cursor, NOW, 1 if reconcile else 10**9, partners)
     plan = plan_tick(cursor, snapshot)
     outcomes = {}
     if plan.runs_bronze:
@@ -125,8 +127,7 @@ def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: st
             build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner), written.version)
             build_gold(root, partner)
             outcomes[partner] = PartitionOutcome(partner, OK, OK)
-    now = datetime(2030, 1, 1)
-    return advance_cursor(cursor, snapshot, plan, OK if plan.runs_bronze else None, outcomes, now), plan
+    return advance_cursor(cursor, snapshot, plan, OK if plan.runs_bronze else None, outcomes, NOW), plan
 
 
 def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admin, tmp_path):

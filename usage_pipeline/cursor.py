@@ -74,6 +74,7 @@ class StateDocument(TypedDict):
     dealer_seen: dict[str, DealerSeenDocument] | None
     partitions: dict[str, PartitionDocument]
     reconciled_at: str | None
+    reconcile_next_dealer: int | None  # absent in documents written before the rolling reconciliation: None
     fingerprints: dict[str, str]
 
 
@@ -126,7 +127,10 @@ class Cursor:
     # None: no bookkeeping (new cursor, or the store was lost), so nothing is known.
     dealer_seen: dict[int, DealerSeen] | None = None
     partitions: dict[str, PartitionStatus] = field(default_factory=dict)
+    # The rolling reconciliation (usage_pipeline/reconciliation.py): when its last cycle over every dealer
+    # completed, which is when the current one started, and the dealer id the current one goes on from.
     reconciled_at: datetime | None = None
+    reconcile_next_dealer: int | None = None
     fingerprints: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -179,6 +183,7 @@ class Cursor:
                 for uuid, status in sorted(self.partitions.items())
             },
             "reconciled_at": format_timestamp(self.reconciled_at),
+            "reconcile_next_dealer": self.reconcile_next_dealer,
             "fingerprints": {str(dealer): fp for dealer, fp in sorted(self.fingerprints.items())},
         }
 
@@ -312,6 +317,15 @@ def _fingerprint_entry(reader: _Reader) -> Callable[[str, Any], tuple[int, str] 
     return parse
 
 
+def _next_dealer(reader: _Reader) -> int | None:
+    value = reader.document.get("reconcile_next_dealer")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    reader.warn(f"reconcile_next_dealer: expected an integer or null, got {value!r};"
+                " treated as absent (the cycle goes on from its first dealer)")
+    return None
+
+
 def _bookkeeping(reader: _Reader) -> dict[str, Any]:
     entry_errors = (AttributeError, TypeError, KeyError, ValueError)
     _, reconciled_at = reader.timestamp("reconciled_at", reader.document.get("reconciled_at"))
@@ -319,6 +333,7 @@ def _bookkeeping(reader: _Reader) -> dict[str, Any]:
         "dealer_seen": reader.entries("dealer_seen", _dealer_seen_entry(reader), entry_errors),
         "partitions": reader.entries("partitions", _partition_entry, entry_errors) or {},
         "reconciled_at": reconciled_at,
+        "reconcile_next_dealer": _next_dealer(reader),
         "fingerprints": reader.entries("fingerprints", _fingerprint_entry(reader), entry_errors) or {},
     }
 

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from usage_pipeline.check_results import CheckResult, summary
 from usage_pipeline.cursor import Cursor, DealerSeen, PartitionStatus
+from usage_pipeline.reconciliation import ReconcileSlice
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class SourceSnapshot:
     `raw_max` comes from the cheap index probe (every dealer with any usage
     row). `relevant` holds the dealers with relevant rows: queried for the
     dealers in `checked`, carried over from the cursor for the others (the
-    probe proved them untouched). `reconciled` marks a tick that checked all.
+    probe proved them untouched). `reconciliation` is the slice of the rolling
+    reconciliation among them (every dealer on a tick that checked all).
 
     `awaiting_bronze`: a start-over tick (`starts_over`) re-extracts all of bronze anyway, so it
     does not ask the source for every dealer's stats (a full join); `with_bronze_stats` fills
@@ -52,7 +54,7 @@ class SourceSnapshot:
     checked: frozenset[int]
     relevant: dict[int, DealerStats]
     partners: dict[int, str | None]  # v3 directory, already validated; None = not mapped
-    reconciled: bool = False
+    reconciliation: ReconcileSlice | None = None  # None: none this tick (a start-over tick awaiting bronze)
     awaiting_bronze: bool = False
 
     def may_have_relevant_rows(self, dealer: int) -> bool:
@@ -63,7 +65,8 @@ def with_bronze_stats(snapshot: SourceSnapshot, stats: dict[int, DealerStats]) -
     """The snapshot completed from a full bronze extract: every dealer's relevant rows, as written."""
     if not snapshot.awaiting_bronze:
         raise ValueError("only a snapshot awaiting a full bronze extract takes its stats from it")
-    return replace(snapshot, relevant=stats, reconciled=True, awaiting_bronze=False)
+    return replace(snapshot, relevant=stats, reconciliation=ReconcileSlice.everything(snapshot.checked),
+                   awaiting_bronze=False)
 
 
 def assemble_snapshot(
@@ -72,7 +75,7 @@ def assemble_snapshot(
     checked: frozenset[int],
     queried: dict[int, DealerStats],
     partners: dict[int, str | None],
-    reconciled: bool,
+    reconciliation: ReconcileSlice | None,
 ) -> SourceSnapshot:
     """Fill in the dealers that were not queried from what the cursor says was written."""
     relevant = {
@@ -81,7 +84,7 @@ def assemble_snapshot(
         if dealer not in checked
     }
     relevant.update(queried)
-    return SourceSnapshot(raw_max, checked, relevant, partners, reconciled)
+    return SourceSnapshot(raw_max, checked, relevant, partners, reconciliation)
 
 
 @dataclass(frozen=True)
@@ -335,9 +338,18 @@ def advance_cursor(
     checks = {p: summary(outcome.checks) if outcome.checks else None for p, outcome in partitions.items()}
     statuses = partition_statuses(cursor, snapshot, plan, succeeded, errors, checks, advanced.dealer_last_modified,
                                   now)
-    return advanced.with_changes(
-        partitions=statuses, reconciled_at=now if snapshot.reconciled else cursor.reconciled_at
-    )
+    return advanced.with_changes(partitions=statuses, **reconciliation_after(snapshot, now))
+
+
+def reconciliation_after(snapshot: SourceSnapshot, now: datetime) -> dict[str, object]:
+    """The rolling reconciliation's place after the tick: past its slice, or a new cycle from `now` once
+    the slice completed one. Saved with the rest of the state, so a tick that dies redoes its slice."""
+    done = snapshot.reconciliation
+    if done is None:
+        return {}
+    if done.completes:
+        return {"reconciled_at": now, "reconcile_next_dealer": None}
+    return {"reconcile_next_dealer": done.next_dealer}
 
 
 def advance_dealers(cursor: Cursor, snapshot: SourceSnapshot, plan: Plan, succeeded: set[str] | None) -> Cursor:

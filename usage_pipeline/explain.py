@@ -23,6 +23,7 @@ from usage_pipeline.detection import (
     probe_candidates,
 )
 from usage_pipeline.queries import as_datetime, relevant_stats
+from usage_pipeline.reconciliation import checked_by
 from usage_pipeline.schema import (
     RELEVANT_CSA_CATEGORY_IDS,
     RELEVANT_SERVICE,
@@ -97,6 +98,7 @@ class Explanation:
     materialized_under: str | None  # partner its rows were last materialized under (pipeline state)
     state_known: bool
     partition_lag: str  # how long its partner has waited for a rebuild
+    reconciliation: str  # where the rolling reconciliation stands, and when it re-checks the dealer
     next_tick: str
     detection_schedule: DetectionSchedule | None  # None: unknown
     hints: list[str]
@@ -119,6 +121,7 @@ class Explanation:
             f"  materialized under: {self.materialized_under or '-'}"
             + ("" if self.state_known else " (no pipeline state: every dealer is re-checked)"),
             f"  partition lag:     {self.partition_lag}",
+            f"  reconciliation:    {self.reconciliation}",
             f"  detection:         {_schedule(self.detection_schedule)}",
             f"  next tick:         {self.next_tick}",
             *(f"  why: {hint}" for hint in self.hints),
@@ -140,6 +143,21 @@ def _lag(cursor: Cursor, partner: str | None, now: datetime) -> str:
             f" {status.failures} failed tick(s))")
 
 
+def recheck_time(cursor: Cursor, dealer: int, reconcile_seconds: float) -> datetime | None:
+    """About when the rolling reconciliation re-checks the dealer's fingerprint (None: the next tick)."""
+    known = set(cursor.dealer_seen or {}) | set(cursor.dealer_last_modified)
+    return checked_by(dealer, known, cursor.reconciled_at, cursor.reconcile_next_dealer, reconcile_seconds)
+
+
+def _reconciliation(cursor: Cursor, dealer: int, reconcile_seconds: float) -> str:
+    by = recheck_time(cursor, dealer, reconcile_seconds)
+    if by is None:
+        return "every dealer is re-checked on the next tick"
+    position = "its first dealer" if cursor.reconcile_next_dealer is None else f"dealer {cursor.reconcile_next_dealer}"
+    return (f"cycle started {format_timestamp(cursor.reconciled_at)}, goes on from {position};"
+            f" re-checks this dealer by about {format_timestamp(by)}")
+
+
 def _schedule(schedule: DetectionSchedule | None) -> str:
     if schedule is None:
         return "unknown (deployment usage-change-detection not found)"
@@ -155,9 +173,10 @@ def explain_dealer(
     cursor: Cursor,
     detection_schedule: DetectionSchedule | None,
     now: datetime,
+    reconcile_seconds: float,
 ) -> Explanation:
     """What the next tick will do about `dealer` and, when nothing, which of the seed's causes applies;
-    its partner's lag as of `now`."""
+    its partner's lag as of `now`; when the rolling reconciliation (USAGE_RECONCILE_SECONDS) re-checks it."""
     rows = dealer_rows(conn, dealer)
     stats = relevant_stats(conn, [dealer]).get(dealer)
     raw_max = {dealer: rows.raw_max} if rows.total else {}
@@ -169,7 +188,7 @@ def explain_dealer(
     )
     seen = (cursor.dealer_seen or {}).get(dealer)
     entry = (dealer in cursor.dealer_last_modified, cursor.dealer_last_modified.get(dealer))
-    next_tick, hints = _decide(cursor, snapshot, dealer, stats)
+    next_tick, hints = _decide(cursor, snapshot, dealer, stats, reconcile_seconds)
     if detection_schedule == "paused":
         hints.append("detection is paused (Prefect UI: Deployments -> usage-change-detection -> schedule toggle)")
     elif detection_schedule == "unscheduled":
@@ -187,13 +206,15 @@ def explain_dealer(
         materialized_under=seen.partner if seen else None,
         state_known=cursor.dealer_seen is not None,
         partition_lag=_lag(cursor, directory.get(dealer) or (seen.partner if seen else None), now),
+        reconciliation=_reconciliation(cursor, dealer, reconcile_seconds),
         next_tick=next_tick,
         detection_schedule=detection_schedule,
         hints=hints,
     )
 
 
-def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: DealerStats | None) -> tuple[str, list[str]]:
+def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: DealerStats | None,
+            reconcile_seconds: float) -> tuple[str, list[str]]:
     rows_hints = []
     partner = snapshot.partners.get(dealer)
     if partner is None:
@@ -206,7 +227,8 @@ def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: Dealer
         affected = sorted(affected_partitions(cursor, snapshot, dealer))
         candidates = probe_candidates(cursor, dict(snapshot.raw_max))
         seen_by_probe = candidates is None or dealer in candidates or reason.startswith(("moved", "no record"))
-        when = "the next tick" if seen_by_probe else "the next hourly reconciliation"
+        by = None if seen_by_probe else recheck_time(cursor, dealer, reconcile_seconds)
+        when = "the next tick" if by is None else f"the rolling reconciliation (by about {format_timestamp(by)})"
         target = ", ".join(affected) if affected else "no partition (unmapped)"
         return f"{when} rebuilds {target} and re-reads the dealer into bronze: {reason}", rows_hints
     if retry:

@@ -24,6 +24,7 @@ from usage_pipeline.detection import (
     probe_candidates,
 )
 from usage_pipeline.partners import is_partner_uuid
+from usage_pipeline.reconciliation import ReconcileSlice, plan_slice
 from usage_pipeline.schema import dealer, relevant_usage, service_data, usage
 
 DEALER_BATCH = 500  # dealers per IN (...) list
@@ -46,7 +47,7 @@ def probe_raw_max(conn: Connection) -> dict[int, datetime | None]:
 
     Cheap enough for every tick; a dealer whose value did not move since the
     last tick has no new or newer rows (NULL timestamps and deletes below the
-    max are caught by the fingerprint on reconciliation ticks).
+    max are caught by the fingerprint when the rolling reconciliation reaches the dealer).
     """
     stmt = sa.select(usage.c.usage_FK_dealer_id, sa.func.max(usage.c.usage_modified)).group_by(
         usage.c.usage_FK_dealer_id
@@ -126,13 +127,15 @@ def has_dealer_modified_index(engine: Engine) -> bool:
 def read_snapshot(
     billing: Connection,
     cursor: Cursor,
-    reconcile: bool,
+    now: datetime,
+    reconcile_seconds: float,
     partners: dict[int, str | None],
     requested: frozenset[str] = frozenset(),
     stats_from_bronze: bool = False,
 ) -> tuple[SourceSnapshot, float]:
-    """Probe, then query only the candidates (all of them when reconciling) and the dealers of
-    `requested` partners (their cursor entries advance to what is read now).
+    """Probe, then query only the candidates, this tick's slice of the rolling reconciliation
+    (`reconciliation.plan_slice` over USAGE_RECONCILE_SECONDS) and the dealers of `requested`
+    partners (their cursor entries advance to what is read now).
 
     `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: a start-over tick
     (`detection.starts_over`) re-extracts all of bronze, so no stats are queried; the snapshot
@@ -143,14 +146,16 @@ def read_snapshot(
     raw_max = probe_raw_max(billing)
     probe_seconds = time.perf_counter() - started
     candidates = probe_candidates(cursor, raw_max)
-    check_all = candidates is None or reconcile or stats_from_bronze
-    if check_all:
-        checked = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
-    else:
-        # A retried partition's dealers too: their slices are re-extracted, so they are checked again.
-        checked = frozenset(candidates | dealers_of_partners(cursor, partners, requested | cursor.retry_partitions))
+    known = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
     if stats_from_bronze:  # reconciled once `with_bronze_stats` fills in every dealer
-        snapshot = assemble_snapshot(cursor, raw_max, checked, {}, partners, reconciled=False)
+        snapshot = assemble_snapshot(cursor, raw_max, known, {}, partners, None)
         return replace(snapshot, awaiting_bronze=True), probe_seconds
-    queried = relevant_stats(billing, None if check_all else checked)
-    return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciled=check_all), probe_seconds
+    if candidates is None:
+        reconciliation = ReconcileSlice.everything(known)
+    else:
+        reconciliation = plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer, now, reconcile_seconds)
+    # A retried partition's dealers too: their slices are re-extracted, so they are checked again.
+    retried = dealers_of_partners(cursor, partners, requested | cursor.retry_partitions)
+    checked = known if candidates is None else frozenset(candidates | retried | reconciliation.dealers)
+    queried = relevant_stats(billing, None if checked >= known else checked)  # every dealer: one join, no IN lists
+    return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciliation), probe_seconds

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from usage_pipeline.cursor import Cursor
 from usage_pipeline.detection import PartitionOutcome, Plan, RunOutcome
+from usage_pipeline.reconciliation import ReconcileSlice
 
 
 @dataclass
@@ -23,7 +23,7 @@ class TickReport:
     cursor: Cursor | None = None
     cursor_saved: bool = False
     source_seconds: float | None = None  # time spent querying v3 and billing for the snapshot
-    snapshot_reconciled: bool = False
+    reconciliation: ReconcileSlice | None = None  # the dealers this tick re-checked by fingerprint
     skipped: str | None = None  # why the tick did nothing (source down, another tick running)
     bronze_table: dict | None = None  # the bronze table after the tick: version, files, last maintenance
 
@@ -61,8 +61,3 @@ def as_report(result: object) -> TickReport | None:
     if isinstance(result, TickFailed):
         result = result.report
     return result if isinstance(result, TickReport) else None
-
-
-def reconcile_due(cursor: Cursor, now: datetime, every_seconds: float) -> bool:
-    """Whether this tick re-checks every dealer (catches changes that leave MAX(usage_modified) alone)."""
-    return cursor.reconciled_at is None or (now - cursor.reconciled_at).total_seconds() >= every_seconds

@@ -1,0 +1,244 @@
+"""The rolling reconciliation (usage_pipeline/reconciliation.py): every dealer re-checked once per
+USAGE_RECONCILE_SECONDS, a slice per tick.
+
+The planning is tested as a pure function over simulated clocks (seeded random rounds: regular,
+irregular and late ticks, dealers that appear and vanish); the last test runs detection's real
+queries against MariaDB and finds a change only a fingerprint can see within one cycle's ticks,
+each tick asking the source for its slice only.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import date, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from usage_pipeline.cursor import Cursor
+from usage_pipeline.reconciliation import TICK_SECONDS, ReconcileSlice, checked_by, cycle_seconds, plan_slice
+
+HOUR = 3600.0
+T0 = datetime(2026, 11, 1, 12, 0)
+
+
+class Rolling:
+    """The cycle's state between ticks as advance_cursor keeps it (detection.reconciliation_after)."""
+
+    def __init__(self, reconciled_at: datetime | None = T0, next_dealer: int | None = None):
+        self.reconciled_at, self.next_dealer = reconciled_at, next_dealer
+        self.cycles: list[list[int]] = [[]]  # the dealers each cycle reconciled, in order
+
+    def tick(self, known: set[int], now: datetime, period: float = HOUR) -> ReconcileSlice:
+        taken = plan_slice(known, self.reconciled_at, self.next_dealer, now, period)
+        self.cycles[-1].extend(sorted(taken.dealers))
+        if taken.completes:
+            self.reconciled_at, self.next_dealer = now, None
+            self.cycles.append([])
+        else:
+            self.next_dealer = taken.next_dealer
+        return taken
+
+
+def simulate(rng: random.Random, dealers: set[int], period: float, gaps: list[float]) -> dict[int, list[datetime]]:
+    """Ticks `gaps` seconds apart; the times each dealer was reconciled."""
+    rolling, now = Rolling(), T0
+    checks: dict[int, list[datetime]] = {d: [T0] for d in dealers}  # all checked by the tick that started it
+    for gap in gaps:
+        now += timedelta(seconds=gap)
+        for dealer in rolling.tick(dealers, now, period).dealers:
+            checks[dealer].append(now)
+    for cycle in rolling.cycles[:-1]:
+        assert sorted(cycle) == sorted(dealers), "a completed cycle reconciled every dealer exactly once"
+    return checks
+
+
+def longest_gap(checks: dict[int, list[datetime]]) -> float:
+    return max((b - a).total_seconds() for times in checks.values() for a, b in zip(times, times[1:], strict=False))
+
+
+def test_five_minute_ticks_check_every_dealer_once_per_period_a_tenth_at_a_time():
+    dealers = set(range(1, 2006))
+    rolling, now, sizes = Rolling(), T0, []
+    for _ in range(36):  # three hours
+        now += timedelta(seconds=TICK_SECONDS)
+        sizes.append(len(rolling.tick(dealers, now).dealers))
+    assert cycle_seconds(HOUR) == 3000  # ten ticks a cycle
+    assert sizes[:10] == [201, 200, 201, 200, 201, 200, 201, 200, 201, 200]
+    assert all(sorted(cycle) == sorted(dealers) for cycle in rolling.cycles[:-1]) and len(rolling.cycles) == 4
+    checks = simulate(random.Random(1), dealers, HOUR, [TICK_SECONDS] * 48)
+    assert longest_gap(checks) <= HOUR
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_irregular_ticks_at_most_a_tick_apart_keep_every_dealer_within_the_period(seed):
+    rng = random.Random(seed)
+    dealers = set(rng.sample(range(1, 100_000), rng.randrange(1, 3000)))
+    period = rng.choice([900, 1800, 3600, 7200, rng.uniform(700, 10_000)])
+    gaps = [rng.uniform(1, TICK_SECONDS) for _ in range(int(4 * period / 150))]
+    checks = simulate(rng, dealers, period, gaps)
+    assert longest_gap(checks) <= period, (seed, period, len(dealers))
+
+
+def test_a_late_tick_completes_the_cycle_with_everything_left():
+    dealers = set(range(1, 101))
+    rolling = Rolling()
+    first = rolling.tick(dealers, T0 + timedelta(minutes=5))
+    assert len(first.dealers) == 10 and not first.completes and first.next_dealer == 11
+    late = rolling.tick(dealers, T0 + timedelta(minutes=75))  # detection was down for over an hour
+    assert late.completes and late.dealers == frozenset(range(11, 101)) and late.cycle_percent == 100
+    assert rolling.reconciled_at == T0 + timedelta(minutes=75) and rolling.next_dealer is None
+
+
+def test_dealers_that_appear_or_vanish_mid_cycle():
+    rolling = Rolling()
+    first = rolling.tick(set(range(10, 110)), T0 + timedelta(minutes=25))  # half the cycle's time: 50 dealers
+    assert first.dealers == frozenset(range(10, 60)) and first.next_dealer == 60
+    # Dealer 5 appears behind the position (its first tick's probe checks it; the next cycle reconciles it),
+    # 200 ahead of it; 60-69 vanish.
+    known = (set(range(10, 110)) - set(range(60, 70))) | {5, 200}
+    second = rolling.tick(known, T0 + timedelta(minutes=30))
+    assert min(second.dealers) == 70 and 5 not in second.dealers
+    rest = rolling.tick(known, T0 + timedelta(minutes=50))
+    assert rest.completes and 200 in rest.dealers and 5 not in rest.dealers
+    assert 5 in rolling.tick(known, T0 + timedelta(minutes=55)).dealers  # the next cycle starts from the lowest id
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_with_dealers_coming_and_going_each_cycle_checks_every_dealer_present_throughout_it_once(seed):
+    rng = random.Random(seed)
+    known = set(rng.sample(range(1, 5000), 300))
+    rolling, now, present_since = Rolling(), T0, {d: T0 for d in known}
+    starts = [T0]
+    for _ in range(60):
+        now += timedelta(seconds=rng.uniform(60, TICK_SECONDS))
+        for dealer in rng.sample(sorted(known), min(len(known), rng.randrange(0, 6))):
+            known.discard(dealer)
+            present_since.pop(dealer)
+        for dealer in rng.sample(range(1, 5000), rng.randrange(0, 6)):
+            if dealer not in known:
+                known.add(dealer)
+                present_since[dealer] = now
+        cycle = len(rolling.cycles) - 1
+        if rolling.tick(known, now).completes:
+            reconciled = rolling.cycles[cycle]
+            assert len(reconciled) == len(set(reconciled)), "no dealer twice in a cycle"
+            throughout = {d for d, since in present_since.items() if since <= starts[-1]}
+            assert throughout <= set(reconciled)
+            starts.append(now)
+    assert len(starts) > 3
+
+
+def test_a_period_of_two_ticks_or_less_reconciles_everything_every_tick():
+    rolling = Rolling()
+    for minutes in (5, 10):
+        taken = rolling.tick({1, 2, 3}, T0 + timedelta(minutes=minutes), period=2 * TICK_SECONDS)
+        assert taken.completes and taken.dealers == frozenset({1, 2, 3})
+
+
+def test_a_cycle_never_completed_or_an_old_state_reconciles_everything_when_due():
+    assert plan_slice({1, 2}, None, None, T0, HOUR).completes  # no cycle ever completed
+    overdue = plan_slice({1, 2, 3}, T0 - timedelta(hours=2), None, T0, HOUR)  # a state from before: no position
+    assert overdue.completes and overdue.dealers == frozenset({1, 2, 3})
+    on_time = plan_slice({1, 2, 3}, T0 - timedelta(minutes=10), None, T0, HOUR)  # a fifth of the cycle's time
+    assert on_time.dealers == frozenset({1}) and on_time.next_dealer == 2
+
+
+def test_a_clock_behind_the_cycle_s_start_completes_it_instead_of_waiting():
+    behind = plan_slice({1, 2, 3}, T0 + timedelta(hours=5), 2, T0, HOUR)
+    assert behind.completes and behind.dealers == frozenset({2, 3})
+
+
+def test_a_slice_waits_at_the_end_until_the_cycle_is_due_and_counts_in_its_description():
+    ahead = plan_slice({1, 2, 3}, T0, 4, T0 + timedelta(minutes=40), HOUR)
+    assert ahead.dealers == frozenset() and not ahead.completes and ahead.next_dealer == 4
+    assert ahead.describe() == "reconciled 0 of 3 dealers (cycle 100 %)"
+    part = ReconcileSlice(frozenset(range(167)), 2005, 842, False, 900)
+    assert part.describe() == "reconciled 167 of 2,005 dealers (cycle 41 %)"
+    assert ReconcileSlice.everything(range(2005)).describe() == "reconciled 2,005 of 2,005 dealers (cycle 100 %)"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_explain_s_estimate_is_never_earlier_than_the_check(seed):
+    """checked_by (what `explain` prints) bounds the dealer's next reconciliation from above."""
+    rng = random.Random(seed)
+    dealers = set(rng.sample(range(1, 10_000), rng.randrange(1, 500)))
+    rolling, now = Rolling(), T0
+    pending: dict[int, datetime] = {}  # dealer -> the estimate made before its next check
+    for _ in range(40):
+        for dealer in dealers:
+            pending.setdefault(dealer, checked_by(dealer, dealers, rolling.reconciled_at, rolling.next_dealer, HOUR))
+        now += timedelta(seconds=rng.uniform(1, TICK_SECONDS))
+        for dealer in rolling.tick(dealers, now).dealers:
+            assert now <= pending.pop(dealer), (seed, dealer)
+
+
+# --- against MariaDB: a change only the fingerprint sees, found within a cycle, one slice a tick -------
+
+
+@pytest.mark.integration
+def test_a_service_data_change_is_found_within_one_cycle_and_each_tick_queries_its_slice(source_engines):
+    from tests.conftest import BILLING_DB, PIPELINE_SERVER_URL, V3_DB, recreate_source_tables
+    from tests.sourcedata import PARTNER_A, PARTNER_B, SourceBuilder
+    from usage_pipeline.detection import PartitionOutcome, RunOutcome, advance_cursor, plan_tick
+    from usage_pipeline.queries import dealer_directory, probe_raw_max, read_snapshot
+
+    admin_billing, admin_v3 = source_engines
+    recreate_source_tables(admin_billing, admin_v3)
+    builder = SourceBuilder(admin_billing, admin_v3)
+    dealers = list(range(1, 41))
+    for dealer in dealers:
+        builder.dealer(dealer, PARTNER_A if dealer % 2 else PARTNER_B)
+        builder.service(1000 + dealer, 1)
+        for day in (3, 4):
+            builder.usage(dealer, 1000 + dealer, 1, date(2026, 10, day), "2.5000", datetime(2026, 10, day, 8))
+
+    billing = sa.create_engine(f"{PIPELINE_SERVER_URL}/{BILLING_DB}")
+    with sa.create_engine(f"{PIPELINE_SERVER_URL}/{V3_DB}").connect() as conn:
+        partners, _ = dealer_directory(conn)
+    joins: list[set[int] | None] = []  # each statement that joins service data: its dealers (None: all)
+
+    @sa.event.listens_for(billing, "before_cursor_execute")
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if "v4_wh_service_data" in statement:
+            dealers = {v for k, v in parameters.items() if k.startswith("usage_FK_dealer_id")}
+            joins.append(dealers or None)
+
+    ok = RunOutcome("test", "Completed", True)
+
+    def tick(cursor: Cursor, now: datetime):
+        joins.clear()
+        with billing.connect() as conn:
+            snapshot, _ = read_snapshot(conn, cursor, now, HOUR, partners)
+        plan = plan_tick(cursor, snapshot)
+        outcomes = {p: PartitionOutcome(p, ok, ok) for p in plan.partitions}
+        return advance_cursor(cursor, snapshot, plan, ok if plan.runs_bronze else None, outcomes, now), snapshot, plan
+
+    cursor, first, _ = tick(Cursor(), T0)
+    assert first.reconciliation.completes and joins == [None]  # a first tick (without bronze to count from): one full join
+    with billing.connect() as conn:
+        raw_before = probe_raw_max(conn)
+    builder.execute("UPDATE v4_wh_service_data SET service_data_FK_service_status_id = 5"
+                    " WHERE service_data_FK_customer_id = %s", 1033)  # dealer 33's rows leave the filters
+    with billing.connect() as conn:
+        assert probe_raw_max(conn) == raw_before  # the probe cannot see it
+
+    now, found, queried = T0, None, []
+    for _ in range(11):  # one cycle: ten ticks five minutes apart, and one spare
+        now += timedelta(seconds=TICK_SECONDS)
+        cursor, snapshot, plan = tick(cursor, now)
+        assert joins and all(j is not None for j in joins), "a slice never joins all of usage"
+        asked = set().union(*joins)
+        assert asked == set(snapshot.reconciliation.dealers) == set(snapshot.checked)
+        assert len(asked) <= 4 + 1  # a tenth of 40 dealers (and one for the rounding)
+        queried.extend(sorted(asked))
+        if plan.dealer_changes:
+            found = (now, plan)
+            break
+    assert found is not None, f"not found within a cycle; reconciled {queried}"
+    when, plan = found
+    assert plan.dealer_changes == {33: "relevant rows disappeared"} and set(plan.partitions) == {PARTNER_A}
+    assert when - T0 <= timedelta(seconds=HOUR)
+    assert queried == list(range(1, 37)), "each dealer once, in id order, four a tick"
+    assert cursor.reconcile_next_dealer == 37 and cursor.reconciled_at == T0
+    billing.dispose()
