@@ -2,8 +2,8 @@
 tick's artifacts at 20,000 dealers and 200 partners, against what a no-change tick costs, and
 the Prefect UI pages operators open on them, in headless Chromium.
 
-    PYTHONPATH=. .venv/bin/python bench/bookkeeping.py                 # PostgreSQL-backed server
-    PYTHONPATH=. .venv/bin/python bench/bookkeeping.py --server sqlite # Prefect's default SQLite
+    .venv/bin/python bench/bookkeeping.py                 # PostgreSQL-backed server
+    .venv/bin/python bench/bookkeeping.py --server sqlite # Prefect's default SQLite
 
 Nothing is hand-written: the source is the demo's synthetic one (`usage_pipeline.demo_data`,
 200 partners x 100 dealers, a few rows each, in embedded SQLite), and the bookkeeping is what a
