@@ -279,10 +279,17 @@ def timeline(run: CliRun, api: str, partitions_in_detail: bool = True) -> str:
     def post(path: str, body: dict) -> list[dict]:
         return httpx.post(f"{api}{path}", json=body, timeout=30).raise_for_status().json()
 
+    def every(path: str, body: dict, page: int = 200) -> list[dict]:
+        """All of a filter's answers: the server returns at most 200 a request."""
+        found: list[dict] = []
+        while len(batch := post(path, {**body, "limit": page, "offset": len(found)})) == page:
+            found += batch
+        return found + batch
+
     runs = {run.run_id: "tick"}
     frontier = [run.run_id]
     while frontier:  # subflows of subflows too (a manual silver's gold)
-        children = post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
+        children = every("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": frontier}}})
         frontier = [child["id"] for child in children if child["id"] not in runs]
         runs.update({child["id"]: child["name"] for child in children})
     detailed = {run_id for run_id, name in runs.items()
@@ -302,8 +309,7 @@ def timeline(run: CliRun, api: str, partitions_in_detail: bool = True) -> str:
         events += [(first, f"{len(layer_spans)} {layer} runs", f"first Pending; each took {statistics.median(durations):.2f} s"
                     f" (median; {min(durations):.2f}–{max(durations):.2f}) from Pending to Completed"),
                    (last, f"{len(layer_spans)} {layer} runs", "last Completed")]
-    logs = post("/logs/filter", {"logs": {"flow_run_id": {"any_": sorted(detailed)}}, "sort": "TIMESTAMP_ASC",
-                                 "limit": 200})
+    logs = every("/logs/filter", {"logs": {"flow_run_id": {"any_": sorted(detailed)}}, "sort": "TIMESTAMP_ASC"})
     events += [(since(log["timestamp"]), runs.get(log["flow_run_id"], "?"), log["message"].splitlines()[0][:110])
                for log in logs if not log["message"].startswith("Partition ")]
     events.append((run.wall, "cli", "exited"))
