@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--ui-reps", type=int, default=3, help="repetitions of each browser measurement")
     parser.add_argument("--no-ui", action="store_true", help="skip the browser measurements")
     args = parser.parse_args()
-    command = "PYTHONPATH=. .venv/bin/python bench/" + " ".join(
+    command = ".venv/bin/python bench/" + " ".join(
         [Path(sys.argv[0]).name, *map(shlex.quote, sys.argv[1:])])
 
     work = Path(tempfile.mkdtemp(prefix="usage-bench-bookkeeping-"))

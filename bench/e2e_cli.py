@@ -500,7 +500,7 @@ def verdict(ok: bool, target: str) -> str:
 
 def growth_table(small: ScaleRun, large: ScaleRun) -> str:
     """The largest scale against the smallest, with issue 18's targets."""
-    k = large.bench.scale // small.bench.scale
+    k = f"{large.bench.scale / small.bench.scale:g}"
     names = ["floor", "partitions floor", "first tick", "one-dealer tick", "no-change tick"]
     walls = {name: (a.median, b.median) for name, a, b in zip(names, small.measurements, large.measurements, strict=True)}
     rows = [["measured (same run)", f"K = {small.bench.scale}", f"K = {large.bench.scale}", "growth", "target"],

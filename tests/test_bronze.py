@@ -83,6 +83,23 @@ def test_a_slice_on_an_empty_table_and_an_empty_full_refresh(tmp_path):
     assert (empty.version, empty.rows) == (0, 0) and table(tmp_path).height == 0
     assert bronze.replace_dealers(tmp_path, rows([1, 2], [7], rng), [7]).rows == 2
     assert bronze.replace_dealers(tmp_path, rows([], [7], rng), [7]).rows == 0
+    bronze.replace_dealers(tmp_path, rows([1, 2, 3], [8], rng), [8])
+    emptied = bronze.write_all(tmp_path, [])  # `full_refresh` of a source that lost every relevant row
+    assert (emptied.rows, table(tmp_path).height) == (0, 0) and emptied.version == 4
+
+
+def test_a_full_refresh_fails_rather_than_overwrite_a_commit_made_while_it_wrote(tmp_path):
+    rng = random.Random(4)
+    bronze.write_all(tmp_path, [rows([1, 2], [5], rng)])
+
+    def batches():
+        yield rows([1, 2], [6], rng)
+        bronze.replace_dealers(tmp_path, rows([1], [9], rng), [9])  # another writer, between two batches
+        yield rows([1, 2], [7], rng)
+
+    with pytest.raises(RuntimeError, match="moved from version 0 to 1 while a full refresh wrote its files"):
+        bronze.write_all(tmp_path, batches())
+    assert set(table(tmp_path)["dealer_id"]) == {5, 9}
 
 
 def test_reading_some_dealers_prunes_other_buckets_and_row_groups(tmp_path):

@@ -52,8 +52,9 @@ TABLE_CONFIG = {
 }
 # Predicate overwrites and compaction close a file once this big; a bucket (about 1.5 MiB on the bench set) fits.
 TARGET_FILE_BYTES = 64 * 2**20
-WRITER = WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="SNAPPY")
-FILE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "compression": "snappy", "statistics": True}  # WRITER, in polars
+COMPRESSION = "snappy"
+WRITER = WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression=COMPRESSION.upper())  # delta-rs' writes
+FILE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "compression": COMPRESSION, "statistics": True}  # ours, by polars
 STATS_COLUMNS = ("usage_id", "dealer_id", "customer_id", "service_id", "service_status_id", "usage_date")
 MAINTENANCE_KEY = "usage.maintenance"  # table property: what the last maintenance did, and when
 RUN_KEY = "usage.flow_run_id"  # commit metadata: the flow run that made a commit
@@ -137,10 +138,14 @@ def write_all(root: LakePath, batches: Iterable[pl.DataFrame], metadata: dict[st
     """Replace the whole table, or create it, from batches in dealer order: one overwrite commit.
 
     Each bucket's file is written and closed as soon as the batches move past the bucket, then all
-    are committed at once (`create_write_transaction`), so memory holds one bucket, not every
-    bucket's open writer as `write_deltalake` does until its commit. A writer killed before the
-    commit leaves only files no commit references (`maintain` vacuums them).
+    are committed at once (`create_write_transaction`), so memory holds a batch and a bucket, not
+    every bucket's open writer as `write_deltalake` does until its commit. A commit that slipped in
+    meanwhile (the bronze slot's lease lapsed) fails it rather than being merged into it unseen:
+    delta-rs' overwrite does not check for one, so the version read before the first file is compared
+    first. A writer killed before the commit leaves only files no commit references (`maintain`
+    vacuums them).
     """
+    existing = DeltaTable(table_uri(root)) if is_table(root) else None
     files, actions = _table_files(root), []
     bucket, pending = None, []
     for batch in batches:
@@ -153,8 +158,12 @@ def write_all(root: LakePath, batches: Iterable[pl.DataFrame], metadata: dict[st
             pending.append(part)
     if pending:
         actions.append(_write_file(root, files, bucket, pl.concat(pending)))
-    if is_table(root):
-        DeltaTable(table_uri(root)).create_write_transaction(
+    if existing is not None:
+        newest = DeltaTable(table_uri(root)).version()
+        if newest != existing.version():
+            raise RuntimeError(f"bronze table {table_uri(root)} moved from version {existing.version()} to {newest}"
+                               " while a full refresh wrote its files; nothing committed (the next tick redoes it)")
+        existing.create_write_transaction(
             actions, mode="overwrite", schema=TABLE_SCHEMA, partition_by=[BUCKET_COLUMN],
             commit_properties=_commit(metadata))
     else:

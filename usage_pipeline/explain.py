@@ -143,14 +143,16 @@ def _lag(cursor: Cursor, partner: str | None, now: datetime) -> str:
             f" {status.failures} failed tick(s))")
 
 
-def recheck_time(cursor: Cursor, dealer: int, reconcile_seconds: float) -> datetime | None:
-    """About when the rolling reconciliation re-checks the dealer's fingerprint (None: the next tick)."""
+def recheck_time(cursor: Cursor, dealer: int, reconcile_seconds: float, now: datetime) -> datetime | None:
+    """About when the rolling reconciliation re-checks the dealer's fingerprint (None: the next tick,
+    also when that time has passed: an overdue cycle takes all that is left)."""
     known = set(cursor.dealer_seen or {}) | set(cursor.dealer_last_modified)
-    return checked_by(dealer, known, cursor.reconciled_at, cursor.reconcile_next_dealer, reconcile_seconds)
+    by = checked_by(dealer, known, cursor.reconciled_at, cursor.reconcile_next_dealer, reconcile_seconds)
+    return None if by is None or by <= now else by
 
 
-def _reconciliation(cursor: Cursor, dealer: int, reconcile_seconds: float) -> str:
-    by = recheck_time(cursor, dealer, reconcile_seconds)
+def _reconciliation(cursor: Cursor, dealer: int, reconcile_seconds: float, now: datetime) -> str:
+    by = recheck_time(cursor, dealer, reconcile_seconds, now)
     if by is None:
         return "every dealer is re-checked on the next tick"
     position = "its first dealer" if cursor.reconcile_next_dealer is None else f"dealer {cursor.reconcile_next_dealer}"
@@ -188,7 +190,7 @@ def explain_dealer(
     )
     seen = (cursor.dealer_seen or {}).get(dealer)
     entry = (dealer in cursor.dealer_last_modified, cursor.dealer_last_modified.get(dealer))
-    next_tick, hints = _decide(cursor, snapshot, dealer, stats, reconcile_seconds)
+    next_tick, hints = _decide(cursor, snapshot, dealer, stats, reconcile_seconds, now)
     if detection_schedule == "paused":
         hints.append("detection is paused (Prefect UI: Deployments -> usage-change-detection -> schedule toggle)")
     elif detection_schedule == "unscheduled":
@@ -206,7 +208,7 @@ def explain_dealer(
         materialized_under=seen.partner if seen else None,
         state_known=cursor.dealer_seen is not None,
         partition_lag=_lag(cursor, directory.get(dealer) or (seen.partner if seen else None), now),
-        reconciliation=_reconciliation(cursor, dealer, reconcile_seconds),
+        reconciliation=_reconciliation(cursor, dealer, reconcile_seconds, now),
         next_tick=next_tick,
         detection_schedule=detection_schedule,
         hints=hints,
@@ -214,7 +216,7 @@ def explain_dealer(
 
 
 def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: DealerStats | None,
-            reconcile_seconds: float) -> tuple[str, list[str]]:
+            reconcile_seconds: float, now: datetime) -> tuple[str, list[str]]:
     rows_hints = []
     partner = snapshot.partners.get(dealer)
     if partner is None:
@@ -227,7 +229,7 @@ def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: Dealer
         affected = sorted(affected_partitions(cursor, snapshot, dealer))
         candidates = probe_candidates(cursor, dict(snapshot.raw_max))
         seen_by_probe = candidates is None or dealer in candidates or reason.startswith(("moved", "no record"))
-        by = None if seen_by_probe else recheck_time(cursor, dealer, reconcile_seconds)
+        by = None if seen_by_probe else recheck_time(cursor, dealer, reconcile_seconds, now)
         when = "the next tick" if by is None else f"the rolling reconciliation (by about {format_timestamp(by)})"
         target = ", ".join(affected) if affected else "no partition (unmapped)"
         return f"{when} rebuilds {target} and re-reads the dealer into bronze: {reason}", rows_hints
