@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     lake_root: str = Field("lake", min_length=1, description="a path, or an object-storage URL (s3://...)")
     max_concurrent_partitions: int = Field(8, ge=1, description="partition runs at a time, in all")
     reconcile_seconds: float = Field(
-        3600, gt=0, description="re-check every dealer's fingerprint this often, a slice of the dealers per tick"
+        3600, gt=0, description="re-check every dealer's fingerprint this often (ticks at most 5 min apart), a slice per tick"
     )
     child_run_timeout_seconds: float = Field(3600, gt=0, description="longest wait for a deployment child run")
     partition_runs: PartitionRunMode = Field("subflow", description="run silver/gold in the tick's process or on workers")
