@@ -63,7 +63,6 @@ DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
 DEFAULT_DEALER = 1879
 RUN_TIMEOUT_SECONDS = 1800
 PREFECT_CLI = str(Path(sys.executable).with_name("prefect"))
-POSTGRES = ("psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q", "-c")
 SERVERS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 
 # What each tick's final state message must say (TickReport.summary).
@@ -156,20 +155,14 @@ def run_checked(command: list[str], env: dict[str, str] | None = None) -> str:
 @contextmanager
 def prefect_server(kind: str, work: Path) -> Iterator[str]:
     """A local server started as the project starts it; for PostgreSQL, on a database made for this run."""
-    settings, database = {}, None
-    if kind == "postgres":
-        database = f"usage_bench_e2e_{os.getpid()}"
-        run_checked([*POSTGRES, f"CREATE DATABASE {database}"])
-        settings["PREFECT_API_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
-    try:
+    from tests.postgres import server_database
+
+    with server_database(kind, f"usage_bench_e2e_{os.getpid()}") as settings:
         server, url = local_prefect.start_server(work / "prefect-home", work / "server.log", settings=settings)
         try:
             yield url
         finally:
             local_prefect.stop(server)
-    finally:
-        if database:
-            run_checked([*POSTGRES, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"])
 
 
 def pipeline_env(api_url: str, work: Path, bench: BenchSet) -> dict[str, str]:

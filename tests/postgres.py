@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -45,3 +45,9 @@ def prefect_database(name: str) -> Iterator[dict[str, str]]:
         yield {"PREFECT_API_DATABASE_CONNECTION_URL": url}
     finally:
         _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def server_database(kind: str, name: str) -> AbstractContextManager[dict[str, str]]:
+    """The settings of a Prefect server on `kind`: "postgres", a new database `name` (dropped after);
+    anything else, Prefect's default SQLite (no settings)."""
+    return prefect_database(name) if kind == "postgres" else nullcontext({})
