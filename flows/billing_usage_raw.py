@@ -18,8 +18,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from orchestration.runtime import bronze_slot, load_source, without_task_tags
+from orchestration.runtime import load_source, without_task_tags
 from orchestration.setup import BILLING_BLOCK
+from orchestration.slots import bronze_slot
 from usage_pipeline.bronze import RUN_KEY, maintain
 from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import BronzeResult, refresh_bronze

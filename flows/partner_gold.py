@@ -11,7 +11,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from orchestration.events import partition_event_if_manual
-from orchestration.runtime import partner_slot, tag_current_run
+from orchestration.runtime import tag_current_run
+from orchestration.slots import partner_slot
 from usage_pipeline.materialize import GoldResult, build_gold
 from usage_pipeline.partners import PartnerUUID, parse_partner_uuid
 from usage_pipeline.settings import load_settings

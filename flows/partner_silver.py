@@ -15,13 +15,13 @@ from prefect.tasks import exponential_backoff
 from flows.partner_gold import partner_gold
 from orchestration.events import partition_event_if_manual
 from orchestration.runtime import (
-    partner_slot,
     read_dealer_directory,
     run_subflow,
     tag_current_run,
     tick_shared,
     without_task_tags,
 )
+from orchestration.slots import partner_slot
 from usage_pipeline.materialize import SilverResult, build_silver
 from usage_pipeline.partners import PartnerUUID, dealers_of, layer_tag, parse_partner_uuid, partner_tag
 from usage_pipeline.settings import load_settings

@@ -13,8 +13,8 @@ from flows.partner_silver import partner_silver
 from orchestration.engine_logs import quiet_reported_tick_failures
 from orchestration.events import emit_partition_events, emit_tick_event
 from orchestration.report import publish_tick_artifacts
-from orchestration.runtime import SlotTaken, leased_slots
 from orchestration.setup import DETECTION_LIMIT, ensure_limit
+from orchestration.slots import SKIPPED, SlotTaken, leased_slots
 from orchestration.tick import Layers, run_tick
 from usage_pipeline.partners import PartnerUUID, parse_partner_uuid
 from usage_pipeline.settings import load_settings
@@ -48,7 +48,7 @@ def usage_change_detection(
     publish_tick_artifacts(report)
     emit_tick_event(report, time.perf_counter() - started)
     if report.skipped:
-        return Completed(name="Skipped", message=report.summary(), data=report)
+        return Completed(name=SKIPPED, message=report.summary(), data=report)
     if not report.ok:  # the report itself is in the artifacts; the state carries its summary
         return Failed(message=report.summary(), data=TickFailed(report))
     return Completed(message=report.summary(), data=report)

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from uuid import UUID
 
 from prefect import Flow, get_run_logger
 from prefect import tags as run_tags
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterParentFlowRunId
-from prefect.client.schemas.objects import BlockDocument, ConcurrencyLeaseHolder
-from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.client.schemas.objects import BlockDocument
 from prefect.context import TagsContext
 from prefect.deployments import run_deployment
-from prefect.exceptions import MissingContextError, ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.logging import get_logger
 from prefect.runtime import flow_run as current_flow_run
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
@@ -32,21 +29,14 @@ from sqlalchemy.engine import Connection, Engine
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from orchestration.setup import (
     BILLING_BLOCK,
-    BRONZE_LIMIT,
-    PARTITIONS_LIMIT,
     V3_BLOCK,
-    ensure_limit,
-    forget_limits,
-    partner_limit,
 )
 from usage_pipeline.check_results import CheckResult, ChecksFailed
 from usage_pipeline.detection import DealerStats, RunOutcome
 from usage_pipeline.materialize import GoldResult, SilverResult, SourceFingerprints
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import dealer_directory, relevant_stats
-from usage_pipeline.settings import Settings
 
-SLOT_POLL_SECONDS = 1.0  # longest wait between two asks for a taken slot
 CHILD_POLL_SECONDS = 0.5
 SUBMIT_ATTEMPTS = 3
 T = TypeVar("T")
@@ -200,134 +190,12 @@ def tag_current_run(partner_uuid: str, layer: str) -> None:
         client.update_flow_run(current_flow_run.id, tags=sorted(tags | wanted))
 
 
-class SlotTaken(RuntimeError):
-    """A slot asked for without waiting is held by another run (the server answered 423 Locked)."""
-
-
-@contextmanager
-def partner_slot(partner_uuid: str, settings: Settings) -> Iterator[None]:
-    """Hold one slot of the partner's limit (one run per partner) and of the global partition limit."""
-    name = partner_limit(partner_uuid)
-    ensure_limit(name, 1)
-    ensure_limit(PARTITIONS_LIMIT, settings.max_concurrent_partitions)
-    with logged_slots([name, PARTITIONS_LIMIT], settings):
-        yield
-
-
-@contextmanager
-def bronze_slot(settings: Settings) -> Iterator[None]:
-    """Hold the bronze table's one slot: its writes, compaction and vacuum never overlap (delta-rs
-    conflicts and #3622: one writer per table at a time)."""
-    ensure_limit(BRONZE_LIMIT, 1)
-    with logged_slots([BRONZE_LIMIT], settings):
-        yield
-
-
-@contextmanager
-def logged_slots(names: list[str], settings: Settings) -> Iterator[None]:
-    """`leased_slots`, waited for, with the run's log saying when it waits, holds and releases the first."""
-    logger = get_run_logger()
-    logger.info("Waiting for concurrency slots %s", " and ".join(names))
-    with leased_slots(names, settings.slot_lease_seconds):
-        logger.info("Holding slot %s", names[0])
-        try:
-            yield
-        finally:
-            # Logged while still held: every log line of a holder precedes the next holder's "Holding".
-            logger.info("Releasing slot %s", names[0])
-
-
-@contextmanager
-def leased_slots(
-    names: list[str], lease_seconds: float, wait: bool = True, fail_if_lost: bool = True
-) -> Iterator[LeaseRenewal]:
-    """One slot of each limit in `names`, as a lease held by this flow run, waited for as long as it
-    takes (without `wait`, SlotTaken at once if one is held). Yields the lease's renewal thread.
-    A holder that dies frees its slot `lease_seconds` after its last renewal (USAGE_SLOT_LEASE_SECONDS).
-
-    What Prefect's `concurrency()` does, through the run's own API client: that one opens
-    new clients (each with a TLS context) for the acquire and the release of every use and
-    renews the lease at once, about 90 ms of CPU per use, and a first tick holds slots 41
-    times. A waiter asks again after the server's Retry-After but at most SLOT_POLL_SECONDS
-    later, instead of sleeping up to 30 s (PrefectHQ/prefect#23183). A lease lost while held
-    is logged at once and, with `fail_if_lost`, fails the run when its body ends: another
-    run may have held the slot meanwhile, so the work is redone on a later tick.
-    """
-    holder = None if current_flow_run.id is None else ConcurrencyLeaseHolder(type="flow_run", id=current_flow_run.id)
-    logger = run_or_module_logger()
-    with get_client(sync_client=True) as client:
-        while True:
-            try:
-                response = client.increment_concurrency_slots_with_lease(
-                    names, 1, "concurrency", lease_seconds, holder
-                )
-                break
-            except PrefectHTTPStatusError as exc:
-                if exc.response.status_code != 423:
-                    raise
-                if not wait:
-                    raise SlotTaken(f"a slot of {names} is held by another run") from None
-                time.sleep(min(float(exc.response.headers.get("Retry-After", SLOT_POLL_SECONDS)), SLOT_POLL_SECONDS))
-        lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
-        renewal = LeaseRenewal(client, lease.lease_id, logger, lease_seconds)
-        try:
-            missing = sorted(set(names) - {limit.name for limit in lease.limits})
-            if missing:  # the server leases the limits it has and skips the others
-                forget_limits(missing)
-                raise RuntimeError(f"concurrency limit(s) {missing} missing (deleted while in use?); the next run"
-                                   " creates a partner's limit again, `usage-pipeline setup` the global ones")
-            renewal.start()
-            yield renewal
-        finally:
-            renewal.stop()
-            try:
-                client.release_concurrency_slots_with_lease(lease.lease_id)
-            except Exception as exc:  # the lease still ends by itself, lease_seconds at most after the last renewal
-                logger.warning("Could not release slot lease %s (%s); it expires by itself", lease.lease_id, exc)
-        if fail_if_lost and renewal.lost is not None:
-            raise RuntimeError(f"lost the lease on {names} while holding it ({renewal.lost}); "
-                               "another run may have held the slot meanwhile")
-
-
 def run_or_module_logger() -> logging.Logger | logging.LoggerAdapter:
     """The current run's logger (its lines show in the UI), or this module's outside a run."""
     try:
         return get_run_logger()
     except MissingContextError:
         return get_logger(__name__)
-
-
-class LeaseRenewal(threading.Thread):
-    """Renews a slot lease four times per lease period while its holder works, and records the
-    lease as lost when the server no longer knows it or no renewal got through for a whole period."""
-
-    def __init__(self, client: SyncPrefectClient, lease_id: UUID, logger: logging.Logger | logging.LoggerAdapter,
-                 lease_seconds: float, period: float | None = None) -> None:
-        super().__init__(name=f"lease-{lease_id}", daemon=True)
-        self.client, self.lease_id, self.logger, self.lease_seconds = client, lease_id, logger, lease_seconds
-        self.period = lease_seconds / 4 if period is None else period
-        self.stopped = threading.Event()
-        self.lost: Exception | None = None
-
-    def run(self) -> None:
-        renewed = time.monotonic()
-        while not self.stopped.wait(self.period):
-            try:
-                self.client.renew_concurrency_lease(self.lease_id, self.lease_seconds)
-                renewed = time.monotonic()
-            except Exception as exc:  # e.g. the server restarting: the next try may still be in time
-                gone = isinstance(exc, PrefectHTTPStatusError) and exc.response.status_code == 410
-                if gone or time.monotonic() - renewed >= self.lease_seconds:
-                    self.lost = exc
-                    self.logger.error("Lost slot lease %s (%s): another run may take the slot now", self.lease_id, exc)
-                    return
-                self.logger.warning("Could not renew slot lease %s (%s); retrying", self.lease_id, exc)
-
-    def stop(self) -> None:
-        """Stop renewing; a renewal still in flight is not waited for long (Prefect waits 2 s too)."""
-        self.stopped.set()
-        if self.is_alive():
-            self.join(timeout=2)
 
 
 def without_subflow_heartbeats() -> AbstractContextManager:

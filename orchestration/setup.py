@@ -41,6 +41,18 @@ def partner_limit(partner_uuid: str) -> str:
     return f"partner:{partner_uuid}"
 
 
+PARTITION_FLOWS = ("partner-silver", "partner-gold")
+SLOT_HOLDERS = {DETECTION_LIMIT: ("usage-change-detection",), BRONZE_LIMIT: ("billing-usage-raw",),
+                PARTITIONS_LIMIT: PARTITION_FLOWS}
+
+
+def slot_holders(limit: str) -> tuple[tuple[str, ...], str | None]:
+    """The flows whose runs may hold a slot of `limit`, and the tag they carry for it (a partner's)."""
+    if limit in SLOT_HOLDERS:
+        return SLOT_HOLDERS[limit], None
+    return PARTITION_FLOWS, limit
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     block: str

@@ -227,3 +227,21 @@ def test_the_stale_alert_is_a_proactive_window_per_partition_and_episode():
     assert notify.block_document_id == block_id
     for field in ("partner", "pending_since", "reasons", "last_published"):
         assert f"event.payload.{field}" in notify.subject + notify.body
+
+
+def test_slot_holders_are_the_flows_that_take_each_slot():
+    """A count without a lease is freed only when no run of these flows can hold it: they must be the
+    flows that take the slots."""
+    from flows.billing_usage_raw import billing_usage_raw
+    from flows.partner_gold import partner_gold
+    from flows.partner_silver import partner_silver
+    from flows.usage_change_detection import usage_change_detection
+    from orchestration.setup import BRONZE_LIMIT, DETECTION_LIMIT, PARTITIONS_LIMIT, partner_limit, slot_holders
+    from usage_pipeline.partners import partner_tag
+
+    partner = "aaaaaaaa-0000-4000-8000-000000000001"
+    partitions = (partner_silver.name, partner_gold.name)
+    assert slot_holders(DETECTION_LIMIT) == ((usage_change_detection.name,), None)
+    assert slot_holders(BRONZE_LIMIT) == ((billing_usage_raw.name,), None)
+    assert slot_holders(PARTITIONS_LIMIT) == (partitions, None)
+    assert slot_holders(partner_limit(partner)) == (partitions, partner_tag(partner))
