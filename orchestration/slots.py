@@ -156,13 +156,18 @@ def acquire(client: SyncPrefectClient, names: list[str], lease_seconds: float,
                     raise
                 retry_after = float(exc.response.headers.get("Retry-After", SLOT_POLL_SECONDS))
             if holder is not None and time.monotonic() >= repair_at:
-                if freed := free_leaked_slots(client, names, lease_seconds):
+                repair_at = time.monotonic() + lease_seconds / 4
+                try:
+                    freed = free_leaked_slots(client, names, lease_seconds)
+                except Exception as exc:  # e.g. the server restarting: asked again at the next repair time
+                    logger.warning("Could not look for slots of %s held by no run (%s)", names, exc)
+                    freed = []
+                if freed:
                     logger.warning(
                         "Freed %s: counted by the server but held by no run (a server killed while granting"
                         " a slot leaves such a count, which no lease expiry frees)", ", ".join(freed),
                     )
                     continue
-                repair_at = time.monotonic() + lease_seconds / 4
             if not wait:
                 raise SlotTaken(f"a slot of {names} is held by another run")
             time.sleep(min(retry_after, SLOT_POLL_SECONDS))
@@ -191,7 +196,7 @@ def may_be_held(client: SyncPrefectClient, name: str, lease_seconds: float) -> b
     or ended within a lease period (its lease may outlive it if its release was lost)."""
     flows, tag = slot_holders(name)
     waiting = {run for waiter, (parent, names) in _WAITING.items() if name in names for run in (waiter, parent)}
-    others = FlowRunFilterId(not_any_=[run for run in waiting if run is not None])
+    others = FlowRunFilterId(not_any_=[run for run in waiting if run is not None] or None)
     tags = None if tag is None else FlowRunFilterTags(all_=[tag])
     ended_after = datetime.now(UTC) - timedelta(seconds=lease_seconds + REPOSSESSOR_SLACK_SECONDS)
     flow_filter = FlowFilter(name=FlowFilterName(any_=list(flows)))

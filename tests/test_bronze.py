@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date, datetime
 from decimal import Decimal
@@ -203,6 +204,51 @@ def test_a_bronze_write_killed_before_its_commit_changes_nothing_and_vacuum_remo
     assert done["vacuumed"] == len(leftovers)
     assert not any((directory / path).exists() for path in leftovers)
     assert table(root).equals(before.sort("usage_id"))
+
+
+KILLED_SPILLING_REFRESH = """
+import sys, time
+from pathlib import Path
+from usage_pipeline import bronze
+from tests.test_bronze import rows
+import random
+
+root, marker = Path(sys.argv[1]), Path(sys.argv[2])
+rng = random.Random(9)
+
+def batches():
+    for start in range(0, 6000, 3000):
+        yield rows(list(range(start, start + 3000)), list(range(50)), rng)
+    marker.touch()
+    time.sleep(600)  # killed here, with two batches spilled
+
+bronze.write_all_spilled(root, batches())
+"""
+
+
+def test_the_spills_of_a_killed_full_refresh_are_removed_once_stale(tmp_path, monkeypatch):
+    """A full refresh SIGKILLed while it spills leaves its spill directory (about the compressed table);
+    the next tick removes it once untouched for an hour, and leaves a live refresh's alone."""
+    spills, marker = tmp_path / "tmp", tmp_path / "spilled"
+    spills.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spills))
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_SPILLING_REFRESH, str(tmp_path / "lake"), str(marker)],
+                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(spills)))
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer died or hung"
+            time.sleep(0.1)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    [left] = list(spills.glob(f"{bronze.SPILL_PREFIX}*"))
+    assert len(list(left.iterdir())) == 2 and not bronze.is_table(tmp_path / "lake")
+    assert bronze.remove_stale_spills() == []  # as young as a live refresh's
+    hour_ago = time.time() - bronze.STALE_TEMP_SECONDS - 60
+    for path in [left, *left.iterdir()]:
+        os.utime(path, (hour_ago, hour_ago))
+    assert bronze.remove_stale_spills() == [str(left)] and not left.exists()
 
 
 def test_a_full_refresh_from_batches_in_any_order_writes_every_file_in_dealer_order(tmp_path):

@@ -16,6 +16,7 @@ retention, and checkpoints the log.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -30,7 +31,7 @@ from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, wr
 from deltalake.fs import DeltaStorageHandler
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
-from usage_pipeline.lake import DATA_FILE, LakePath, bronze_path
+from usage_pipeline.lake import DATA_FILE, STALE_TEMP_SECONDS, LakePath, bronze_path
 from usage_pipeline.transforms import BRONZE_SCHEMA, empty
 
 BUCKET_COLUMN = "dealer_bucket"
@@ -42,6 +43,7 @@ DEALERS_PER_BUCKET = 32
 ROW_GROUP_ROWS = 2048
 GROUP_ROWS = 1_000_000  # rows of buckets a spilled full refresh sorts at once
 SPILL_ROW_GROUP_ROWS = 16_384
+SPILL_PREFIX = "usage-bronze-"  # a full refresh's local spill directory
 MAINTENANCE_EVERY = 12  # commits between two maintenance runs: hourly at one write per 5-minute tick
 # Removed and unreferenced files are vacuumed a day after they were written or removed: longer than a
 # tick's silver runs read the version it pinned (USAGE_CHILD_RUN_TIMEOUT_SECONDS, 1 h by default), and a
@@ -173,6 +175,22 @@ def write_all(root: LakePath, batches: Iterable[pl.DataFrame], metadata: dict[st
     return _written(root)
 
 
+def remove_stale_spills() -> list[str]:
+    """Delete the spill directories of full refreshes killed before they removed them (each holds about
+    the compressed table); returns their paths. One untouched for STALE_TEMP_SECONDS has no live
+    writer: a refresh adds a spill file per batch, then reads them back within minutes."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    removed = []
+    for spill in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
+        try:
+            if max([spill.stat().st_mtime] + [f.stat().st_mtime for f in spill.iterdir()]) < cutoff:
+                shutil.rmtree(spill)
+                removed.append(str(spill))
+        except FileNotFoundError:  # removed meanwhile by its own refresh or another sweep
+            pass
+    return removed
+
+
 def write_all_spilled(root: LakePath, batches: Iterable[pl.DataFrame], metadata: dict[str, str] | None = None,
                       group_rows: int = GROUP_ROWS) -> BronzeWrite:
     """`write_all` for batches in any order (a scan of `usage` comes in usage_id order), in bounded
@@ -180,7 +198,7 @@ def write_all_spilled(root: LakePath, batches: Iterable[pl.DataFrame], metadata:
     back a group of buckets at a time (row-group statistics skip the rest of each spill), sorted
     by dealer and written bucket by bucket into the one commit. Needs local disk for about the
     compressed table."""
-    with tempfile.TemporaryDirectory(prefix="usage-bronze-") as spill:
+    with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX) as spill:
         runs, counts = [], []
         for batch in batches:
             run = with_bucket(batch).sort("dealer_id", "usage_id")
