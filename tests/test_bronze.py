@@ -171,15 +171,10 @@ bronze.write_all(root, batches())
 """
 
 
-def test_a_bronze_write_killed_before_its_commit_changes_nothing_and_vacuum_removes_its_files(tmp_path):
-    rng = random.Random(6)
-    root, marker = tmp_path / "lake", tmp_path / "files-written"
-    before = rows(list(range(1000)), list(range(200)), rng)
-    bronze.write_all(root, [before])
-    committed = set(file_paths(root))
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root), str(marker)], cwd=REPO,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
-    directory = Path(bronze.table_uri(root))
+def kill_when_marked(script: str, root: Path, marker: Path, **env: str) -> None:
+    """Run a writer script on `root`, and SIGKILL it once it has touched `marker`."""
+    writer = subprocess.Popen([sys.executable, "-c", script, str(root), str(marker)], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO), **env))
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -188,6 +183,16 @@ def test_a_bronze_write_killed_before_its_commit_changes_nothing_and_vacuum_remo
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=30)
+
+
+def test_a_bronze_write_killed_before_its_commit_changes_nothing_and_vacuum_removes_its_files(tmp_path):
+    rng = random.Random(6)
+    root, marker = tmp_path / "lake", tmp_path / "files-written"
+    before = rows(list(range(1000)), list(range(200)), rng)
+    bronze.write_all(root, [before])
+    committed = set(file_paths(root))
+    kill_when_marked(KILLED_WRITER, root, marker)
+    directory = Path(bronze.table_uri(root))
     leftovers = {str(p.relative_to(directory)) for p in directory.rglob("*.parquet")
                  if "_delta_log" not in p.parts} - committed
     assert leftovers, "the killed writer wrote no data file"
@@ -232,16 +237,7 @@ def test_the_spills_of_a_killed_full_refresh_are_removed_once_stale(tmp_path, mo
     spills, marker = tmp_path / "tmp", tmp_path / "spilled"
     spills.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spills))
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_SPILLING_REFRESH, str(tmp_path / "lake"), str(marker)],
-                              cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(spills)))
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert writer.poll() is None and time.monotonic() < deadline, "the writer died or hung"
-            time.sleep(0.1)
-    finally:
-        writer.send_signal(signal.SIGKILL)
-        writer.wait(timeout=30)
+    kill_when_marked(KILLED_SPILLING_REFRESH, tmp_path / "lake", marker, TMPDIR=str(spills))
     [left] = list(spills.glob(f"{bronze.SPILL_PREFIX}*"))
     assert len(list(left.iterdir())) == 2 and not bronze.is_table(tmp_path / "lake")
     assert bronze.remove_stale_spills() == []  # as young as a live refresh's
