@@ -28,7 +28,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
     FlowRunFilterTags,
 )
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, FlowRun, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.runtime import flow_run as current_flow_run
@@ -136,8 +136,8 @@ def acquire(client: SyncPrefectClient, names: list[str], lease_seconds: float,
             logger: logging.Logger | logging.LoggerAdapter) -> ConcurrencyLimitWithLeaseResponse:
     """Ask until granted. A waiter that has waited longer than any dead holder's lease can last (one
     asking without `wait`: at once) looks for slots counted without a holder, and frees them."""
-    waiter = None if holder is None else holder.id
-    repair_at = time.monotonic() + (lease_seconds + REPOSSESSOR_SLACK_SECONDS if wait else 0)
+    waiter, started = None if holder is None else holder.id, time.monotonic()
+    repair_at = started + (lease_seconds + REPOSSESSOR_SLACK_SECONDS if wait else 0)
     if waiter is not None:
         parent = current_flow_run.parent_flow_run_id
         with _BOOKS:
@@ -157,16 +157,7 @@ def acquire(client: SyncPrefectClient, names: list[str], lease_seconds: float,
                 retry_after = float(exc.response.headers.get("Retry-After", SLOT_POLL_SECONDS))
             if holder is not None and time.monotonic() >= repair_at:
                 repair_at = time.monotonic() + lease_seconds / 4
-                try:
-                    freed = free_leaked_slots(client, names, lease_seconds)
-                except Exception as exc:  # e.g. the server restarting: asked again at the next repair time
-                    logger.warning("Could not look for slots of %s held by no run (%s)", names, exc)
-                    freed = []
-                if freed:
-                    logger.warning(
-                        "Freed %s: counted by the server but held by no run (a server killed while granting"
-                        " a slot leaves such a count, which no lease expiry frees)", ", ".join(freed),
-                    )
+                if repaired(client, names, lease_seconds, logger, waited=time.monotonic() - started if wait else None):
                     continue
             if not wait:
                 raise SlotTaken(f"a slot of {names} is held by another run")
@@ -176,38 +167,59 @@ def acquire(client: SyncPrefectClient, names: list[str], lease_seconds: float,
             _WAITING.pop(waiter, None)
 
 
-def free_leaked_slots(client: SyncPrefectClient, names: list[str], lease_seconds: float) -> list[str]:
+def repaired(client: SyncPrefectClient, names: list[str], lease_seconds: float,
+             logger: logging.Logger | logging.LoggerAdapter, waited: float | None) -> bool:
+    """`free_leaked_slots`, logged: what it freed, or (having `waited`) what it found holding them."""
+    try:
+        freed, holders = free_leaked_slots(client, names, lease_seconds)
+    except Exception as exc:  # e.g. the server restarting: asked again at the next repair time
+        logger.warning("Could not look for slots of %s held by no run (%s)", names, exc)
+        return False
+    if freed:
+        logger.warning("Freed %s: counted by the server but held by no run (a server killed while granting"
+                       " a slot leaves such a count, which no lease expiry frees)", ", ".join(freed))
+    elif waited is not None:
+        logger.info("Still waiting for %s after %.0f s; held by, or ended recently: %s", names, waited,
+                    ", ".join(holders) or "no run found yet")
+    return bool(freed)
+
+
+def free_leaked_slots(client: SyncPrefectClient, names: list[str],
+                      lease_seconds: float) -> tuple[list[str], list[str]]:
     """Release the taken slots of each full limit in `names` that no run can hold: none of its
     holder flows' runs is open, other than this process's waiters, or ended recently enough to
-    hold a lease that has not expired yet. Returns what was freed, as "N slot(s) of NAME"."""
-    freed = []
+    hold a lease that has not expired yet. Returns what was freed, as "N slot(s) of NAME", and
+    the runs that may hold the others, as "RUN (STATE)"."""
+    freed, holders = [], []
     with _BOOKS:
         for name in names:
             limit = client.read_global_concurrency_limit_by_name(name)
-            if limit.active_slots < limit.limit or may_be_held(client, name, lease_seconds):
+            if limit.active_slots < limit.limit:
+                continue
+            if runs := possible_holders(client, name, lease_seconds):
+                holders += [f"{run.name} ({run.state_name})" for run in runs]
                 continue
             client.release_concurrency_slots([name], limit.active_slots, occupancy_seconds=lease_seconds)
             freed.append(f"{limit.active_slots} slot(s) of {name}")
-    return freed
+    return freed, holders
 
 
-def may_be_held(client: SyncPrefectClient, name: str, lease_seconds: float) -> bool:
-    """Whether a run that may hold a slot of `name` exists: open and not waiting for it in this process,
-    or ended within a lease period (its lease may outlive it if its release was lost)."""
+def possible_holders(client: SyncPrefectClient, name: str, lease_seconds: float) -> list[FlowRun]:
+    """A few runs that may hold a slot of `name`: open and not waiting for it in this process, or
+    ended within a lease period (its lease may outlive it if its release was lost)."""
     flows, tag = slot_holders(name)
     waiting = {run for waiter, (parent, names) in _WAITING.items() if name in names for run in (waiter, parent)}
     others = FlowRunFilterId(not_any_=[run for run in waiting if run is not None] or None)
     tags = None if tag is None else FlowRunFilterTags(all_=[tag])
     ended_after = datetime.now(UTC) - timedelta(seconds=lease_seconds + REPOSSESSOR_SLACK_SECONDS)
     flow_filter = FlowFilter(name=FlowFilterName(any_=list(flows)))
-    return any(
-        client.read_flow_runs(flow_filter=flow_filter, flow_run_filter=runs, limit=1)
-        for runs in (
+    return [
+        run for runs in (
             FlowRunFilter(id=others, tags=tags, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=HOLDING_STATES))),
             FlowRunFilter(id=others, tags=tags, end_time=FlowRunFilterEndTime(after_=ended_after),
                           state=FlowRunFilterState(name=FlowRunFilterStateName(not_any_=[SKIPPED]))),
-        )
-    )
+        ) for run in client.read_flow_runs(flow_filter=flow_filter, flow_run_filter=runs, limit=3)
+    ]
 
 
 class LeaseRenewal(threading.Thread):
