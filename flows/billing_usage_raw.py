@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 from orchestration.runtime import load_source, without_task_tags
 from orchestration.setup import BILLING_BLOCK
 from orchestration.slots import bronze_slot
-from usage_pipeline.bronze import RUN_KEY, maintain
+from usage_pipeline.bronze import RUN_KEY, maintain, remove_stale_spills
 from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import BronzeResult, refresh_bronze
 from usage_pipeline.settings import load_settings
@@ -93,6 +93,8 @@ def billing_usage_raw(dealer_ids: list[int] | None = None) -> BronzeResult:
     root = settings.lake_path
     logger = get_run_logger()
     with bronze_slot(settings):
+        if removed := remove_stale_spills():  # on this host, where the killed refresh spilled
+            logger.info("Removed %d spill directory(ies) that killed full refreshes left: %s", len(removed), removed)
         with without_task_tags():
             result = write_bronze(dealer_ids, {RUN_KEY: str(flow_run.id)})
         if result.migrated:

@@ -286,8 +286,6 @@ def clean_up_after_dead_processes(settings: Settings) -> None:
         logger.warning("Marked %d run(s) Crashed that a dead process had left open: %s", len(crashed), crashed)
     if removed := remove_stale_temp_files(settings.lake_path):
         logger.info("Removed %d temporary file(s) that killed writers left in the lake: %s", len(removed), removed)
-    if removed := bronze.remove_stale_spills():
-        logger.info("Removed %d spill directory(ies) that killed full refreshes left: %s", len(removed), removed)
 
 
 def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: frozenset[str], full_refresh: bool) -> TickReport:

@@ -233,7 +233,7 @@ bronze.write_all_spilled(root, batches())
 
 def test_the_spills_of_a_killed_full_refresh_are_removed_once_stale(tmp_path, monkeypatch):
     """A full refresh SIGKILLed while it spills leaves its spill directory (about the compressed table);
-    the next tick removes it once untouched for an hour, and leaves a live refresh's alone."""
+    the next bronze run removes it once untouched for an hour, and leaves a live refresh's alone."""
     spills, marker = tmp_path / "tmp", tmp_path / "spilled"
     spills.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spills))
