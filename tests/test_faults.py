@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -219,6 +221,25 @@ def test_writer_killed_mid_write_leaves_the_old_file_and_next_tick_repairs(mater
     state, report = tick()
     assert state.is_completed() and set(report.partitions) == {PARTNER_A}
     assert read(lake_root, "gold", "usage_report", PARTNER_A).equals(before)
+
+
+def test_the_next_bronze_run_removes_a_killed_full_refresh_s_stale_spill_directory(materialized, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """What a SIGKILLed full refresh leaves on its host (tests/test_bronze.py kills one): removed by the
+    next bronze run there, once untouched for an hour."""
+    from flows.billing_usage_raw import billing_usage_raw
+    from usage_pipeline import bronze
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    left = tmp_path / f"{bronze.SPILL_PREFIX}killed"
+    left.mkdir()
+    (left / "0.parquet").write_bytes(b"spilled rows")
+    hour_ago = time.time() - bronze.STALE_TEMP_SECONDS - 60
+    for path in (left / "0.parquet", left):
+        os.utime(path, (hour_ago, hour_ago))
+    assert billing_usage_raw(dealer_ids=[1], return_state=True).is_completed()
+    assert not left.exists()
+    assert any(r.getMessage().startswith("Removed 1 spill directory(ies)") for r in caplog.records)
 
 
 def test_two_ticks_at_once_only_one_works(materialized, lake_root, monkeypatch):
