@@ -82,7 +82,7 @@ def bench_floor() -> None:
 
 
 def hold_partner_slots(partner_uuid: str) -> None:
-    from orchestration.runtime import partner_slot
+    from orchestration.slots import partner_slot
     from usage_pipeline.settings import load_settings
 
     with partner_slot(partner_uuid, load_settings()):

@@ -14,7 +14,7 @@ from orchestration.engine_logs import quiet_reported_tick_failures
 from orchestration.events import emit_partition_events, emit_tick_event
 from orchestration.report import publish_tick_artifacts
 from orchestration.setup import DETECTION_LIMIT, ensure_limit
-from orchestration.slots import SKIPPED, SlotTaken, leased_slots
+from orchestration.slots import ANOTHER_TICK, SKIPPED, SlotTaken, leased_slots
 from orchestration.tick import Layers, run_tick
 from usage_pipeline.partners import PartnerUUID, parse_partner_uuid
 from usage_pipeline.settings import load_settings
@@ -43,7 +43,7 @@ def usage_change_detection(
             report = run_tick(settings, LAYERS, dry_run, requested, full_refresh)
     except SlotTaken:
         get_run_logger().warning("Another detection tick is running; this one does nothing")
-        report = TickReport(dry_run=dry_run, skipped="another detection tick is running")
+        report = TickReport(dry_run=dry_run, skipped=ANOTHER_TICK)
     emit_partition_events(report)  # first: the stale alert's episodes close with them
     publish_tick_artifacts(report)
     emit_tick_event(report, time.perf_counter() - started)

@@ -24,12 +24,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilterEndTime,
     FlowRunFilterId,
     FlowRunFilterState,
-    FlowRunFilterStateName,
     FlowRunFilterStateType,
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, FlowRun, StateType
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.context import FlowRunContext
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.runtime import flow_run as current_flow_run
 
@@ -43,8 +43,9 @@ SLOT_POLL_SECONDS = 1.0  # longest wait between two asks for a taken slot
 REPOSSESSOR_SLACK_SECONDS = 45
 HOLDING_STATES = [StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED]  # a run holds slots only in its body
 
-# This process's flow runs waiting for slots, with their parents and the limits they wait for: a run
-# waiting for a slot of a limit holds none of it, nor does its parent (which would wait for it forever).
+# This process's flow runs waiting for slots, with their parent task runs (a subflow's link to its parent
+# run) and the limits they wait for: a run waiting for a slot of a limit holds none of it, nor does its
+# parent run (which would wait for it forever).
 # Guarded with the asks themselves, so that a repair never takes for a waiter a run whose ask has just
 # been granted.
 _BOOKS = threading.Lock()
@@ -55,7 +56,8 @@ class SlotTaken(RuntimeError):
     """A slot asked for without waiting is held by another run (the server answered 423 Locked)."""
 
 
-SKIPPED = "Skipped"  # the state name of a run that ended at once on SlotTaken: it held no slot
+SKIPPED = "Skipped"  # the state name of a tick that did nothing
+ANOTHER_TICK = "another detection tick is running"  # why, when it found the detection slot taken: it held none
 
 
 @contextmanager
@@ -139,9 +141,10 @@ def acquire(client: SyncPrefectClient, names: list[str], lease_seconds: float,
     waiter, started = None if holder is None else holder.id, time.monotonic()
     repair_at = started + (lease_seconds + REPOSSESSOR_SLACK_SECONDS if wait else 0)
     if waiter is not None:
-        parent = current_flow_run.parent_flow_run_id
+        context = FlowRunContext.get()  # not prefect.runtime's parent_flow_run_id: that asks the API each time
+        parent_task = context.flow_run.parent_task_run_id if context and context.flow_run else None
         with _BOOKS:
-            _WAITING[waiter] = (UUID(parent) if parent else None, frozenset(names))
+            _WAITING[waiter] = (parent_task, frozenset(names))
     try:
         while True:
             try:
@@ -205,21 +208,25 @@ def free_leaked_slots(client: SyncPrefectClient, names: list[str],
 
 
 def possible_holders(client: SyncPrefectClient, name: str, lease_seconds: float) -> list[FlowRun]:
-    """A few runs that may hold a slot of `name`: open and not waiting for it in this process, or
-    ended within a lease period (its lease may outlive it if its release was lost)."""
+    """Up to 3 open and 3 ended runs that may hold a slot of `name`: open and not waiting for it in this
+    process, or ended within a lease period (its lease may outlive it if its release was lost)."""
     flows, tag = slot_holders(name)
-    waiting = {run for waiter, (parent, names) in _WAITING.items() if name in names for run in (waiter, parent)}
-    others = FlowRunFilterId(not_any_=[run for run in waiting if run is not None] or None)
+    waiters = [(waiter, parent_task) for waiter, (parent_task, names) in _WAITING.items() if name in names]
+    parents = [client.read_task_run(parent_task).flow_run_id for _, parent_task in waiters if parent_task]
+    others = FlowRunFilterId(not_any_=[waiter for waiter, _ in waiters] + parents or None)
     tags = None if tag is None else FlowRunFilterTags(all_=[tag])
     ended_after = datetime.now(UTC) - timedelta(seconds=lease_seconds + REPOSSESSOR_SLACK_SECONDS)
     flow_filter = FlowFilter(name=FlowFilterName(any_=list(flows)))
-    return [
-        run for runs in (
-            FlowRunFilter(id=others, tags=tags, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=HOLDING_STATES))),
-            FlowRunFilter(id=others, tags=tags, end_time=FlowRunFilterEndTime(after_=ended_after),
-                          state=FlowRunFilterState(name=FlowRunFilterStateName(not_any_=[SKIPPED]))),
-        ) for run in client.read_flow_runs(flow_filter=flow_filter, flow_run_filter=runs, limit=3)
-    ]
+    open_runs = client.read_flow_runs(flow_filter=flow_filter, limit=3, flow_run_filter=FlowRunFilter(
+        id=others, tags=tags, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=HOLDING_STATES))))
+    ended = client.read_flow_runs(flow_filter=flow_filter, limit=50, flow_run_filter=FlowRunFilter(
+        id=others, tags=tags, end_time=FlowRunFilterEndTime(after_=ended_after)))
+    return open_runs + [run for run in ended if not found_the_slot_taken(run)][:3]
+
+
+def found_the_slot_taken(run: FlowRun) -> bool:
+    """A tick that ended at once because the detection slot was taken: it never held it."""
+    return run.state is not None and run.state.name == SKIPPED and ANOTHER_TICK in (run.state.message or "")
 
 
 class LeaseRenewal(threading.Thread):
