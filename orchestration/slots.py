@@ -195,11 +195,13 @@ def free_leaked_slots(client: SyncPrefectClient, names: list[str],
     the runs that may hold the others, as "RUN (STATE)"."""
     freed, holders = [], []
     with _BOOKS:
+        parent_runs = {task: client.read_task_run(task).flow_run_id
+                       for task, waited_for in _WAITING.values() if task and waited_for & set(names)}
         for name in names:
             limit = client.read_global_concurrency_limit_by_name(name)
             if limit.active_slots < limit.limit:
                 continue
-            if runs := possible_holders(client, name, lease_seconds):
+            if runs := possible_holders(client, name, lease_seconds, parent_runs):
                 holders += [f"{run.name} ({run.state_name})" for run in runs]
                 continue
             client.release_concurrency_slots([name], limit.active_slots, occupancy_seconds=lease_seconds)
@@ -207,21 +209,25 @@ def free_leaked_slots(client: SyncPrefectClient, names: list[str],
     return freed, holders
 
 
-def possible_holders(client: SyncPrefectClient, name: str, lease_seconds: float) -> list[FlowRun]:
-    """Up to 3 open and 3 ended runs that may hold a slot of `name`: open and not waiting for it in this
-    process, or ended within a lease period (its lease may outlive it if its release was lost)."""
+def possible_holders(client: SyncPrefectClient, name: str, lease_seconds: float,
+                     parent_runs: dict[UUID, UUID]) -> list[FlowRun]:
+    """Up to 3 runs that may hold a slot of `name`: open and not waiting for it in this process (nor
+    the parent run of one that waits), else ended within a lease period (its lease may outlive it if
+    its release was lost). `parent_runs`: the waiters' parent task runs -> their flow runs."""
     flows, tag = slot_holders(name)
-    waiters = [(waiter, parent_task) for waiter, (parent_task, names) in _WAITING.items() if name in names]
-    parents = [client.read_task_run(parent_task).flow_run_id for _, parent_task in waiters if parent_task]
-    others = FlowRunFilterId(not_any_=[waiter for waiter, _ in waiters] + parents or None)
+    waiting = [(waiter, task) for waiter, (task, waited_for) in _WAITING.items() if name in waited_for]
+    not_holding = [waiter for waiter, _ in waiting] + [parent_runs[task] for _, task in waiting if task]
+    others = FlowRunFilterId(not_any_=not_holding or None)
     tags = None if tag is None else FlowRunFilterTags(all_=[tag])
     ended_after = datetime.now(UTC) - timedelta(seconds=lease_seconds + REPOSSESSOR_SLACK_SECONDS)
     flow_filter = FlowFilter(name=FlowFilterName(any_=list(flows)))
     open_runs = client.read_flow_runs(flow_filter=flow_filter, limit=3, flow_run_filter=FlowRunFilter(
         id=others, tags=tags, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=HOLDING_STATES))))
+    if open_runs:
+        return open_runs
     ended = client.read_flow_runs(flow_filter=flow_filter, limit=50, flow_run_filter=FlowRunFilter(
         id=others, tags=tags, end_time=FlowRunFilterEndTime(after_=ended_after)))
-    return open_runs + [run for run in ended if not found_the_slot_taken(run)][:3]
+    return [run for run in ended if not found_the_slot_taken(run)][:3]
 
 
 def found_the_slot_taken(run: FlowRun) -> bool:
