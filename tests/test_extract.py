@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
 from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, join_services, stream_relevant_usage
-from usage_pipeline.queries import relevant_stats
+from usage_pipeline.queries import DEALER_BATCH, MIN_RANGE, dealer_conditions, relevant_stats
 from usage_pipeline.schema import billing_metadata, relevant_usage
 from usage_pipeline.transforms import (
     BRONZE_SCHEMA,
@@ -109,6 +109,46 @@ def test_dealer_stats_from_a_full_extract_equal_the_sources(billing_source, sour
     assert finish_dealer_stats(pl.concat(partials).lazy()) == truth
 
 
+def test_some_dealers_stats_by_ranges_and_lists_equal_the_full_joins(billing_source, source_engines):
+    """A rolling slice's consecutive dealers are asked as a range, scattered ones as an IN list, each
+    summed per customer and service before the service-data join (on MariaDB under SET STATEMENT
+    settings): every dealer's MAX and fingerprint must be those of the plain join of all dealers, or
+    the reconciliation would rebuild what did not change."""
+    builder = SourceBuilder(*source_engines)
+    builder.service(600, 1, name="Téléphonie ✆", status=10)
+    builder.service(600, 2, name=None, status=-3)
+    builder.service(601, 1, relevant=False)
+    run = range(100, 100 + MIN_RANGE + 8)
+    for n, dealer_id in enumerate(run):
+        builder.execute(
+            "INSERT INTO `usage` (usage_FK_customer_id, usage_FK_service_id, usage_FK_dealer_id, usage_date,"
+            " usage_quantity, usage_amount, usage_modified) VALUES"
+            " (600, 1, %s, '2026-10-01', 1.5, %s, %s), (600, 1, %s, '2026-10-02', 2, -0.0001, NULL),"
+            " (600, 2, %s, '2026-10-03', 3, 7.25, '2026-10-03 04:05:06.000007'), (601, 1, %s, '2026-10-04', 9, 9, NULL)",
+            dealer_id, f"{n}.0001", datetime(2026, 10, 1, 0, 0, n), dealer_id, dealer_id, dealer_id,
+        )
+    with billing_source.connect() as conn:
+        truth = relevant_stats(conn, None)
+        asked = [*run, 1, 3, 9, 77]  # 77 has no rows
+        assert relevant_stats(conn, asked) == {d: truth[d] for d in asked if d in truth}
+    assert dealer_stats(full_extract(billing_source, None).lazy()) == truth  # the join itself, counted by polars
+
+
+def test_dealer_conditions_range_consecutive_ids_and_list_the_rest():
+    run = list(range(1000, 1000 + DEALER_BATCH + MIN_RANGE))  # one batch and a second range's worth
+    conditions = [str(c.compile(compile_kwargs={"literal_binds": True}))
+                  for c in dealer_conditions([*run, 5, 7, 8, 2000, 2000])]
+    assert conditions == [
+        f'usage."usage_FK_dealer_id" BETWEEN 1000 AND {1000 + DEALER_BATCH - 1}',
+        f'usage."usage_FK_dealer_id" BETWEEN {1000 + DEALER_BATCH} AND {run[-1]}',
+        'usage."usage_FK_dealer_id" IN (5, 7, 8, 2000)',
+    ]
+    short = list(range(1, MIN_RANGE))  # a run too short for a range of its own
+    assert [str(c.compile(compile_kwargs={"literal_binds": True})) for c in dealer_conditions(short)] == [
+        f'usage."usage_FK_dealer_id" IN ({", ".join(map(str, short))})']
+    assert dealer_conditions([]) == []
+
+
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
 @pytest.mark.parametrize("emptied", ["usage", "v4_wh_service_data"])
 def test_an_empty_table_gives_an_empty_bronze_with_the_full_schema(billing_source, source_engines, transport, emptied):
@@ -139,6 +179,7 @@ def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
     with engine.begin() as conn:
         conn.execute(sa.update(services).values(service_data_service_name="Téléphonie ✆"))
         truth = relevant_stats(conn, None)
+        assert relevant_stats(conn, [1, 2]) == truth  # summed per customer and service first: the same
     assert dealer_stats(full_extract(engine, None).lazy()) == truth
 
 

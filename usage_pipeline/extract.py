@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 
-from usage_pipeline.queries import dealer_batches
+from usage_pipeline.queries import dealer_batches, execute_join
 from usage_pipeline.schema import RELEVANT_SERVICE, relevant_usage, service_data, usage
 from usage_pipeline.transforms import BRONZE_SCHEMA, MONEY, BadSourceRows, empty, money_from_units, normalize_bronze
 
@@ -67,13 +67,15 @@ def _money_units_sqlite(element: money_units, compiler, **kw) -> str:
     return compiler.process(sa.case((whole, scaled), else_=sa.cast(sa.func.round(scaled), sa.BigInteger)), **kw)
 
 
+def relevant_totals_statement() -> sa.Select:
+    """Rows, quantity and amount sums (in units) of all relevant usage: one aggregate over the join."""
+    money = (sa.func.sum(money_units(c)) for c in (usage.c.usage_quantity, usage.c.usage_amount))
+    return sa.select(sa.func.count(), *money).select_from(relevant_usage)
+
+
 def relevant_totals(conn: sa.Connection) -> tuple[int, Decimal, Decimal]:
-    """Rows, quantity and amount sums of all relevant usage, exact: one aggregate query, the independent
-    number a start-over tick checks its extract against."""
-    rows, quantity, amount = conn.execute(
-        sa.select(sa.func.count(), *(sa.func.sum(money_units(c)) for c in (usage.c.usage_quantity, usage.c.usage_amount)))
-        .select_from(relevant_usage)
-    ).one()
+    """The totals, exact: the independent number a start-over tick checks its extract against."""
+    rows, quantity, amount = execute_join(conn, relevant_totals_statement()).one()
     return int(rows), *(Decimal(int(units or 0)).scaleb(-4) for units in (quantity, amount))
 
 

@@ -25,9 +25,19 @@ from usage_pipeline.detection import (
 )
 from usage_pipeline.partners import is_partner_uuid
 from usage_pipeline.reconciliation import ReconcileSlice, plan_slice
-from usage_pipeline.schema import dealer, relevant_usage, service_data, usage
+from usage_pipeline.schema import RELEVANT_SERVICE, dealer, relevant_usage, service_data, usage
 
-DEALER_BATCH = 500  # dealers per IN (...) list
+DEALER_BATCH = 500  # dealers per statement: an IN (...) list, or a range whose groups fit in memory
+MIN_RANGE = 32  # consecutive dealer ids that one BETWEEN range covers instead of an IN list
+# bench/README.md, "The reconciliation's access path": what each buys on the bench sets.
+MARIADB_JOIN_SETTINGS = (
+    "optimizer_switch='mrr=on,mrr_sort_keys=on,mrr_cost_based=off'",
+    "mrr_buffer_size=8388608",
+    "join_cache_level=6",
+    "join_buffer_size=33554432",
+    "tmp_table_size=67108864",
+    "max_heap_table_size=67108864",
+)
 
 
 def dealer_batches(dealers: Iterable[int]) -> list[list[int]]:
@@ -72,6 +82,56 @@ def _char_length_sqlite(element: char_length, compiler, **kw) -> str:
     return f"length({compiler.process(element.clauses, **kw)})"
 
 
+def dealer_conditions(dealers: Iterable[int]) -> list[sa.ColumnElement[bool]]:
+    """WHERE clauses that cover `dealers`, at most DEALER_BATCH of them each: a run of at least MIN_RANGE
+    consecutive ids as one BETWEEN range (one index range scan instead of an index dive per dealer; a
+    rolling slice over consecutive ids is such a run), the rest as IN lists."""
+    ordered = sorted(set(dealers))
+    runs: list[list[int]] = []
+    for dealer_id in ordered:
+        if runs and dealer_id == runs[-1][-1] + 1 and len(runs[-1]) < DEALER_BATCH:
+            runs[-1].append(dealer_id)
+        else:
+            runs.append([dealer_id])
+    dealer_column = usage.c.usage_FK_dealer_id
+    ranges = [dealer_column.between(run[0], run[-1]) for run in runs if len(run) >= MIN_RANGE]
+    scattered = [d for run in runs if len(run) < MIN_RANGE for d in run]
+    return ranges + [dealer_column.in_(batch) for batch in dealer_batches(scattered)]
+
+
+def relevant_stats_statement(where: sa.ColumnElement[bool] | None) -> sa.Select:
+    """The fingerprint's aggregates per dealer. For some dealers, `usage` rows are first summed per
+    customer and service, so each group costs one service-data lookup, not each row (about 5 rows a
+    group on the bench set); for all of them, that grouping would not fit in memory, so it is the join."""
+    status, name = service_data.c.service_data_FK_service_status_id, service_data.c.service_data_service_name
+    if where is None:
+        name_chars = char_length(sa.func.coalesce(name, ""))
+        return (
+            sa.select(usage.c.usage_FK_dealer_id, sa.func.max(usage.c.usage_modified), sa.func.count(),
+                      *(sa.func.sum(c) for c in (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount,
+                                                 status, name_chars)))
+            .select_from(relevant_usage).group_by(usage.c.usage_FK_dealer_id)
+        )
+    keys = (usage.c.usage_FK_dealer_id, usage.c.usage_FK_customer_id, usage.c.usage_FK_service_id)
+    groups = (
+        sa.select(*keys, sa.func.max(usage.c.usage_modified).label("last_modified"), sa.func.count().label("rows"),
+                  *(sa.func.sum(c).label(c.name) for c in (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount)))
+        .where(where).group_by(*keys).subquery("usage_groups")
+    )
+    matched = groups.join(service_data, sa.and_(
+        service_data.c.service_data_FK_customer_id == groups.c.usage_FK_customer_id,
+        service_data.c.service_data_FK_service_id == groups.c.usage_FK_service_id,
+        RELEVANT_SERVICE,
+    ))
+    rows = groups.c.rows
+    return (
+        sa.select(groups.c.usage_FK_dealer_id, sa.func.max(groups.c.last_modified), sa.func.sum(rows),
+                  *(sa.func.sum(groups.c[c.name]) for c in (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount)),
+                  sa.func.sum(rows * status), sa.func.sum(rows * char_length(sa.func.coalesce(name, ""))))
+        .select_from(matched).group_by(groups.c.usage_FK_dealer_id)
+    )
+
+
 def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int, DealerStats]:
     """MAX(usage_modified) and a fingerprint of the relevant rows, for `dealers` (None: all).
 
@@ -80,29 +140,25 @@ def relevant_stats(conn: Connection, dealers: Iterable[int] | None) -> dict[int,
     unchanged, rows that move in or out of the filters through service-data
     changes, and status or name changes of their services.
     """
-    columns = (
-        usage.c.usage_FK_dealer_id,
-        sa.func.max(usage.c.usage_modified),
-        sa.func.count(),
-        sa.func.sum(usage.c.usage_id),
-        sa.func.sum(usage.c.usage_quantity),
-        sa.func.sum(usage.c.usage_amount),
-        sa.func.sum(service_data.c.service_data_FK_service_status_id),
-        sa.func.sum(char_length(sa.func.coalesce(service_data.c.service_data_service_name, ""))),
-    )
-    base = sa.select(*columns).select_from(relevant_usage).group_by(usage.c.usage_FK_dealer_id)
-    statements = (
-        [base]
-        if dealers is None
-        else [base.where(usage.c.usage_FK_dealer_id.in_(batch)) for batch in dealer_batches(dealers)]
-    )
+    wheres = [None] if dealers is None else dealer_conditions(dealers)
     stats: dict[int, DealerStats] = {}
-    for stmt in statements:
-        for dealer_id, last_modified, rows, id_sum, qty_sum, amount_sum, status_sum, name_sum in conn.execute(stmt):
+    for where in wheres:
+        for dealer_id, last_modified, rows, id_sum, qty_sum, amount_sum, status_sum, name_sum in execute_join(
+                conn, relevant_stats_statement(where)):
             stats[int(dealer_id)] = DealerStats(
                 as_datetime(last_modified), fingerprint(rows, id_sum, qty_sum, amount_sum, status_sum, name_sum)
             )
     return stats
+
+
+def execute_join(conn: Connection, stmt: sa.Select) -> sa.CursorResult:
+    """Run an aggregate over `usage` joined with service data. On MariaDB, with settings for this statement
+    only (SET STATEMENT ... FOR): fetch `usage` rows in key order (MRR) and look service rows up in
+    sorted batches (BKA), with room for a batch's groups in memory. MySQL and SQLite run it as it is."""
+    if not getattr(conn.dialect, "is_mariadb", False):
+        return conn.execute(stmt)
+    sql = stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})  # ints and '' only
+    return conn.exec_driver_sql(f"SET STATEMENT {', '.join(MARIADB_JOIN_SETTINGS)} FOR {sql}")
 
 
 def dealer_directory(conn: Connection) -> tuple[dict[int, str | None], list[str]]:
