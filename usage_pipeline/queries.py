@@ -103,19 +103,19 @@ def relevant_stats_statement(where: sa.ColumnElement[bool] | None) -> sa.Select:
     """The fingerprint's aggregates per dealer. For some dealers, `usage` rows are first summed per
     customer and service, so each group costs one service-data lookup, not each row (about 5 rows a
     group on the bench set); for all of them, that grouping would not fit in memory, so it is the join."""
-    status, name = service_data.c.service_data_FK_service_status_id, service_data.c.service_data_service_name
+    status = service_data.c.service_data_FK_service_status_id
+    name_chars = char_length(sa.func.coalesce(service_data.c.service_data_service_name, ""))
+    summed = (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount)
     if where is None:
-        name_chars = char_length(sa.func.coalesce(name, ""))
         return (
             sa.select(usage.c.usage_FK_dealer_id, sa.func.max(usage.c.usage_modified), sa.func.count(),
-                      *(sa.func.sum(c) for c in (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount,
-                                                 status, name_chars)))
+                      *(sa.func.sum(c) for c in (*summed, status, name_chars)))
             .select_from(relevant_usage).group_by(usage.c.usage_FK_dealer_id)
         )
     keys = (usage.c.usage_FK_dealer_id, usage.c.usage_FK_customer_id, usage.c.usage_FK_service_id)
     groups = (
         sa.select(*keys, sa.func.max(usage.c.usage_modified).label("last_modified"), sa.func.count().label("rows"),
-                  *(sa.func.sum(c).label(c.name) for c in (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount)))
+                  *(sa.func.sum(c).label(c.name) for c in summed))
         .where(where).group_by(*keys).subquery("usage_groups")
     )
     matched = groups.join(service_data, sa.and_(
@@ -126,8 +126,8 @@ def relevant_stats_statement(where: sa.ColumnElement[bool] | None) -> sa.Select:
     rows = groups.c.rows
     return (
         sa.select(groups.c.usage_FK_dealer_id, sa.func.max(groups.c.last_modified), sa.func.sum(rows),
-                  *(sa.func.sum(groups.c[c.name]) for c in (usage.c.usage_id, usage.c.usage_quantity, usage.c.usage_amount)),
-                  sa.func.sum(rows * status), sa.func.sum(rows * char_length(sa.func.coalesce(name, ""))))
+                  *(sa.func.sum(groups.c[c.name]) for c in summed),
+                  sa.func.sum(rows * status), sa.func.sum(rows * name_chars))
         .select_from(matched).group_by(groups.c.usage_FK_dealer_id)
     )
 
