@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +53,7 @@ def bench_scale(scale: int, reps: int) -> list[list[str]]:
     engine = sa.create_engine(bench.billing_url(), connect_args={"read_timeout": 3600})
     with engine.connect() as conn:
         stats = relevant_stats(conn, None)
-        cursor = Cursor(dealer_last_modified={d: s.last_modified for d, s in stats.items()},
-                        reconciled_at=datetime(2026, 11, 1, 12, 0))
+        cursor = Cursor(dealer_last_modified={d: s.last_modified for d, s in stats.items()})
         dealers = cycle_slices(conn, cursor)[0]
         before = measure(lambda: stats_before(conn, dealers), reps)
         now = measure(lambda: relevant_stats(conn, dealers), reps)

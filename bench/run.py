@@ -57,7 +57,7 @@ from usage_pipeline.detection import (  # noqa: E402
 )
 from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, read_frame  # noqa: E402
 from usage_pipeline.queries import dealer_directory, probe_raw_max, relevant_stats  # noqa: E402
-from usage_pipeline.reconciliation import TICK_SECONDS, ReconcileSlice, plan_slice  # noqa: E402
+from usage_pipeline.reconciliation import TICK_SECONDS, plan_slice  # noqa: E402
 from usage_pipeline.schema import relevant_usage, usage  # noqa: E402
 from usage_pipeline.transforms import normalize_bronze  # noqa: E402
 
@@ -155,17 +155,20 @@ def environment(bench: BenchSet, engine: sa.Engine) -> str:
 # --------------------------------------------------------------------------- (a) detection
 
 
+CYCLE_START = datetime(2026, 11, 1, 12, 0)  # the last tick's, and the reconciliation cycle's start
+
+
 def current_cursor(conn: sa.Connection, partners: dict[int, str | None]) -> tuple[Cursor, dict[int, Any]]:
     """The cursor the pipeline would hold right after a successful tick on this data, built by
     the pipeline's own functions (first-run plan, every partition succeeded)."""
     raw_max = probe_raw_max(conn)
     stats = relevant_stats(conn, None)
     known = frozenset(raw_max) | frozenset(stats)
-    snapshot = SourceSnapshot(raw_max, known, stats, partners, ReconcileSlice.everything(known))
+    snapshot = SourceSnapshot(raw_max, known, stats, partners)
     plan = plan_tick(Cursor(), snapshot)
     ok = RunOutcome("bench", "Completed", True)
     outcomes = {p: PartitionOutcome(p, ok, ok) for p in plan.partitions}
-    cursor = advance_cursor(Cursor(), snapshot, plan, ok, outcomes, datetime(2026, 11, 1, 12, 0))
+    cursor = advance_cursor(Cursor(), snapshot, plan, ok, outcomes, CYCLE_START)
     return cursor, stats
 
 
@@ -178,26 +181,26 @@ def with_changed_dealer(cursor: Cursor, dealer: int) -> Cursor:
 
 
 def project_detection(conn: sa.Connection, cursor: Cursor, into_cycle: float = 0.0) -> tuple[set[int] | None, dict]:
-    """What take_snapshot() asks the billing database, in the same order, `into_cycle` seconds into the
-    rolling reconciliation's cycle (0: its slice is empty) with USAGE_RECONCILE_SECONDS at its default."""
+    """What take_snapshot() asks the billing database, in the same order, and then a usage-reconciliation
+    run `into_cycle` seconds into its cycle (0: its slice is empty) with USAGE_RECONCILE_SECONDS at its
+    default (the two asked one after the other, as ticks did before the reconciliation ran on its own)."""
     raw_max = probe_raw_max(conn)
     candidates = probe_candidates(cursor, raw_max)
     if candidates is None:
         return None, relevant_stats(conn, None)
     known = set(raw_max) | set(cursor.dealer_last_modified)
-    rolling = plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer,
-                         cursor.reconciled_at + timedelta(seconds=into_cycle), RECONCILE_SECONDS)
+    rolling = plan_slice(known, CYCLE_START, None, CYCLE_START + timedelta(seconds=into_cycle), RECONCILE_SECONDS)
     return candidates | rolling.dealers, relevant_stats(conn, candidates | rolling.dealers)
 
 
 def cycle_slices(conn: sa.Connection, cursor: Cursor) -> list[frozenset[int]]:
-    """The rolling reconciliation's slices over one cycle of 5-minute ticks, as the ticks plan them."""
+    """The rolling reconciliation's slices over one cycle of 5-minute runs, as the runs plan them."""
     known = set(probe_raw_max(conn)) | set(cursor.dealer_last_modified)
     slices, position, tick = [], None, 0
     while True:
         tick += 1
-        now = cursor.reconciled_at + timedelta(seconds=tick * TICK_SECONDS)
-        rolling = plan_slice(known, cursor.reconciled_at, position, now, RECONCILE_SECONDS)
+        now = CYCLE_START + timedelta(seconds=tick * TICK_SECONDS)
+        rolling = plan_slice(known, CYCLE_START, position, now, RECONCILE_SECONDS)
         slices.append(rolling.dealers)
         position = rolling.next_dealer
         if rolling.completes:

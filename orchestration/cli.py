@@ -59,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         billing, made = build_demo_source()
         serve_log = state_dir / "serve.log"
         processes.append(local_prefect.start_serve(serve_log))  # unscheduled: the scripted ticks run alone
-        print(f"Serving the four deployments (log in {serve_log})")
+        print(f"Serving the five deployments (log in {serve_log})")
         run_demo_ticks(billing, made)
         if args.exit:
             return 0
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="build the embedded SQLite source, run real ticks, keep the UI up")
     demo.add_argument("--exit", action="store_true", help="stop after the scripted ticks (for scripts)")
     demo.set_defaults(func=cmd_demo)
-    serve = commands.add_parser("serve", help="serve the four deployments in one process")
+    serve = commands.add_parser("serve", help="serve the five deployments in one process")
     serve.add_argument("--no-schedule", action="store_true", help="do not schedule detection every 300 s")
     serve.set_defaults(func=cmd_serve)
     cursor = commands.add_parser("cursor", help="what detection remembers, and forcing rebuilds").add_subparsers(

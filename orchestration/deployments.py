@@ -1,4 +1,4 @@
-"""The four deployments, declared once in prefect.yaml: `prefect deploy --all` reads it for workers,
+"""The five deployments, declared once in prefect.yaml: `prefect deploy --all` reads it for workers,
 `usage-pipeline serve` builds the same deployments from it for local use."""
 
 from __future__ import annotations

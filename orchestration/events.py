@@ -1,5 +1,5 @@
 """The pipeline's Prefect events (CONTRACT.md section 8): one per tick, one per partition found pending,
-one per partition rebuild.
+one per partition rebuild; and one per slice of the rolling reconciliation.
 
 Operators see them in the UI's Event Feed and build automations on them; `usage-pipeline
 setup` creates three (orchestration/alerts.py). Emitted from the tick's run (or a partner run
@@ -25,9 +25,12 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from usage_pipeline.detection import Plan, RunOutcome
+    from usage_pipeline.reconciliation import ReconciliationReport
     from usage_pipeline.tick_report import TickReport
 
 TICK_EVENT = "usage.detection.tick"
+RECONCILIATION_EVENT = "usage.reconciliation.slice"
+RECONCILIATION_RESOURCE = "usage.reconciliation"
 TICK_RESOURCE = "usage.detection"
 PENDING_EVENT = "usage.partition.pending"
 MATERIALIZED_EVENT = "usage.partition.materialized"
@@ -61,7 +64,7 @@ def freshness_lags(cursor: Cursor | None, now: datetime) -> dict[str, float]:
 
 
 def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
-    plan, rolling = report.plan, report.reconciliation
+    plan = report.plan
     outcomes = report.partitions.values()
     emit_event(
         event=TICK_EVENT,
@@ -75,14 +78,30 @@ def emit_tick_event(report: TickReport, duration_seconds: float) -> None:
                                                          if plan and report.bronze and not report.bronze.ok else 0),
             "duration_seconds": round(duration_seconds, 3),
             "source_query_seconds": round(report.source_seconds, 3) if report.source_seconds is not None else None,
-            # True when the tick completed a cycle of the rolling reconciliation (every dealer re-checked).
-            "reconciliation": bool(rolling and rolling.completes),
-            "reconciled_dealers": len(rolling.dealers) if rolling else 0,
-            "reconciliation_cycle_percent": rolling.cycle_percent if rolling else None,
+            # Dealers the rolling reconciliation found changed that this tick re-checked; how late its cycle is.
+            "reconciliation_suspects": len(report.suspects),
+            "reconciliation_overdue_seconds": report.reconciliation_overdue_seconds,
             "dry_run": report.dry_run,
             "skipped": report.skipped,
             "bronze": report.bronze_table,
             "freshness_lag_seconds": freshness_lags(report.cursor, utc_now()),
+        },
+    )
+
+
+def emit_reconciliation_event(report: ReconciliationReport) -> None:
+    done = report.slice
+    emit_event(
+        event=RECONCILIATION_EVENT,
+        resource={"prefect.resource.id": RECONCILIATION_RESOURCE, "prefect.resource.name": "usage-reconciliation"},
+        payload={
+            "summary": report.summary(),
+            "reconciled_dealers": len(done.dealers),
+            "known_dealers": done.known,
+            "cycle_percent": done.cycle_percent,
+            "cycle_completed": done.completes,
+            "changed": {str(dealer): reason for dealer, reason in report.changed.items()},
+            "source_query_seconds": round(report.seconds, 3),
         },
     )
 

@@ -17,6 +17,7 @@ DEPLOYMENT_NAMES = (
     "billing-usage-raw/billing-usage-raw",
     "partner-silver/partner-silver",
     "partner-gold/partner-gold",
+    "usage-reconciliation/usage-reconciliation",
 )
 
 
@@ -78,7 +79,7 @@ def start_server(
 
 
 def start_serve(log: Path, extra_args: Iterable[str] = ("--no-schedule",), env: dict | None = None) -> subprocess.Popen:
-    """`usage-pipeline serve` in the background; returns once its four deployments exist."""
+    """`usage-pipeline serve` in the background; returns once its five deployments exist."""
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestration.cli", "serve", *extra_args],
         env=env or dict(os.environ), stdout=open(log, "ab"), stderr=subprocess.STDOUT,

@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
+from orchestration.reconcile import load_reconciliation_state
 from orchestration.report import freshness_rows
 from orchestration.runtime import load_dealer_directory, load_source, read_cursor_value
 from orchestration.setup import BILLING_BLOCK
@@ -54,6 +55,7 @@ def show_cursor() -> list[str]:
     )
     table = bronze.status(load_settings().lake_path)
     lines.append("bronze: no Delta table yet" if table is None else f"bronze: {table.describe()}")
+    lines.append(f"reconciliation: {reconciliation_status(cursor)}")
     if cursor.is_first_run and block_value is not None:
         lines.append("The cursor is empty: the next tick rebuilds bronze and every partition.")
     rows = freshness_rows(cursor, utc_now())
@@ -64,6 +66,20 @@ def show_cursor() -> list[str]:
     lines.append("  ".join(c.ljust(widths[c]) for c in SHOW_COLUMNS).rstrip())
     lines.extend("  ".join(str(r[c]).ljust(widths[c]) for c in SHOW_COLUMNS).rstrip() for r in rows)
     return lines
+
+
+def reconciliation_status(cursor: Cursor) -> str:
+    """Where the rolling reconciliation stands, and the dealers it found changed that await a tick."""
+    settings = load_settings()
+    state, problem = load_reconciliation_state(settings.lake_path)
+    if state is None:
+        return problem or "has not run yet (deployment usage-reconciliation)"
+    position = "its first dealer" if state.next_dealer is None else f"dealer {state.next_dealer}"
+    waiting = sorted(state.unchecked_suspects(cursor.suspects_checked_through))
+    overdue = state.overdue_seconds(utc_now(), settings.reconcile_seconds)
+    return (f"cycle started {format_timestamp(state.cycle_started_at)}, goes on from {position};"
+            f" {len(waiting)} dealer(s) found changed await the next tick{f' {waiting}' if waiting else ''}"
+            + (f"; OVERDUE by {overdue:.0f} s: is the usage-reconciliation deployment running?" if overdue else ""))
 
 
 def reset_cursor(everything: bool, partners: list[str], dealers: list[int]) -> list[str]:
@@ -157,8 +173,10 @@ def explain(dealer: int) -> list[str]:
     billing = load_source(BILLING_BLOCK)
     try:
         with billing.engine.connect() as conn:
+            settings = load_settings()
+            reconciliation, _ = load_reconciliation_state(settings.lake_path)  # unreadable: as if it had not run
             explanation = explain_dealer(conn, dealer, directory, cursor, detection_schedule(), utc_now(),
-                                         load_settings().reconcile_seconds)
+                                         settings.reconcile_seconds, reconciliation)
     except Exception as exc:
         raise billing.error(exc) from None
     finally:

@@ -1,4 +1,4 @@
-"""Prefect glue the four flows share: source connections, the cursor block, slots, child runs."""
+"""Prefect glue the flows share: source connections, the cursor block, slots, child runs."""
 
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 PARTITIONS_LIMIT = "usage-partitions"
 DETECTION_LIMIT = "usage-change-detection"
 BRONZE_LIMIT = "usage-bronze"  # one writer of the bronze table at a time: writes, compaction, vacuum
+RECONCILIATION_LIMIT = "usage-reconciliation"  # one writer of the reconciliation's state at a time
 
 
 class SetupError(ValueError):
@@ -43,7 +44,7 @@ def partner_limit(partner_uuid: str) -> str:
 
 PARTITION_FLOWS = ("partner-silver", "partner-gold")
 SLOT_HOLDERS = {DETECTION_LIMIT: ("usage-change-detection",), BRONZE_LIMIT: ("billing-usage-raw",),
-                PARTITIONS_LIMIT: PARTITION_FLOWS}
+                RECONCILIATION_LIMIT: ("usage-reconciliation",), PARTITIONS_LIMIT: PARTITION_FLOWS}
 
 
 def slot_holders(limit: str) -> tuple[tuple[str, ...], str | None]:
@@ -154,6 +155,7 @@ def run_setup(settings: Settings, environ: dict[str, str] | None = None) -> list
     ensure_limit(PARTITIONS_LIMIT, settings.max_concurrent_partitions, update=True)
     ensure_limit(DETECTION_LIMIT, 1, update=True)
     ensure_limit(BRONZE_LIMIT, 1, update=True)
+    ensure_limit(RECONCILIATION_LIMIT, 1, update=True)
     done.append(f"concurrency limits: {PARTITIONS_LIMIT}={settings.max_concurrent_partitions}, {DETECTION_LIMIT}=1,"
-                f" {BRONZE_LIMIT}=1")
+                f" {BRONZE_LIMIT}=1, {RECONCILIATION_LIMIT}=1")
     return done

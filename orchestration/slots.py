@@ -58,6 +58,7 @@ class SlotTaken(RuntimeError):
 
 SKIPPED = "Skipped"  # the state name of a tick that did nothing
 ANOTHER_TICK = "another detection tick is running"  # why, when it found the detection slot taken: it held none
+ANOTHER_RECONCILIATION = "another reconciliation run is running"  # likewise for the reconciliation's slot
 
 
 @contextmanager
@@ -231,8 +232,10 @@ def possible_holders(client: SyncPrefectClient, name: str, lease_seconds: float,
 
 
 def found_the_slot_taken(run: FlowRun) -> bool:
-    """A tick that ended at once because the detection slot was taken: it never held it."""
-    return run.state is not None and run.state.name == SKIPPED and ANOTHER_TICK in (run.state.message or "")
+    """A tick or reconciliation run that ended at once because its slot was taken: it never held it."""
+    message = "" if run.state is None else run.state.message or ""
+    return run.state is not None and run.state.name == SKIPPED and (ANOTHER_TICK in message
+                                                                     or ANOTHER_RECONCILIATION in message)
 
 
 class LeaseRenewal(threading.Thread):

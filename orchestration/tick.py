@@ -23,6 +23,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from orchestration.crashed_runs import crash_orphaned_runs, heartbeat_problem
 from orchestration.events import emit_pending_events
+from orchestration.reconcile import load_reconciliation_state
 from orchestration.runtime import (
     SourceError,
     TickShared,
@@ -40,7 +41,7 @@ from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
 from usage_pipeline.check_results import with_severity
 from usage_pipeline.checks import totals_check
-from usage_pipeline.cursor import Cursor, parse_cursor
+from usage_pipeline.cursor import Cursor, format_timestamp, parse_cursor
 from usage_pipeline.detection import (
     PartitionOutcome,
     Plan,
@@ -58,6 +59,7 @@ from usage_pipeline.lake import LakePath, read_state_document, remove_stale_temp
 from usage_pipeline.materialize import BronzeResult, bronze_dealer_stats
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
+from usage_pipeline.reconciliation import ReconciliationState
 from usage_pipeline.schema import INDEX_ADVICE
 from usage_pipeline.settings import Settings
 from usage_pipeline.tick_report import TickReport
@@ -75,7 +77,7 @@ class Layers:
 
 
 def take_snapshot(
-    cursor: Cursor, now: datetime, requested: frozenset[str], reconcile_seconds: float, stats_from_bronze: bool
+    cursor: Cursor, requested: frozenset[str], stats_from_bronze: bool, reconciliation: ReconciliationState | None
 ) -> SourceSnapshot:
     """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
@@ -84,7 +86,7 @@ def take_snapshot(
     try:
         with billing.engine.connect() as conn:
             snapshot, probe_seconds = read_snapshot(
-                conn, cursor, now, reconcile_seconds, partners, requested, stats_from_bronze
+                conn, cursor, partners, requested, stats_from_bronze, reconciliation
             )
         if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
             logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
@@ -99,10 +101,34 @@ def take_snapshot(
         )
     else:
         logger.info(
-            "Found usage data for %d dealer(s); checked %d under the billing filters; %s",
-            len(snapshot.raw_max), len(snapshot.checked), snapshot.reconciliation.describe(),
+            "Found usage data for %d dealer(s); checked %d under the billing filters, %d of them found changed"
+            " by the rolling reconciliation%s", len(snapshot.raw_max), len(snapshot.checked), len(snapshot.suspects),
+            f" {sorted(snapshot.suspects)}" if snapshot.suspects else "",
         )
     return snapshot
+
+
+def read_reconciliation(root: LakePath, now: datetime, period_seconds: float,
+                        cursor: Cursor) -> tuple[ReconciliationState | None, float | None]:
+    """The rolling reconciliation's state, for its suspects, and how late its cycle is; said in the log
+    when it is late or has not run (its deployment, usage-reconciliation, is not served or not scheduled)."""
+    logger = get_run_logger()
+    state, problem = load_reconciliation_state(root)
+    if problem:
+        logger.warning("%s; its suspects are re-checked once a usage-reconciliation run saves it again", problem)
+    if state is None:
+        if cursor.dealer_seen is not None and not problem:
+            logger.info("The rolling reconciliation has not run yet (deployment usage-reconciliation): changes that"
+                        " leave MAX(usage_modified) alone are found once it does")
+        return None, None
+    overdue = state.overdue_seconds(now, period_seconds)
+    if overdue:
+        logger.warning(
+            "The rolling reconciliation's cycle started %s and is %.0f s past USAGE_RECONCILE_SECONDS: is the"
+            " usage-reconciliation deployment running? Changes that leave MAX(usage_modified) alone wait for it",
+            format_timestamp(state.cycle_started_at), overdue,
+        )
+    return state, overdue
 
 
 def complete_snapshot(snapshot: SourceSnapshot, root: LakePath, written: BronzeResult | None,
@@ -302,9 +328,11 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     logger.info("Checking dealer timestamps for usage changes")
     started = time.perf_counter()
     stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
+    reconciliation, report.reconciliation_overdue_seconds = read_reconciliation(
+        root, now, settings.reconcile_seconds, cursor)
     try:
-        snapshot = take_snapshot(cursor, now, requested, settings.reconcile_seconds, stats_from_bronze)
-        report.source_seconds, report.reconciliation = time.perf_counter() - started, snapshot.reconciliation
+        snapshot = take_snapshot(cursor, requested, stats_from_bronze, reconciliation)
+        report.source_seconds, report.suspects = time.perf_counter() - started, snapshot.suspects
     except SourceError as exc:
         logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
         report.skipped = str(exc)
@@ -322,7 +350,6 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     if plan.runs_bronze:
         with without_subflow_heartbeats():
             snapshot = run_layers(plan, snapshot, layers, settings, report)
-        report.reconciliation = snapshot.reconciliation  # a start-over tick's, once bronze counted every dealer
 
     new_cursor = advance_cursor(cursor, snapshot, plan, report.bronze, report.partitions, now)
     for partner, status in new_cursor.partitions.items():

@@ -103,7 +103,7 @@ def test_tick_and_partition_events_carry_resources_payloads_and_related_runs(fre
     payload = tick_event["payload"]
     assert (payload["dealers_changed"], payload["partitions"], payload["ok"], payload["failed"]) == (1, 1, 1, 0)
     assert payload["duration_seconds"] > 0 and payload["source_query_seconds"] > 0
-    assert payload["reconciliation"] is False
+    assert payload["reconciliation_suspects"] == 0 and payload["reconciliation_overdue_seconds"] is None
     tick_run = f"prefect.flow-run.{state.state_details.flow_run_id}"
     assert tick_run in {r["prefect.resource.id"] for r in tick_event["related"]}
 

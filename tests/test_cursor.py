@@ -45,8 +45,7 @@ def full_cursor() -> Cursor:
                                        checks="13/13 passed"),
             PARTNER_B: PartitionStatus(None, None, 2, "partner-silver Failed: boom", datetime(2026, 1, 20, 11, 55)),
         },
-        reconciled_at=datetime(2026, 1, 20, 11, 0, 0, 1),
-        reconcile_next_dealer=7,
+        suspects_checked_through=41,
         fingerprints={1: "3:6:6.0000:30.0000", 3: "1:9:1.0000:2.5000", 12: "0:0:0:0"},
     )
 
@@ -62,14 +61,14 @@ def test_format_timestamp_is_contract_format_with_microseconds_and_z():
 
 def test_to_json_writes_every_timestamp_in_contract_format():
     value = combined(full_cursor())
-    stamps = [value["global_last_modified"], value["reconciled_at"]]
+    stamps = [value["global_last_modified"]]
     stamps += [v for v in value["dealer_last_modified"].values() if v is not None]
     for seen in value["dealer_seen"].values():
         stamps += [v for v in (seen["raw_max"], seen["last_modified"]) if v is not None]
     for status in value["partitions"].values():
         stamps += [v for v in (status["materialized_at"], status["source_watermark"], status["pending_since"])
                    if v is not None]
-    assert len(stamps) == 12
+    assert len(stamps) == 11
     for stamp in stamps:
         assert CONTRACT_TIMESTAMP.match(stamp), stamp
     assert value["global_last_modified"] == "2026-01-20T12:00:00.123456Z"
@@ -406,12 +405,14 @@ def test_partitions_not_an_object_warns_and_is_absent():
     assert "partitions must be an object" in warnings[0]
 
 
-def test_unparsable_reconciled_at_warns_and_is_absent():
-    cursor, warnings = parse_cursor({"reconciled_at": "later", "dealer_last_modified": {"1": TS}})
-    assert cursor.reconciled_at is None
+@pytest.mark.parametrize("bad", ["7", 1.5, True, [7], -1])
+def test_an_unreadable_suspects_checked_through_warns_and_re_checks_every_suspect(bad):
+    state = {**full_cursor().state_document(), "suspects_checked_through": bad}
+    cursor, warnings = parse_cursor({"dealer_last_modified": {"1": TS}}, state)
+    assert cursor.suspects_checked_through == 0
     assert cursor.dealer_last_modified == {1: T}
     assert len(warnings) == 1
-    assert "reconciled_at" in warnings[0]
+    assert "suspects_checked_through" in warnings[0] and "re-checks every suspect" in warnings[0]
 
 
 def test_bad_fingerprint_entry_warns_and_keeps_the_others():
@@ -429,7 +430,7 @@ def test_every_problem_gets_its_own_warning_and_good_parts_survive():
         "dealer_last_modified": {"1": TS, "2": "bad", "x": TS},
         "dealer_seen": {"1": seen_entry(), "2": {"raw_max": TS}},
         "partitions": {PARTNER_A: {"failures": 1}, "nope": {}},
-        "reconciled_at": TS,
+        "suspects_checked_through": 3,
         "fingerprints": {"1": "fp1"},
     }
     cursor, warnings = parse_cursor(raw)
@@ -438,7 +439,7 @@ def test_every_problem_gets_its_own_warning_and_good_parts_survive():
     assert cursor.dealer_last_modified == {1: T}
     assert cursor.dealer_seen == {1: DealerSeen(T, True, T, PARTNER_A)}
     assert cursor.partitions == {PARTNER_A: PartitionStatus(failures=1)}
-    assert cursor.reconciled_at == T
+    assert cursor.suspects_checked_through == 3
     assert cursor.fingerprints == {1: "fp1"}
 
 
@@ -590,23 +591,18 @@ def test_aware_utc_datetimes_from_parsing_compare_equal_to_naive_source_values()
 
 def test_block_value_holds_exactly_the_two_operator_keys():
     assert list(full_cursor().block_value()) == ["global_last_modified", "dealer_last_modified"]
-    assert set(full_cursor().state_document()) == {"dealer_seen", "partitions", "reconciled_at",
-                                                   "reconcile_next_dealer", "fingerprints"}
+    assert set(full_cursor().state_document()) == {"dealer_seen", "partitions", "suspects_checked_through",
+                                                   "fingerprints"}
 
 
-def test_a_state_written_before_the_rolling_reconciliation_loads_with_its_cycle_at_the_first_dealer():
+def test_a_state_written_while_ticks_reconciled_loads_with_no_suspect_taken_yet():
+    """Before usage-reconciliation ran on its own, the state held the cycle's position: dropped on load."""
     state = json.loads(json.dumps(full_cursor().state_document()))
-    del state["reconcile_next_dealer"]
+    del state["suspects_checked_through"]
+    state.update(reconciled_at=TS, reconcile_next_dealer=7)
     parsed, warnings = parse_cursor(full_cursor().block_value(), state)
-    assert warnings == [] and parsed == full_cursor().with_changes(reconcile_next_dealer=None)
-
-
-@pytest.mark.parametrize("bad", ["7", 1.5, True, [7]])
-def test_an_unreadable_reconciliation_position_warns_and_restarts_the_cycle_s_dealers(bad):
-    state = {**full_cursor().state_document(), "reconcile_next_dealer": bad}
-    parsed, warnings = parse_cursor(full_cursor().block_value(), state)
-    assert parsed.reconcile_next_dealer is None and parsed.reconciled_at == full_cursor().reconciled_at
-    assert len(warnings) == 1 and "reconcile_next_dealer" in warnings[0] and "first dealer" in warnings[0]
+    assert warnings == [] and parsed == full_cursor().with_changes(suspects_checked_through=0)
+    assert "reconciled_at" not in parsed.state_document()
 
 
 def test_block_and_state_round_trip_separately():

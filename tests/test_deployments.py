@@ -1,4 +1,4 @@
-"""prefect.yaml declares the four deployments once; `usage-pipeline serve` builds the same ones from it."""
+"""prefect.yaml declares the five deployments once; `usage-pipeline serve` builds the same ones from it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ CONTRACT = {  # CONTRACT.md section 3
     "billing-usage-raw": ("billing-usage-raw", None),
     "partner-silver": ("partner-silver", None),
     "partner-gold": ("partner-gold", None),
+    "usage-reconciliation": ("usage-reconciliation", 300.0),  # README "The rolling reconciliation"
 }
 
 
@@ -16,9 +17,10 @@ def test_prefect_yaml_declares_the_contract_deployments():
     specs = {spec.name: spec for spec in deployment_specs()}
     assert set(specs) == set(CONTRACT)
     assert {name: spec.interval_seconds for name, spec in specs.items()} == {n: c[1] for n, c in CONTRACT.items()}
-    detection = specs["usage-change-detection"]
-    assert (detection.concurrency_limit, detection.collision_strategy) == (1, "CANCEL_NEW")
-    assert detection.grace_period_seconds == 60  # a tick that died Pending frees the slot within a minute
+    for one_at_a_time in ("usage-change-detection", "usage-reconciliation"):
+        spec = specs[one_at_a_time]
+        assert (spec.concurrency_limit, spec.collision_strategy) == (1, "CANCEL_NEW")
+        assert spec.grace_period_seconds == 60  # a run that died Pending frees the slot within a minute
     assert all(PIPELINE_TAG in spec.tags for spec in specs.values())  # the crashed-runs automation matches it
 
 
@@ -38,4 +40,4 @@ def test_serve_builds_exactly_what_prefect_yaml_declares():
         assert (deployment.concurrency_limit, strategy) == (spec.concurrency_limit, spec.collision_strategy)
         assert grace == spec.grace_period_seconds
     unscheduled = {d.name: d.schedules for d in runner_deployments(schedule=False)}
-    assert not unscheduled["usage-change-detection"]
+    assert not unscheduled["usage-change-detection"] and not unscheduled["usage-reconciliation"]

@@ -27,10 +27,11 @@ from usage_pipeline.detection import (
     partition_freshness,
     plan_tick,
     probe_candidates,
+    silent_changes,
     starts_over,
     with_bronze_stats,
 )
-from usage_pipeline.reconciliation import ReconcileSlice, plan_slice
+from usage_pipeline.reconciliation import ReconcileSlice, ReconciliationState, plan_slice
 
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
@@ -85,23 +86,21 @@ def outcome(partner: str, silver_fails: bool = False, gold_fails: bool = False) 
 
 
 def snapshot_for(cursor: Cursor, source: Source, reconcile: bool | ReconcileSlice = False, from_bronze: bool = False):
-    """Like read_snapshot: probe, query the candidates and the rolling reconciliation's slice (`reconcile`:
-    that slice; True: one completing a cycle with every dealer; False: none), read v3; or, for a tick that
-    re-extracts all of bronze (`from_bronze`), query nothing and await that extract."""
+    """Like read_snapshot after a usage-reconciliation run over `reconcile` (that slice; True: every
+    dealer; False: no run since the last tick): probe, query the candidates and the dealers that run
+    found changed (`silent_changes`), read v3; or, for a tick that re-extracts all of bronze
+    (`from_bronze`), query nothing and await that extract."""
     candidates = probe_candidates(cursor, source.raw_max)
     known = frozenset(source.raw_max) | frozenset(cursor.dealer_last_modified)
+    reconciled = known if reconcile is True else frozenset() if reconcile is False else reconcile.dealers
+    suspects = frozenset(silent_changes(cursor, reconciled, source.relevant))
+    through = None if reconcile is False else cursor.suspects_checked_through + 1
     if from_bronze:
-        snapshot = assemble_snapshot(cursor, dict(source.raw_max), known, {}, dict(source.partners), None)
+        snapshot = assemble_snapshot(cursor, dict(source.raw_max), known, {}, dict(source.partners), suspects, through)
         return replace(snapshot, awaiting_bronze=True)
-    if candidates is None or reconcile is True:
-        rolling = ReconcileSlice.everything(known)
-    elif reconcile is False:
-        rolling = ReconcileSlice(frozenset(), len(known), 0, False, cursor.reconcile_next_dealer)
-    else:
-        rolling = reconcile
-    checked = known if candidates is None else frozenset(candidates) | rolling.dealers
+    checked = known if candidates is None else frozenset(candidates) | suspects
     queried = {d: s for d, s in source.relevant.items() if d in checked}
-    return assemble_snapshot(cursor, dict(source.raw_max), checked, queried, dict(source.partners), rolling)
+    return assemble_snapshot(cursor, dict(source.raw_max), checked, queried, dict(source.partners), suspects, through)
 
 
 @dataclass
@@ -184,7 +183,7 @@ def test_first_run_cursor_records_what_was_materialized(source):
         B: PartitionStatus(materialized_at=NOW, source_watermark=t(3)),
         C: PartitionStatus(materialized_at=NOW, source_watermark=None),
     }
-    assert new.reconciled_at == NOW
+    assert new.suspects_checked_through == 0  # no reconciliation run yet
 
 
 def test_a_first_run_counted_from_bronze_ends_where_one_counted_by_the_source_does(source):
@@ -197,14 +196,14 @@ def test_a_first_run_counted_from_bronze_ends_where_one_counted_by_the_source_do
     assert from_bronze.plan.bronze_dealers is None
     assert from_bronze.plan.dealer_changes == {**from_source.plan.dealer_changes, 4: "first run"}
     assert from_bronze.cursor == from_source.cursor
-    assert from_bronze.cursor.reconciled_at == NOW
 
 
 def test_a_full_refresh_counted_from_bronze_ends_where_one_counted_by_the_source_does(settled, source):
     source.raw_max[1] = t(90)
     source.relevant[1] = DealerStats(t(90), "fp1b")
     assert starts_over(settled, full_refresh=True) and not starts_over(settled, full_refresh=False)
-    from_bronze = tick(settled, source, full_refresh=True, stats_from_bronze=True, now=NOW + timedelta(hours=1))
+    from_bronze = tick(settled, source, full_refresh=True, stats_from_bronze=True, reconcile=True,
+                       now=NOW + timedelta(hours=1))
     from_source = tick(settled, source, full_refresh=True, reconcile=True, now=NOW + timedelta(hours=1))
     assert from_bronze.plan.partitions == from_source.plan.partitions == {p: ["full refresh requested"] for p in (A, B, C)}
     assert from_bronze.cursor == from_source.cursor
@@ -213,7 +212,7 @@ def test_a_full_refresh_counted_from_bronze_ends_where_one_counted_by_the_source
 
 def test_a_failed_bronze_leaves_a_first_run_counted_from_bronze_to_retry(source):
     failed = tick(Cursor(), source, stats_from_bronze=True, bronze_ok=False)
-    assert failed.cursor.dealer_last_modified == {} and failed.cursor.reconciled_at is None
+    assert failed.cursor.dealer_last_modified == {}
     assert failed.cursor.retry_partitions == {A, B, C}
     assert not starts_over(failed.cursor, full_refresh=False)  # the state says what it saw: every dealer is checked
     retry = tick(failed.cursor, source)
@@ -263,12 +262,10 @@ def test_no_change_gives_an_empty_plan_and_an_unchanged_cursor(settled, source):
     assert combined(result.cursor) == combined(settled)  # nothing to write
 
 
-def test_no_change_on_a_reconciliation_tick_only_moves_reconciled_at(settled, source):
-    later = NOW + timedelta(hours=2)
-    result = tick(settled, source, reconcile=True, now=later)
+def test_a_reconciliation_that_found_nothing_only_moves_the_slice_its_suspects_were_taken_through(settled, source):
+    result = tick(settled, source, reconcile=True, now=NOW + timedelta(hours=2))
     assert result.plan.is_empty
-    assert result.cursor.reconciled_at == later
-    assert result.cursor.with_changes(reconciled_at=NOW) == settled
+    assert result.cursor == settled.with_changes(suspects_checked_through=1)
 
 
 def test_one_changed_dealer_rematerializes_only_its_partition(settled, source):
@@ -530,7 +527,7 @@ def test_unchanged_dealers_are_not_queried_and_their_rows_are_carried_over(settl
     source.relevant[3] = DealerStats(t(80), "fp3b")
     snapshot = snapshot_for(settled, source)
     assert snapshot.checked == frozenset({3})
-    assert snapshot.reconciliation.dealers == frozenset()
+    assert snapshot.suspects == frozenset()
     assert snapshot.relevant == {
         1: DealerStats(t(1), "fp1"),
         2: DealerStats(t(2), "fp2"),
@@ -547,7 +544,6 @@ def test_assemble_snapshot_fills_unchecked_dealers_from_the_cursor():
         checked=frozenset({2, 4}),
         queried={4: DealerStats(t(4), "fp4")},  # 2 was checked and has no relevant rows any more
         partners={1: A, 2: A, 3: B, 4: None},
-        reconciliation=None,
     )
     assert snapshot.relevant == {
         1: DealerStats(t(1), "fp1"),
@@ -557,12 +553,12 @@ def test_assemble_snapshot_fills_unchecked_dealers_from_the_cursor():
     assert snapshot.raw_max == {1: t(1), 2: t(9), 3: None, 4: t(4)}
     assert snapshot.partners == {1: A, 2: A, 3: B, 4: None}
     assert snapshot.checked == frozenset({2, 4})
-    assert snapshot.reconciliation is None
+    assert snapshot.suspects == frozenset() and snapshot.suspects_through is None
 
 
 def test_assemble_snapshot_uses_an_empty_fingerprint_when_none_was_stored():
     cursor = Cursor(dealer_last_modified={1: t(1)})
-    snapshot = assemble_snapshot(cursor, {1: t(1)}, frozenset(), {}, {1: A}, None)
+    snapshot = assemble_snapshot(cursor, {1: t(1)}, frozenset(), {}, {1: A})
     assert snapshot.relevant == {1: DealerStats(t(1), "")}
 
 
@@ -587,25 +583,28 @@ def test_missing_fingerprints_rematerialize_on_reconciliation(settled, source):
 
 
 def test_the_rolling_reconciliation_finds_a_silent_change_when_its_slice_reaches_the_dealer(settled, source):
-    """Ticks five minutes apart reconcile a slice each (real `plan_slice`, as read_snapshot plans it):
-    dealer 3's change is found by the slice that holds it, and the cycle's last slice completes it."""
+    """Runs five minutes apart reconcile a slice each (real `plan_slice` and `silent_changes`, as
+    queries.reconcile_slice does), a tick after each: dealer 3's change is found by the slice that holds
+    it, rebuilt by the tick after it, and the cycle's last slice completes it."""
     source.relevant[3] = DealerStats(t(3), "fp3-after-delete")  # same MAX: only the fingerprint sees it
     known = set(source.raw_max) | set(settled.dealer_last_modified)
-    cursor, now, slices = settled, NOW, []
+    cursor, now, state, slices = settled, NOW, ReconciliationState(cycle_started_at=NOW), []
     while True:
         now += timedelta(minutes=5)
-        rolling = plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer, now, 3600)
-        assert plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer, now, 3600) == rolling
-        result = tick(cursor, source, reconcile=rolling, now=now)  # a tick that dies before saving redoes it
+        rolling = plan_slice(known, state.cycle_started_at, state.next_dealer, now, 3600)
+        changed = silent_changes(cursor, rolling.dealers, source.relevant)
+        state = state.after(rolling, changed, cursor.suspects_checked_through, now)
+        result = tick(cursor, source, reconcile=rolling, now=now)
         slices.append(sorted(rolling.dealers))
-        assert bool(result.plan.dealer_changes) == (3 in rolling.dealers)
+        assert bool(result.plan.dealer_changes) == (3 in rolling.dealers) == bool(changed)
         cursor = result.cursor
+        assert cursor.suspects_checked_through == state.slices
         if rolling.completes:
             break
-        assert cursor.reconcile_next_dealer == rolling.next_dealer and cursor.reconciled_at == NOW
+        assert state.next_dealer == rolling.next_dealer and state.cycle_started_at == NOW
     assert sum(slices, []) == sorted(known) and len(slices) == 10
     assert cursor.fingerprints[3] == "fp3-after-delete"
-    assert cursor.reconciled_at == now == NOW + timedelta(minutes=50) and cursor.reconcile_next_dealer is None
+    assert state.cycle_started_at == now == NOW + timedelta(minutes=50) and state.next_dealer is None
     assert parse_cursor(json.loads(json.dumps(combined(cursor))))[0] == cursor
 
 

@@ -65,7 +65,7 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     assert versions == [report.bronze.result.version] * len(made["partners"]) == [0] * len(made["partners"])
     assert report.plan.first_run and set(report.partitions) == set(made["partners"])
     assert report.bronze_table["version"] == 0 and report.bronze_table["files"] > 0
-    assert report.reconciliation.completes  # every dealer counted, from the full extract
+    assert report.suspects == frozenset()  # every dealer counted, from the full extract
     for partner in made["partners"]:
         gold = pl.read_parquet(lake / "gold" / "usage_report" / f"partner={partner}" / "data.parquet")
         assert set(gold["dealer_id"]) <= set(made["partners"][partner])
@@ -79,9 +79,51 @@ def test_first_tick_builds_every_partner_and_a_second_one_only_the_changed(demo,
     assert tick()[0].message == "no changes"
 
     # The source's own SQL re-checks every dealer and agrees with what the first tick counted from bronze.
+    from flows.usage_reconciliation import usage_reconciliation
+
     monkeypatch.setenv("USAGE_RECONCILE_SECONDS", "0.001")
+    state = usage_reconciliation(return_state=True)
+    reconciled = state.result()
+    assert reconciled.slice.completes and len(reconciled.slice.dealers) == reconciled.slice.known > 0
+    assert reconciled.changed == {} and state.message.endswith("; no change")
+
+
+def test_a_silent_change_is_found_by_a_reconciliation_run_and_rebuilt_by_the_next_tick(demo, monkeypatch):
+    """usage-reconciliation off the tick's path: it finds what the probe cannot see and leaves it to the
+    next tick, which re-checks that dealer alone, rebuilds its partner, and takes it once."""
+    from flows.usage_reconciliation import usage_reconciliation
+
+    billing, made, tick, lake = demo
+    state = usage_reconciliation(return_state=True)
+    assert state.is_completed() and state.message == "nothing materialized yet"
+    assert tick()[0].is_completed()
+    first = usage_reconciliation(return_state=True)  # starts its cycle: USAGE_RECONCILE_SECONDS is an hour
+    assert first.result().slice.dealers == frozenset() and (lake / "_pipeline/reconciliation_state.parquet").exists()
+
+    partner, dealers = next(iter(made["partners"].items()))
+    with billing.begin() as conn:  # one of the dealer's relevant services leaves the billing filters
+        customer, service = conn.exec_driver_sql(
+            "SELECT u.usage_FK_customer_id, u.usage_FK_service_id FROM usage u JOIN v4_wh_service_data s"
+            " ON s.service_data_FK_customer_id = u.usage_FK_customer_id"
+            " AND s.service_data_FK_service_id = u.usage_FK_service_id"
+            " WHERE u.usage_FK_dealer_id = ? AND s.service_data_FK_service_status_id = 3 LIMIT 1", (dealers[0],)).one()
+        conn.exec_driver_sql("UPDATE v4_wh_service_data SET service_data_FK_service_status_id = 5"
+                             " WHERE service_data_FK_customer_id = ? AND service_data_FK_service_id = ?",
+                             (customer, service))
+    affected = {d for (d,) in billing.connect().exec_driver_sql(
+        "SELECT DISTINCT usage_FK_dealer_id FROM usage WHERE usage_FK_customer_id = ? AND usage_FK_service_id = ?",
+        (customer, service))}
+    assert tick()[0].message == "no changes"  # the probe cannot see it
+
+    monkeypatch.setenv("USAGE_RECONCILE_SECONDS", "0.001")  # every dealer on this run
+    found = usage_reconciliation(return_state=True).result()
+    assert set(found.changed) == affected and dealers[0] in affected
     state, report = tick()
-    assert report.reconciliation.completes and state.message == "no changes"
+    assert state.is_completed(), state.message
+    assert report.suspects == affected and set(report.plan.dealer_changes) == affected
+    assert partner in report.partitions and report.bronze.ok
+    assert tick()[0].message == "no changes"  # each suspect taken once
+    assert usage_reconciliation(return_state=True).result().changed == {}
 
 
 def test_a_ticks_partitions_use_its_dealer_directory_and_manual_runs_read_v3():

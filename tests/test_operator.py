@@ -20,6 +20,8 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from flows.partner_silver import partner_silver
+from flows.usage_reconciliation import usage_reconciliation
+from orchestration.reconcile import load_reconciliation_state
 from orchestration.runtime import read_cursor_value
 from tests.cursors import combined
 from tests.pipeline_helpers import (
@@ -195,7 +197,7 @@ def test_bad_operator_input_exits_2_naming_the_problem_and_changes_nothing(mater
     assert read_cursor_value() == value
 
 
-def test_explain_shows_rows_filters_maxima_partner_cursor_and_next_tick(materialized):
+def test_explain_shows_rows_filters_maxima_partner_cursor_and_next_tick(materialized, lake_root):
     materialized.usage(3, 503, 1, date(2026, 10, 9), "1.0000", datetime(2026, 10, 20))  # excluded: other system
     out = cli("explain", "3")
     assert out.returncode == 0, out.stderr
@@ -208,8 +210,15 @@ def test_explain_shows_rows_filters_maxima_partner_cursor_and_next_tick(material
     assert "next tick:         nothing for this dealer" in text and "writer updates usage_modified" in text
     published = cursor().partitions[PARTNER_B].materialized_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert f"partition lag:     0 s ({PARTNER_B} published {published})" in text
-    started = format_timestamp(cursor().reconciled_at)
-    assert f"reconciliation:    cycle started {started}, goes on from " in text and "re-checks this dealer by about" in text
+    assert "reconciliation:    has not run yet (deployment usage-reconciliation)" in text
+    assert "reconciliation: has not run yet (deployment usage-reconciliation)" in cli("cursor", "show").stdout
+    assert usage_reconciliation(return_state=True).is_completed()  # starts its cycle
+    started = format_timestamp(load_reconciliation_state(lake_root)[0].cycle_started_at)
+    text = cli("explain", "3").stdout
+    assert f"reconciliation:    cycle started {started}, goes on from its first dealer; re-checks this dealer by about" \
+        in text
+    assert (f"reconciliation: cycle started {started}, goes on from its first dealer; 0 dealer(s) found changed await"
+            " the next tick") in cli("cursor", "show").stdout
 
     materialized.usage(3, 501, 1, date(2026, 10, 9), "1.0000", datetime(2026, 10, 21))
     assert f"next tick rebuilds {PARTNER_B}" in cli("explain", "3").stdout
@@ -242,8 +251,7 @@ def test_an_old_block_with_bookkeeping_is_migrated_and_nothing_is_lost(materiali
 
     assert state.is_completed() and state.message == "no changes"
     assert set(read_cursor_value()) == {"global_last_modified", "dealer_last_modified"}
-    # Nothing lost; the tick only moved the rolling reconciliation on past its slice, as every tick does.
-    assert combined(cursor().with_changes(reconcile_next_dealer=old.reconcile_next_dealer)) == old_format
+    assert combined(cursor()) == old_format  # nothing lost
     assert file_ids(lake_root) == before
 
 

@@ -29,7 +29,8 @@ from usage_pipeline.cursor import Cursor
 from usage_pipeline.detection import PartitionOutcome, RunOutcome, advance_cursor, plan_tick
 from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import build_gold, build_silver, refresh_bronze
-from usage_pipeline.queries import dealer_directory, read_snapshot
+from usage_pipeline.queries import dealer_directory, read_snapshot, reconcile_slice
+from usage_pipeline.reconciliation import ReconciliationState
 
 pytestmark = pytest.mark.integration
 ROUNDS = int(os.environ.get("USAGE_PROPERTY_ROUNDS", "200"))
@@ -38,7 +39,7 @@ DEALERS = list(range(1, 16))
 CUSTOMERS = list(range(100, 112))
 SERVICES = [1, 2, 3]
 OK = RunOutcome("test", "Completed", True)
-NOW = datetime(2030, 1, 1)  # every tick's: the rolling reconciliation's cycle never moves on by itself
+NOW = datetime(2030, 1, 1)  # every tick's and every reconciliation run's
 
 
 class World:
@@ -110,12 +111,15 @@ def relevant_content(engine: sa.Engine) -> dict[str, set[tuple]]:
     return content
 
 
-def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: str, reconcile: bool):
-    """`reconcile`: with a period this short every dealer is reconciled; else one this long reconciles none."""
+def run_tick(cursor: Cursor, reconciliation: ReconciliationState, root, billing: sa.Engine, v3: sa.Engine,
+             cx_uri: str, reconcile: bool):
+    """`reconcile`: a usage-reconciliation run over every dealer (a period this short) comes first."""
     with v3.connect() as conn:
         partners, _ = dealer_directory(conn)
     with billing.connect() as conn:
-        snapshot, _ = read_snapshot(conn, cursor, NOW, 1 if reconcile else 10**9, partners)
+        if reconcile:
+            _, _, reconciliation = reconcile_slice(conn, cursor, reconciliation, NOW, 1)
+        snapshot, _ = read_snapshot(conn, cursor, partners, reconciliation=reconciliation)
     plan = plan_tick(cursor, snapshot)
     outcomes = {}
     if plan.runs_bronze:
@@ -127,7 +131,7 @@ def run_tick(cursor: Cursor, root, billing: sa.Engine, v3: sa.Engine, cx_uri: st
             build_silver(root, partner, sorted(d for d, p in partners.items() if p == partner), written.version)
             build_gold(root, partner)
             outcomes[partner] = PartitionOutcome(partner, OK, OK)
-    return advance_cursor(cursor, snapshot, plan, OK if plan.runs_bronze else None, outcomes, NOW), plan
+    return advance_cursor(cursor, snapshot, plan, OK if plan.runs_bronze else None, outcomes, NOW), reconciliation, plan
 
 
 def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admin, tmp_path):
@@ -150,7 +154,8 @@ def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admi
     cx_uri = PIPELINE_CONNECTORX_URI
     root = tmp_path / "lake"
 
-    cursor, plan = run_tick(Cursor(), root, billing, v3, cx_uri, reconcile=False)
+    cursor, reconciliation, plan = run_tick(Cursor(), ReconciliationState(NOW), root, billing, v3, cx_uri,
+                                            reconcile=False)
     assert plan.first_run
     content = relevant_content(admin_billing)
     rebuilt_counts = []
@@ -164,7 +169,7 @@ def test_random_rounds_rebuild_exactly_what_changed(source_engines, mariadb_admi
         if round_no % 10 == 0:  # occasionally a whole partner is wiped (the monthly wipe)
             builder.execute("DELETE FROM `usage` WHERE usage_FK_dealer_id IN (1, 2, 3)")
 
-        cursor, plan = run_tick(cursor, root, billing, v3, cx_uri, reconcile=reconcile)
+        cursor, reconciliation, plan = run_tick(cursor, reconciliation, root, billing, v3, cx_uri, reconcile=reconcile)
 
         new_content = relevant_content(admin_billing)
         changed = {p for p in PARTNERS if new_content[p] != content[p]}

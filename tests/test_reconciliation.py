@@ -1,10 +1,11 @@
 """The rolling reconciliation (usage_pipeline/reconciliation.py): every dealer re-checked once per
-USAGE_RECONCILE_SECONDS, a slice per tick.
+USAGE_RECONCILE_SECONDS, a slice per usage-reconciliation run, its suspects re-checked by the next tick.
 
 The planning is tested as a pure function over simulated clocks (seeded random rounds: regular,
-irregular and late ticks, dealers that appear and vanish); the last test runs detection's real
-queries against MariaDB and finds a change only a fingerprint can see within one cycle's ticks,
-each tick asking the source for its slice only.
+irregular and late runs, dealers that appear and vanish), and the suspects' hand-over to detection
+as plain values (runs and ticks interleaved, either one's state lost); the last test runs the real
+queries against MariaDB and finds a change only a fingerprint can see within one cycle's runs, each
+run asking the source for its slice only and each tick for its suspects only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import pytest
 import sqlalchemy as sa
 
 from usage_pipeline.cursor import Cursor
-from usage_pipeline.reconciliation import TICK_SECONDS, ReconcileSlice, checked_by, cycle_seconds, plan_slice
+from usage_pipeline.reconciliation import (
+    TICK_SECONDS,
+    ReconcileSlice,
+    ReconciliationState,
+    checked_by,
+    cycle_seconds,
+    parse_reconciliation_state,
+    plan_slice,
+)
 
 HOUR = 3600.0
 T0 = datetime(2026, 11, 1, 12, 0)
@@ -156,7 +165,78 @@ def test_a_slice_waits_at_the_end_until_the_cycle_is_due_and_counts_in_its_descr
     assert ahead.describe() == "reconciled 0 of 3 dealers (cycle 100 %)"
     part = ReconcileSlice(frozenset(range(167)), 2005, 842, False, 900)
     assert part.describe() == "reconciled 167 of 2,005 dealers (cycle 41 %)"
-    assert ReconcileSlice.everything(range(2005)).describe() == "reconciled 2,005 of 2,005 dealers (cycle 100 %)"
+    everything = ReconcileSlice(frozenset(range(2005)), 2005, 2005, True, None)
+    assert everything.describe() == "reconciled 2,005 of 2,005 dealers (cycle 100 %)"
+
+
+# --- the suspects' hand-over from reconciliation runs to detection ticks -------------------------------
+
+
+def test_a_tick_re_checks_each_suspect_once_whichever_order_runs_and_ticks_interleave():
+    """Runs find suspects; a tick takes those newer than the slice it took them from last (the state it
+    read), then saves that slice number; a run drops the ones a tick saved as taken. Every tick that
+    saves takes exactly the dealers found since a saved tick last took them."""
+    rng = random.Random(7)
+    state, checked_through, now = ReconciliationState(cycle_started_at=T0), 0, T0
+    awaiting: set[int] = set()  # found by a run, not yet taken by a tick that saved
+    for _ in range(400):
+        now += timedelta(seconds=rng.uniform(1, TICK_SECONDS))
+        if rng.random() < 0.5:  # a run, reading the pipeline's state as the tick last saved it
+            changed = rng.sample(range(1, 50), rng.randrange(0, 3))
+            done = plan_slice(range(1, 50), state.cycle_started_at, state.next_dealer, now, HOUR)
+            state = state.after(done, changed, checked_through, now)
+            awaiting |= set(changed)
+        elif rng.random() < 0.8:  # a tick that saves its state (else killed first: it took nothing)
+            assert state.unchecked_suspects(checked_through) == awaiting
+            awaiting, checked_through = set(), state.slices
+    assert set(state.suspects) >= awaiting and len(state.suspects) <= 49
+
+
+def test_a_dealer_found_again_before_a_tick_took_it_is_one_suspect_of_the_newer_slice():
+    state = ReconciliationState(T0, None, 3, {7: 3})
+    done = ReconcileSlice(frozenset({7, 8}), 10, 2, False, 9)
+    after = state.after(done, [7, 8], 2, T0 + timedelta(minutes=5))
+    assert after == ReconciliationState(T0, 9, 4, {7: 4, 8: 4})
+    assert after.unchecked_suspects(3) == {7, 8} and after.unchecked_suspects(4) == frozenset()
+
+
+def test_a_completed_cycle_starts_the_next_one_and_keeps_the_suspects_no_tick_took():
+    state = ReconciliationState(T0, 30, 9, {3: 8, 5: 9})
+    done = ReconcileSlice(frozenset({30, 31}), 31, 31, True, None)
+    later = T0 + timedelta(minutes=55)
+    assert state.after(done, [31], 8, later) == ReconciliationState(later, None, 10, {5: 9, 31: 10})
+
+
+def test_a_reconciliation_state_begun_anew_hands_every_suspect_to_the_next_tick():
+    """Lost and begun anew at slice 0, below what the tick took last: the tick takes all it finds."""
+    anew = ReconciliationState(T0).after(ReconcileSlice(frozenset({1}), 3, 1, False, 2), [1], 57, T0)
+    assert anew.slices == 1 and anew.unchecked_suspects(57) == {1}
+
+
+def test_a_late_cycle_is_overdue_by_how_far_it_runs_past_the_period():
+    state = ReconciliationState(T0, 5, 2, {})
+    assert state.overdue_seconds(T0 + timedelta(minutes=50), HOUR) == 0
+    assert state.overdue_seconds(T0 + timedelta(minutes=70), HOUR) == 600
+
+
+def test_the_reconciliation_state_round_trips_through_its_document():
+    state = ReconciliationState(datetime(2026, 11, 1, 12, 0, 0, 1), 402, 17, {9: 16, 12: 17})
+    assert parse_reconciliation_state(state.document()) == state
+    assert parse_reconciliation_state(ReconciliationState(None).document()) == ReconciliationState(None)
+
+
+@pytest.mark.parametrize("document, problem", [
+    ({}, "KeyError"),
+    ({"cycle_started_at": None, "next_dealer": None, "slices": "3", "suspects": {}}, "slices '3'"),
+    ({"cycle_started_at": None, "next_dealer": -1, "slices": 3, "suspects": {}}, "next_dealer -1"),
+    ({"cycle_started_at": "soon", "next_dealer": None, "slices": 3, "suspects": {}}, "soon"),
+    ({"cycle_started_at": None, "next_dealer": None, "slices": 3, "suspects": {"x": 1}}, "'x'"),
+    ({"cycle_started_at": None, "next_dealer": None, "slices": 3, "suspects": {"1": 4}}, "slice numbers up to 3"),
+    ({"cycle_started_at": None, "next_dealer": None, "slices": 3, "suspects": []}, "AttributeError"),
+])
+def test_an_unreadable_reconciliation_state_is_refused_naming_the_problem(document, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_reconciliation_state(document)
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -178,11 +258,11 @@ def test_explain_s_estimate_is_never_earlier_than_the_check(seed):
 
 
 @pytest.mark.integration
-def test_a_service_data_change_is_found_within_one_cycle_and_each_tick_queries_its_slice(source_engines):
+def test_a_service_data_change_is_found_within_one_cycle_each_run_asking_for_its_slice(source_engines):
     from tests.conftest import BILLING_DB, PIPELINE_SERVER_URL, V3_DB, recreate_source_tables
     from tests.sourcedata import PARTNER_A, PARTNER_B, SourceBuilder
     from usage_pipeline.detection import PartitionOutcome, RunOutcome, advance_cursor, plan_tick
-    from usage_pipeline.queries import dealer_directory, probe_raw_max, read_snapshot
+    from usage_pipeline.queries import dealer_directory, probe_raw_max, read_snapshot, reconcile_slice
 
     admin_billing, admin_v3 = source_engines
     recreate_source_tables(admin_billing, admin_v3)
@@ -210,16 +290,16 @@ def test_a_service_data_change_is_found_within_one_cycle_and_each_tick_queries_i
 
     ok = RunOutcome("test", "Completed", True)
 
-    def tick(cursor: Cursor, now: datetime):
+    def tick(cursor: Cursor, state: ReconciliationState | None, now: datetime):
         joins.clear()
         with billing.connect() as conn:
-            snapshot, _ = read_snapshot(conn, cursor, now, HOUR, partners)
+            snapshot, _ = read_snapshot(conn, cursor, partners, reconciliation=state)
         plan = plan_tick(cursor, snapshot)
         outcomes = {p: PartitionOutcome(p, ok, ok) for p in plan.partitions}
         return advance_cursor(cursor, snapshot, plan, ok if plan.runs_bronze else None, outcomes, now), snapshot, plan
 
-    cursor, first, _ = tick(Cursor(), T0)
-    assert first.reconciliation.completes and joins == [None]  # a first tick (without bronze to count from): one full join
+    cursor, _, _ = tick(Cursor(), None, T0)
+    assert joins == [None]  # a first tick (without bronze to count from): one full join
     with billing.connect() as conn:
         raw_before = probe_raw_max(conn)
     builder.execute("UPDATE v4_wh_service_data SET service_data_FK_service_status_id = 5"
@@ -227,22 +307,29 @@ def test_a_service_data_change_is_found_within_one_cycle_and_each_tick_queries_i
     with billing.connect() as conn:
         assert probe_raw_max(conn) == raw_before  # the probe cannot see it
 
-    now, found, queried = T0, None, []
-    for _ in range(11):  # one cycle: ten ticks five minutes apart, and one spare
+    state, now, found, queried = ReconciliationState(cycle_started_at=T0), T0, None, []
+    for _ in range(11):  # one cycle: ten runs five minutes apart, and one spare; a tick after each
         now += timedelta(seconds=TICK_SECONDS)
-        cursor, snapshot, plan = tick(cursor, now)
+        joins.clear()
+        with billing.connect() as conn:
+            done, changed, state = reconcile_slice(conn, cursor, state, now, HOUR)
         assert joins and all(j is not None for j in joins), "a slice never joins all of usage"
         asked = set().union(*joins)
-        assert asked == set(snapshot.reconciliation.dealers) == set(snapshot.checked)
-        assert len(asked) <= 4 + 1  # a tenth of 40 dealers (and one for the rounding)
+        assert asked == set(done.dealers) and len(asked) <= 4 + 1  # a tenth of 40 dealers (and one for the rounding)
         queried.extend(sorted(asked))
+        cursor, snapshot, plan = tick(cursor, state, now)
+        assert snapshot.checked == set(changed) and snapshot.suspects == set(changed)
+        assert set().union(set(), *joins) == set(changed), "a tick asks for its suspects only"
         if plan.dealer_changes:
-            found = (now, plan)
+            found = (now, plan, changed)
             break
     assert found is not None, f"not found within a cycle; reconciled {queried}"
-    when, plan = found
+    when, plan, changed = found
+    assert changed == {33: "relevant rows disappeared"}
     assert plan.dealer_changes == {33: "relevant rows disappeared"} and set(plan.partitions) == {PARTNER_A}
     assert when - T0 <= timedelta(seconds=HOUR)
-    assert queried == list(range(1, 37)), "each dealer once, in id order, four a tick"
-    assert cursor.reconcile_next_dealer == 37 and cursor.reconciled_at == T0
+    assert queried == list(range(1, 37)), "each dealer once, in id order, four a run"
+    assert state.next_dealer == 37 and state.cycle_started_at == T0
+    assert cursor.suspects_checked_through == state.slices  # taken: the next tick asks for nothing
+    assert tick(cursor, state, now + timedelta(seconds=TICK_SECONDS))[1].checked == frozenset()
     billing.dispose()

@@ -8,5 +8,5 @@ Data moves one way, each step a value you can print:
 
 Modules here import nothing from `flows/`, `blocks/` or `orchestration/`, and nothing
 from Prefect (tests/test_layout.py keeps that true), so all of it is tested without a
-server. `orchestration/` wires it to Prefect; `flows/` holds the four deployments.
+server. `orchestration/` wires it to Prefect; `flows/` holds the five deployments.
 """

@@ -73,8 +73,8 @@ class StateDocument(TypedDict):
 
     dealer_seen: dict[str, DealerSeenDocument] | None
     partitions: dict[str, PartitionDocument]
-    reconciled_at: str | None
-    reconcile_next_dealer: int | None  # absent in documents written before the rolling reconciliation: None
+    # Absent in documents written before the reconciliation had a deployment of its own: 0.
+    suspects_checked_through: int
     fingerprints: dict[str, str]
 
 
@@ -127,10 +127,9 @@ class Cursor:
     # None: no bookkeeping (new cursor, or the store was lost), so nothing is known.
     dealer_seen: dict[int, DealerSeen] | None = None
     partitions: dict[str, PartitionStatus] = field(default_factory=dict)
-    # The rolling reconciliation (usage_pipeline/reconciliation.py): when its last cycle over every dealer
-    # completed, which is when the current one started, and the dealer id the current one goes on from.
-    reconciled_at: datetime | None = None
-    reconcile_next_dealer: int | None = None
+    # The last slice of the rolling reconciliation whose suspects a tick re-checked
+    # (usage_pipeline/reconciliation.py, ReconciliationState.unchecked_suspects).
+    suspects_checked_through: int = 0
     fingerprints: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -182,8 +181,7 @@ class Cursor:
                 }
                 for uuid, status in sorted(self.partitions.items())
             },
-            "reconciled_at": format_timestamp(self.reconciled_at),
-            "reconcile_next_dealer": self.reconcile_next_dealer,
+            "suspects_checked_through": self.suspects_checked_through,
             "fingerprints": {str(dealer): fp for dealer, fp in sorted(self.fingerprints.items())},
         }
 
@@ -317,23 +315,21 @@ def _fingerprint_entry(reader: _Reader) -> Callable[[str, Any], tuple[int, str] 
     return parse
 
 
-def _next_dealer(reader: _Reader) -> int | None:
-    value = reader.document.get("reconcile_next_dealer")
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+def _suspects_checked_through(reader: _Reader) -> int:
+    value = reader.document.get("suspects_checked_through", 0)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    reader.warn(f"reconcile_next_dealer: expected an integer or null, got {value!r};"
-                " treated as absent (the cycle goes on from its first dealer)")
-    return None
+    reader.warn(f"suspects_checked_through: expected a non-negative integer, got {value!r};"
+                " treated as 0 (the next tick re-checks every suspect the rolling reconciliation left)")
+    return 0
 
 
 def _bookkeeping(reader: _Reader) -> dict[str, Any]:
     entry_errors = (AttributeError, TypeError, KeyError, ValueError)
-    _, reconciled_at = reader.timestamp("reconciled_at", reader.document.get("reconciled_at"))
     return {
         "dealer_seen": reader.entries("dealer_seen", _dealer_seen_entry(reader), entry_errors),
         "partitions": reader.entries("partitions", _partition_entry, entry_errors) or {},
-        "reconciled_at": reconciled_at,
-        "reconcile_next_dealer": _next_dealer(reader),
+        "suspects_checked_through": _suspects_checked_through(reader),
         "fingerprints": reader.entries("fingerprints", _fingerprint_entry(reader), entry_errors) or {},
     }
 

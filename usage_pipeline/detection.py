@@ -11,7 +11,6 @@ from datetime import datetime
 
 from usage_pipeline.check_results import CheckResult, summary
 from usage_pipeline.cursor import Cursor, DealerSeen, PartitionStatus
-from usage_pipeline.reconciliation import ReconcileSlice
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,9 @@ class SourceSnapshot:
     `raw_max` comes from the cheap index probe (every dealer with any usage
     row). `relevant` holds the dealers with relevant rows: queried for the
     dealers in `checked`, carried over from the cursor for the others (the
-    probe proved them untouched). `reconciliation` is the slice of the rolling
-    reconciliation among them (every dealer on a tick that checked all).
+    probe proved them untouched). `suspects` are the dealers among them that
+    the rolling reconciliation found changed, through its slice number
+    `suspects_through` (None: no reconciliation state to take them from).
 
     `awaiting_bronze`: a start-over tick (`starts_over`) re-extracts all of bronze anyway, so it
     does not ask the source for every dealer's stats (a full join); `with_bronze_stats` fills
@@ -54,7 +54,8 @@ class SourceSnapshot:
     checked: frozenset[int]
     relevant: dict[int, DealerStats]
     partners: dict[int, str | None]  # v3 directory, already validated; None = not mapped
-    reconciliation: ReconcileSlice | None = None  # None: none this tick (a start-over tick awaiting bronze)
+    suspects: frozenset[int] = frozenset()
+    suspects_through: int | None = None
     awaiting_bronze: bool = False
 
     def may_have_relevant_rows(self, dealer: int) -> bool:
@@ -65,8 +66,7 @@ def with_bronze_stats(snapshot: SourceSnapshot, stats: dict[int, DealerStats]) -
     """The snapshot completed from a full bronze extract: every dealer's relevant rows, as written."""
     if not snapshot.awaiting_bronze:
         raise ValueError("only a snapshot awaiting a full bronze extract takes its stats from it")
-    return replace(snapshot, relevant=stats, reconciliation=ReconcileSlice.everything(snapshot.checked),
-                   awaiting_bronze=False)
+    return replace(snapshot, relevant=stats, awaiting_bronze=False)
 
 
 def assemble_snapshot(
@@ -75,7 +75,8 @@ def assemble_snapshot(
     checked: frozenset[int],
     queried: dict[int, DealerStats],
     partners: dict[int, str | None],
-    reconciliation: ReconcileSlice | None,
+    suspects: frozenset[int] = frozenset(),
+    suspects_through: int | None = None,
 ) -> SourceSnapshot:
     """Fill in the dealers that were not queried from what the cursor says was written."""
     relevant = {
@@ -84,7 +85,7 @@ def assemble_snapshot(
         if dealer not in checked
     }
     relevant.update(queried)
-    return SourceSnapshot(raw_max, checked, relevant, partners, reconciliation)
+    return SourceSnapshot(raw_max, checked, relevant, partners, suspects, suspects_through)
 
 
 @dataclass(frozen=True)
@@ -180,9 +181,8 @@ def probe_candidates(cursor: Cursor, raw_max: dict[int, datetime | None]) -> set
     return candidates
 
 
-def dealer_change(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str | None:
-    """Why one checked dealer's relevant rows differ from what was materialized, or None."""
-    now = snapshot.relevant.get(dealer)
+def dealer_change(cursor: Cursor, dealer: int, now: DealerStats | None) -> str | None:
+    """Why one checked dealer's relevant rows (`now`, None: none) differ from what was materialized, or None."""
     was_present = dealer in cursor.dealer_last_modified
     if now is not None and not was_present:
         seen = (cursor.dealer_seen or {}).get(dealer)
@@ -196,10 +196,17 @@ def dealer_change(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str 
     return None
 
 
+def silent_changes(cursor: Cursor, dealers: frozenset[int], found: dict[int, DealerStats]) -> dict[int, str]:
+    """The rolling reconciliation's verdict on its slice (`found`: the relevant stats of `dealers` that
+    have any): each dealer whose rows differ from what was materialized, with why."""
+    changes = {dealer: dealer_change(cursor, dealer, found.get(dealer)) for dealer in sorted(dealers)}
+    return {dealer: reason for dealer, reason in changes.items() if reason}
+
+
 def dealer_reason(cursor: Cursor, snapshot: SourceSnapshot, dealer: int) -> str | None:
     """Why one dealer's partition(s) must rematerialize outside a first run, or None (CONTRACT.md section 5)."""
     if dealer in snapshot.checked:
-        reason = dealer_change(cursor, snapshot, dealer)
+        reason = dealer_change(cursor, dealer, snapshot.relevant.get(dealer))
         if reason:
             return reason
     if dealer not in snapshot.relevant and dealer not in cursor.dealer_last_modified:
@@ -338,18 +345,9 @@ def advance_cursor(
     checks = {p: summary(outcome.checks) if outcome.checks else None for p, outcome in partitions.items()}
     statuses = partition_statuses(cursor, snapshot, plan, succeeded, errors, checks, advanced.dealer_last_modified,
                                   now)
-    return advanced.with_changes(partitions=statuses, **reconciliation_after(snapshot, now))
-
-
-def reconciliation_after(snapshot: SourceSnapshot, now: datetime) -> dict[str, object]:
-    """The rolling reconciliation's place after the tick: past its slice, or a new cycle from `now` once
-    the slice completed one. Saved with the rest of the state, so a tick that dies redoes its slice."""
-    done = snapshot.reconciliation
-    if done is None:
-        return {}
-    if done.completes:
-        return {"reconciled_at": now, "reconcile_next_dealer": None}
-    return {"reconcile_next_dealer": done.next_dealer}
+    # The suspects it took are re-checked, also when their partitions failed: those are retried.
+    through = cursor.suspects_checked_through if snapshot.suspects_through is None else snapshot.suspects_through
+    return advanced.with_changes(partitions=statuses, suspects_checked_through=through)
 
 
 def advance_dealers(cursor: Cursor, snapshot: SourceSnapshot, plan: Plan, succeeded: set[str] | None) -> Cursor:

@@ -8,7 +8,7 @@ returns a plain value whose `lines()` the CLI prints.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ from usage_pipeline.detection import (
     probe_candidates,
 )
 from usage_pipeline.queries import as_datetime, relevant_stats
-from usage_pipeline.reconciliation import checked_by
+from usage_pipeline.reconciliation import TICK_SECONDS, ReconciliationState, checked_by
 from usage_pipeline.schema import (
     RELEVANT_CSA_CATEGORY_IDS,
     RELEVANT_SERVICE,
@@ -143,21 +143,37 @@ def _lag(cursor: Cursor, partner: str | None, now: datetime) -> str:
             f" {status.failures} failed tick(s))")
 
 
-def recheck_time(cursor: Cursor, dealer: int, reconcile_seconds: float, now: datetime) -> datetime | None:
-    """About when the rolling reconciliation re-checks the dealer's fingerprint (None: the next tick,
-    also when that time has passed: an overdue cycle takes all that is left)."""
+def recheck_time(cursor: Cursor, dealer: int, reconciliation: ReconciliationState, reconcile_seconds: float,
+                 now: datetime) -> datetime | None:
+    """About when a tick acts on the rolling reconciliation's next check of the dealer's fingerprint (None:
+    that time has passed, so the next run takes all that is left, the tick after it acts)."""
     known = set(cursor.dealer_seen or {}) | set(cursor.dealer_last_modified)
-    by = checked_by(dealer, known, cursor.reconciled_at, cursor.reconcile_next_dealer, reconcile_seconds)
-    return None if by is None or by <= now else by
+    by = checked_by(dealer, known, reconciliation.cycle_started_at, reconciliation.next_dealer, reconcile_seconds)
+    return None if by is None or by <= now else by + timedelta(seconds=TICK_SECONDS)
 
 
-def _reconciliation(cursor: Cursor, dealer: int, reconcile_seconds: float, now: datetime) -> str:
-    by = recheck_time(cursor, dealer, reconcile_seconds, now)
-    if by is None:
-        return "every dealer is re-checked on the next tick"
-    position = "its first dealer" if cursor.reconcile_next_dealer is None else f"dealer {cursor.reconcile_next_dealer}"
-    return (f"cycle started {format_timestamp(cursor.reconciled_at)}, goes on from {position};"
-            f" re-checks this dealer by about {format_timestamp(by)}")
+def _rebuilt_by(cursor: Cursor, dealer: int, reconciliation: ReconciliationState | None, reconcile_seconds: float,
+                now: datetime) -> str:
+    """Which tick rebuilds a dealer whose change only its fingerprint shows."""
+    if reconciliation is None:
+        return "the tick after the rolling reconciliation's first run (deployment usage-reconciliation)"
+    if dealer in reconciliation.unchecked_suspects(cursor.suspects_checked_through):
+        return "the next tick (the rolling reconciliation found it changed)"
+    by = recheck_time(cursor, dealer, reconciliation, reconcile_seconds, now)
+    return ("the tick after the rolling reconciliation's next run" if by is None
+            else f"a tick after the rolling reconciliation re-checks it (by about {format_timestamp(by)})")
+
+
+def _reconciliation(cursor: Cursor, dealer: int, reconciliation: ReconciliationState | None,
+                    reconcile_seconds: float, now: datetime) -> str:
+    if reconciliation is None:
+        return "has not run yet (deployment usage-reconciliation)"
+    position = "its first dealer" if reconciliation.next_dealer is None else f"dealer {reconciliation.next_dealer}"
+    by = recheck_time(cursor, dealer, reconciliation, reconcile_seconds, now)
+    when = "on its next run (its cycle is overdue)" if by is None else f"by about {format_timestamp(by)}"
+    suspect = dealer in reconciliation.unchecked_suspects(cursor.suspects_checked_through)
+    return (f"cycle started {format_timestamp(reconciliation.cycle_started_at)}, goes on from {position};"
+            f" re-checks this dealer {when}" + ("; found it changed: the next tick re-checks it" if suspect else ""))
 
 
 def _schedule(schedule: DetectionSchedule | None) -> str:
@@ -176,9 +192,11 @@ def explain_dealer(
     detection_schedule: DetectionSchedule | None,
     now: datetime,
     reconcile_seconds: float,
+    reconciliation: ReconciliationState | None,
 ) -> Explanation:
     """What the next tick will do about `dealer` and, when nothing, which of the seed's causes applies;
-    its partner's lag as of `now`; when the rolling reconciliation (USAGE_RECONCILE_SECONDS) re-checks it."""
+    its partner's lag as of `now`; when the rolling reconciliation (USAGE_RECONCILE_SECONDS, its state
+    `reconciliation`, None: it has not run) re-checks it."""
     rows = dealer_rows(conn, dealer)
     stats = relevant_stats(conn, [dealer]).get(dealer)
     raw_max = {dealer: rows.raw_max} if rows.total else {}
@@ -190,7 +208,7 @@ def explain_dealer(
     )
     seen = (cursor.dealer_seen or {}).get(dealer)
     entry = (dealer in cursor.dealer_last_modified, cursor.dealer_last_modified.get(dealer))
-    next_tick, hints = _decide(cursor, snapshot, dealer, stats, reconcile_seconds, now)
+    next_tick, hints = _decide(cursor, snapshot, dealer, stats, reconciliation, reconcile_seconds, now)
     if detection_schedule == "paused":
         hints.append("detection is paused (Prefect UI: Deployments -> usage-change-detection -> schedule toggle)")
     elif detection_schedule == "unscheduled":
@@ -208,7 +226,7 @@ def explain_dealer(
         materialized_under=seen.partner if seen else None,
         state_known=cursor.dealer_seen is not None,
         partition_lag=_lag(cursor, directory.get(dealer) or (seen.partner if seen else None), now),
-        reconciliation=_reconciliation(cursor, dealer, reconcile_seconds, now),
+        reconciliation=_reconciliation(cursor, dealer, reconciliation, reconcile_seconds, now),
         next_tick=next_tick,
         detection_schedule=detection_schedule,
         hints=hints,
@@ -216,7 +234,8 @@ def explain_dealer(
 
 
 def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: DealerStats | None,
-            reconcile_seconds: float, now: datetime) -> tuple[str, list[str]]:
+            reconciliation: ReconciliationState | None, reconcile_seconds: float,
+            now: datetime) -> tuple[str, list[str]]:
     rows_hints = []
     partner = snapshot.partners.get(dealer)
     if partner is None:
@@ -229,8 +248,7 @@ def _decide(cursor: Cursor, snapshot: SourceSnapshot, dealer: int, stats: Dealer
         affected = sorted(affected_partitions(cursor, snapshot, dealer))
         candidates = probe_candidates(cursor, dict(snapshot.raw_max))
         seen_by_probe = candidates is None or dealer in candidates or reason.startswith(("moved", "no record"))
-        by = None if seen_by_probe else recheck_time(cursor, dealer, reconcile_seconds, now)
-        when = "the next tick" if by is None else f"the rolling reconciliation (by about {format_timestamp(by)})"
+        when = "the next tick" if seen_by_probe else _rebuilt_by(cursor, dealer, reconciliation, reconcile_seconds, now)
         target = ", ".join(affected) if affected else "no partition (unmapped)"
         return f"{when} rebuilds {target} and re-reads the dealer into bronze: {reason}", rows_hints
     if retry:

@@ -35,6 +35,8 @@ DATA_FILE = "data.parquet"
 # The pipeline's own bookkeeping (flows/cursor.py): beside the data it describes, so that it is
 # written the same atomic way on every kind of root, and a lake wiped by hand takes it along.
 STATE_FILE = "_pipeline/detection_state.parquet"
+RECONCILIATION_FILE = "_pipeline/reconciliation_state.parquet"  # written by usage-reconciliation runs only
+DOCUMENT_NAMES = {STATE_FILE: "pipeline state", RECONCILIATION_FILE: "reconciliation state"}
 ROW_GROUP_SIZE = 64_000
 # lz4 wrote the 3.3 M-row bronze file in about half the time of polars' default zstd (0.35 s
 # against 0.68 s) and reads faster, for a file about 35 % larger (bench/README.md).
@@ -151,30 +153,31 @@ def provenance_metadata(values: dict[str, str]) -> dict[str, str]:
     return {PROVENANCE_PREFIX + key: values[key] for key in PROVENANCE_KEYS}
 
 
-def state_path(root: LakePath) -> LakePath:
-    return root / STATE_FILE
+def state_path(root: LakePath, file: str = STATE_FILE) -> LakePath:
+    return root / file
 
 
-def read_state_document(root: LakePath) -> tuple[dict[str, Any] | None, str | None]:
-    """The pipeline's bookkeeping document, or None and why (missing or unreadable)."""
-    path = state_path(root)
+def read_state_document(root: LakePath, file: str = STATE_FILE) -> tuple[dict[str, Any] | None, str | None]:
+    """The pipeline's bookkeeping document (or the reconciliation's: `file`), or None and why (missing or
+    unreadable)."""
+    path, what = state_path(root, file), DOCUMENT_NAMES[file]
     try:
         if not path.exists():
-            return None, f"pipeline state {path} does not exist"
+            return None, f"{what} {path} does not exist"
         document = json.loads(pl.read_parquet(path)["document"][0])
     except Exception as exc:  # a damaged store must not stop the tick: it re-checks everything instead
-        return None, f"pipeline state {path} is unreadable ({type(exc).__name__}: {exc})"
+        return None, f"{what} {path} is unreadable ({type(exc).__name__}: {exc})"
     if not isinstance(document, dict):
-        return None, f"pipeline state {path} is unreadable (not a JSON object)"
+        return None, f"{what} {path} is unreadable (not a JSON object)"
     return document, None
 
 
-def write_state_document(root: LakePath, document: dict[str, Any]) -> None:
+def write_state_document(root: LakePath, document: dict[str, Any], file: str = STATE_FILE) -> None:
     """One row: the JSON document, and when it was written (for people reading the file)."""
     frame = pl.DataFrame(
         {"written_at": [datetime.now(UTC).replace(tzinfo=None)], "document": [json.dumps(document)]}
     )
-    write_parquet_atomic(frame, state_path(root))
+    write_parquet_atomic(frame, state_path(root, file))
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: LakePath, metadata: dict[str, str] | None = None) -> None:

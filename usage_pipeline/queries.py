@@ -22,9 +22,10 @@ from usage_pipeline.detection import (
     dealers_of_partners,
     fingerprint,
     probe_candidates,
+    silent_changes,
 )
 from usage_pipeline.partners import is_partner_uuid
-from usage_pipeline.reconciliation import ReconcileSlice, plan_slice
+from usage_pipeline.reconciliation import ReconcileSlice, ReconciliationState, plan_slice
 from usage_pipeline.schema import RELEVANT_SERVICE, dealer, relevant_usage, service_data, usage
 
 DEALER_BATCH = 500  # dealers per statement: an IN (...) list, or a range whose groups fit in memory
@@ -183,15 +184,14 @@ def has_dealer_modified_index(engine: Engine) -> bool:
 def read_snapshot(
     billing: Connection,
     cursor: Cursor,
-    now: datetime,
-    reconcile_seconds: float,
     partners: dict[int, str | None],
     requested: frozenset[str] = frozenset(),
     stats_from_bronze: bool = False,
+    reconciliation: ReconciliationState | None = None,
 ) -> tuple[SourceSnapshot, float]:
-    """Probe, then query only the candidates, this tick's slice of the rolling reconciliation
-    (`reconciliation.plan_slice` over USAGE_RECONCILE_SECONDS) and the dealers of `requested`
-    partners (their cursor entries advance to what is read now).
+    """Probe, then query only the candidates, the suspects the rolling reconciliation left that no tick
+    re-checked yet (`reconciliation`, None: no state of it) and the dealers of `requested` partners
+    (their cursor entries advance to what is read now).
 
     `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: a start-over tick
     (`detection.starts_over`) re-extracts all of bronze, so no stats are queried; the snapshot
@@ -203,15 +203,26 @@ def read_snapshot(
     probe_seconds = time.perf_counter() - started
     candidates = probe_candidates(cursor, raw_max)
     known = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
-    if stats_from_bronze:  # reconciled once `with_bronze_stats` fills in every dealer
-        snapshot = assemble_snapshot(cursor, raw_max, known, {}, partners, None)
+    through = None if reconciliation is None else reconciliation.slices
+    suspects = frozenset() if reconciliation is None else \
+        reconciliation.unchecked_suspects(cursor.suspects_checked_through)
+    if stats_from_bronze:  # every dealer counted once `with_bronze_stats` fills them in
+        snapshot = assemble_snapshot(cursor, raw_max, known, {}, partners, suspects, through)
         return replace(snapshot, awaiting_bronze=True), probe_seconds
-    if candidates is None:
-        reconciliation = ReconcileSlice.everything(known)
-    else:
-        reconciliation = plan_slice(known, cursor.reconciled_at, cursor.reconcile_next_dealer, now, reconcile_seconds)
     # A retried partition's dealers too: their slices are re-extracted, so they are checked again.
     retried = dealers_of_partners(cursor, partners, requested | cursor.retry_partitions)
-    checked = known if candidates is None else frozenset(candidates | retried | reconciliation.dealers)
+    checked = known if candidates is None else frozenset(candidates | retried | suspects)
     queried = relevant_stats(billing, None if checked >= known else checked)  # every dealer: one join, no IN lists
-    return assemble_snapshot(cursor, raw_max, checked, queried, partners, reconciliation), probe_seconds
+    return assemble_snapshot(cursor, raw_max, checked, queried, partners, suspects, through), probe_seconds
+
+
+def reconcile_slice(billing: Connection, cursor: Cursor, state: ReconciliationState, now: datetime,
+                    period_seconds: float) -> tuple[ReconcileSlice, dict[int, str], ReconciliationState]:
+    """One run of the rolling reconciliation: its slice of every dealer the pipeline's state knows
+    (`reconciliation.plan_slice` over USAGE_RECONCILE_SECONDS), asked for their fingerprints, the ones
+    that differ from what was materialized (with why), and the state to save after it."""
+    known = frozenset(cursor.dealer_seen or {}) | frozenset(cursor.dealer_last_modified)
+    done = plan_slice(known, state.cycle_started_at, state.next_dealer, now, period_seconds)
+    found = relevant_stats(billing, None if done.dealers >= known else done.dealers) if done.dealers else {}
+    changed = silent_changes(cursor, done.dealers, found)
+    return done, changed, state.after(done, changed, cursor.suspects_checked_through, now)

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from usage_pipeline.cursor import Cursor
 from usage_pipeline.detection import PartitionOutcome, Plan, RunOutcome
-from usage_pipeline.reconciliation import ReconcileSlice
 
 
 @dataclass
@@ -23,7 +22,8 @@ class TickReport:
     cursor: Cursor | None = None
     cursor_saved: bool = False
     source_seconds: float | None = None  # time spent querying v3 and billing for the snapshot
-    reconciliation: ReconcileSlice | None = None  # the dealers this tick re-checked by fingerprint
+    suspects: frozenset[int] = frozenset()  # dealers the rolling reconciliation found changed, re-checked here
+    reconciliation_overdue_seconds: float | None = None  # how late its cycle is (None: it has not run yet)
     skipped: str | None = None  # why the tick did nothing (source down, another tick running)
     bronze_table: dict | None = None  # the bronze table after the tick: version, files, last maintenance
 
