@@ -59,6 +59,7 @@ FLOOR_DEPLOYMENT = f"{FLOOR}/{FLOOR}"
 PARTITIONS_FLOOR = "bench-partitions-floor"
 PARTITIONS_FLOOR_DEPLOYMENT = f"{PARTITIONS_FLOOR}/{PARTITIONS_FLOOR}"
 DETECTION_DEPLOYMENT = "usage-change-detection/usage-change-detection"
+RECONCILIATION_DEPLOYMENT = "usage-reconciliation/usage-reconciliation"
 # The dealer that bench/run.py's (c) picks: mapped, with the median number of relevant rows (1,664).
 DEFAULT_DEALER = 1879
 RUN_TIMEOUT_SECONDS = 1800
@@ -69,6 +70,7 @@ SERVERS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 FIRST_TICK = r"\d+ dealer\(s\) -> (\d+) partition\(s\), \1/\1 ok"
 ONE_DEALER = re.escape("1 dealer(s) -> 1 partition(s), 1/1 ok")
 NO_CHANGE = "no changes"
+RECONCILED = r"reconciled [\d,]+ of [\d,]+ dealers .*; no change"  # ReconciliationReport.summary
 # What a server under contention leaves in the logs. A SQLite-backed server answers 503 when a write
 # meets its lock (SQLITE_BUSY_SNAPSHOT), and the client waits about 2 s before retrying: the client
 # logs that at DEBUG, so the serve process (and the runs it starts) log `prefect.client` at DEBUG.
@@ -135,7 +137,7 @@ def serve_with_floor() -> None:
         *runner_deployments(schedule=False),
         bench_floor.to_deployment(name=FLOOR),
         bench_partitions_floor.to_deployment(name=PARTITIONS_FLOOR),
-        limit=load_settings().max_concurrent_partitions + 2,
+        limit=load_settings().max_concurrent_partitions + 3,
         query_seconds=RUNNER_POLL_SECONDS,
     )
 
@@ -177,7 +179,7 @@ def pipeline_env(api_url: str, work: Path, bench: BenchSet) -> dict[str, str]:
 
 @contextmanager
 def serving(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """This script's `--serve-only` in the background, until all six deployments exist."""
+    """This script's `--serve-only` in the background, until all seven deployments exist."""
     process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve-only"],
                                env={**env, **CLIENT_DEBUG}, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     try:
@@ -405,7 +407,7 @@ def bench_server(kind: str, bench: BenchSet, reps: int, first_ticks: int, dealer
                 first = tick(FIRST_TICK)
                 first_timeline = timeline(first, url, partitions_in_detail=False)
                 sizes = lake_sizes(env)
-                floor, partitions_floor, one, quiet = [], [], [], []
+                floor, partitions_floor, one, quiet, reconciled = [], [], [], [], []
                 for rep in range(1, reps + 1):
                     progress(f"{kind} x{bench.scale}: floor, one-dealer and no-change ticks, round {rep}/{reps}")
                     floor.append(deployment_run(FLOOR_DEPLOYMENT, env))
@@ -415,6 +417,9 @@ def bench_server(kind: str, bench: BenchSet, reps: int, first_ticks: int, dealer
                         raise RuntimeError(f"cursor reset --dealer {dealer}: {reset}")
                     one.append(tick(ONE_DEALER))
                     quiet.append(tick(NO_CHANGE))
+                    # Off the tick's path; the first run starts its cycle, each later one takes the cycle's
+                    # elapsed share of the dealers (USAGE_RECONCILE_SECONDS at its default).
+                    reconciled.append(deployment_run(RECONCILIATION_DEPLOYMENT, env, RECONCILED, serve.pid))
                 starts_over = []  # the first tick's work again: bronze in full and every partition
                 for rep in range(2, first_ticks + 1):
                     progress(f"{kind} x{bench.scale}: tick after `cursor reset --all`, {rep - 1}/{first_ticks - 1}")
@@ -445,6 +450,8 @@ def bench_server(kind: str, bench: BenchSet, reps: int, first_ticks: int, dealer
                     f" ({first_ticks - 1} runs)", [r.wall for r in firsts], 3),
         Measurement(f"one-dealer tick after `cursor reset --dealer {dealer}` ({reps} runs)", [r.wall for r in one], 1.5),
         Measurement(f"no-change tick ({reps} runs)", [r.wall for r in quiet], 1.2),
+        Measurement(f"usage-reconciliation run, off the tick's path ({reps} runs: "
+                    + "; ".join(r.message for r in reconciled) + ")", [r.wall for r in reconciled], None),
     ]
     problems = ", ".join(f"{logs.count(text)} × `{text}`" for text in LOG_PROBLEMS)
     notes = [
@@ -494,7 +501,7 @@ def verdict(ok: bool, target: str) -> str:
 def growth_table(small: ScaleRun, large: ScaleRun) -> str:
     """The largest scale against the smallest, with issue 18's targets."""
     k = f"{large.bench.scale / small.bench.scale:g}"
-    names = ["floor", "partitions floor", "first tick", "one-dealer tick", "no-change tick"]
+    names = ["floor", "partitions floor", "first tick", "one-dealer tick", "no-change tick", "reconciliation run"]
     walls = {name: (a.median, b.median) for name, a, b in zip(names, small.measurements, large.measurements, strict=True)}
     rows = [["measured (same run)", f"K = {small.bench.scale}", f"K = {large.bench.scale}", "growth", "target"],
             ["---"] * 5]

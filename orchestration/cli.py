@@ -35,8 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The runs it starts inherit this environment: heartbeats often enough for the crashed-runs automation.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(SERVE_HEARTBEAT_SECONDS))
 
-    # A tick runs bronze, then at most N partition runs at a time: N + 2 processes.
-    serve(*runner_deployments(schedule=not args.no_schedule), limit=load_settings().max_concurrent_partitions + 2,
+    # A tick runs bronze, then at most N partition runs at a time (N + 2 processes with deployment runs), and
+    # a reconciliation run may overlap it: N + 3.
+    serve(*runner_deployments(schedule=not args.no_schedule), limit=load_settings().max_concurrent_partitions + 3,
           query_seconds=RUNNER_POLL_SECONDS)
     return 0
 
