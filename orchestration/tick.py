@@ -55,7 +55,13 @@ from usage_pipeline.detection import (
     with_bronze_stats,
 )
 from usage_pipeline.extract import relevant_totals
-from usage_pipeline.lake import LakePath, read_state_document, remove_stale_temp_files, write_state_document
+from usage_pipeline.lake import (
+    LakePath,
+    read_state_document,
+    remove_staging,
+    remove_stale_temp_files,
+    write_state_document,
+)
 from usage_pipeline.materialize import BronzeResult, bronze_dealer_stats
 from usage_pipeline.partners import layer_tag, partner_tag
 from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
@@ -184,13 +190,20 @@ def run_bronze(plan: Plan, layers: Layers, settings: Settings) -> RunOutcome:
     return run_layer(layers.bronze, {"dealer_ids": plan.bronze_dealers}, name, [layer_tag("bronze")], settings)
 
 
-def materialize_partition(partner: str, layers: Layers, settings: Settings, bronze_version: int) -> PartitionOutcome:
+def materialize_partition(partner: str, layers: Layers, settings: Settings, bronze_version: int,
+                          extract_checked: Future[RunOutcome] | None) -> PartitionOutcome:
     """Silver of the bronze version the tick committed, checked and staged (not cascading: gold follows
-    here), then gold if silver succeeded."""
+    here), then gold if silver succeeded and, on a start-over tick, its extract passed the totals check
+    (`extract_checked`, awaited only here: silver builds meanwhile). Gold publishes all four files, so
+    nothing is published from an extract that failed it."""
     tags = [partner_tag(partner)]
     silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False, "bronze_version": bronze_version,
                                        "publish": False}, f"silver-{partner}", [*tags, layer_tag("silver")], settings)
     gold = None
+    bronze = None if extract_checked is None or not silver.ok else extract_checked.result()
+    if bronze is not None and not bronze.ok:  # the tick reports it once, as bronze's failure
+        remove_staging(settings.lake_path, silver.flow_run_id)  # staged under the silver run's id
+        return PartitionOutcome(partner, silver, RunOutcome(f"gold-{partner}", "NotStarted", False, bronze.message))
     if silver.ok:  # gold builds from the silver staged under the silver run's id and publishes all four files
         gold = run_layer(layers.gold, {"partner_uuid": partner, "staged_silver": silver.flow_run_id},
                          f"gold-{partner}", [*tags, layer_tag("gold")], settings)
@@ -200,17 +213,16 @@ def materialize_partition(partner: str, layers: Layers, settings: Settings, bron
     return outcome
 
 
-def materialize_partitions(partners: list[str], layers: Layers, settings: Settings,
-                           bronze_version: int) -> dict[str, PartitionOutcome]:
+def materialize_partitions(partners: list[str], layers: Layers, settings: Settings, bronze_version: int,
+                           extract_checked: Future[RunOutcome] | None = None) -> dict[str, PartitionOutcome]:
     """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS chains in flight.
 
     Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
     """
     with ThreadPoolExecutor(max_workers=settings.max_concurrent_partitions, thread_name_prefix="partition") as pool:
         futures = {
-            partner: pool.submit(
-                contextvars.copy_context().run, materialize_partition, partner, layers, settings, bronze_version
-            )
+            partner: pool.submit(contextvars.copy_context().run, materialize_partition, partner, layers, settings,
+                                 bronze_version, extract_checked)
             for partner in partners
         }
         return {partner: future.result() for partner, future in futures.items()}
@@ -221,24 +233,29 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
     snapshot, completed from bronze when it awaited a full extract."""
     checked = frozenset() if snapshot.awaiting_bronze else snapshot.checked  # else counted from the extract
     with sharing_with_subflows(TickShared(snapshot.partners, checked, snapshot.relevant)), \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="source-totals") as pool:
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="source-totals") as pool:
         # A start-over tick's independent number, asked as its extract starts (the source as it was
         # before the extract, like an incremental tick's fingerprints) and alongside it.
         totals = pool.submit(contextvars.copy_context().run, query_source, BILLING_BLOCK, relevant_totals) \
             if snapshot.awaiting_bronze else None
         report.bronze = run_bronze(plan, layers, settings)
-        if report.bronze.ok:
-            written = report.bronze.result if isinstance(report.bronze.result, BronzeResult) else None
-            version = written.version if written is not None else committed_version(settings.lake_path, report.bronze)
-            if totals is not None:
-                report.bronze = check_extract_totals(settings, report.bronze, version, totals)
         if not report.bronze.ok:
             get_run_logger().error("Bronze failed (%s); no partition runs this tick", report.bronze.message)
             return snapshot
+        written = report.bronze.result if isinstance(report.bronze.result, BronzeResult) else None
+        version = written.version if written is not None else committed_version(settings.lake_path, report.bronze)
+        # The totals check runs while the partitions build; their gold runs (the publishes) wait for it.
+        extract_checked = None if totals is None else pool.submit(
+            contextvars.copy_context().run, check_extract_totals, settings, report.bronze, version, totals)
         if snapshot.awaiting_bronze:
             snapshot = complete_snapshot(snapshot, settings.lake_path, written, version)
         if plan.partitions:
-            report.partitions = materialize_partitions(list(plan.partitions), layers, settings, version)
+            report.partitions = materialize_partitions(list(plan.partitions), layers, settings, version,
+                                                       extract_checked)
+        if extract_checked is not None:
+            report.bronze = extract_checked.result()
+        if not report.bronze.ok:
+            get_run_logger().error("Bronze failed (%s); no partition was published this tick", report.bronze.message)
     return snapshot
 
 

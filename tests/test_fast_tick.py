@@ -225,7 +225,11 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
                                                                             *real_totals(root, version)[1:]))
     state, report = tick(full_refresh=True)
     assert state.is_failed() and "reconciliation.totals FAILED" in report.bronze.message
-    assert report.partitions == {} and {p: partner_files(lake, p) for p in made["partners"]} == before
+    # Silver built meanwhile and staged; no gold started, nothing published, nothing left staged.
+    assert set(report.partitions) == set(made["partners"]) and not list((lake / "_staging").rglob("*.parquet"))
+    assert all(o.silver.ok and (o.gold.state, o.gold.flow_run_id) == ("NotStarted", None) and not o.ok
+               for o in report.partitions.values())
+    assert {p: partner_files(lake, p) for p in made["partners"]} == before
     assert all(s.failures == 1 for s in cursor().partitions.values())
     monkeypatch.setattr(tick_module.bronze, "totals", real_totals)
 
