@@ -11,6 +11,8 @@ from orchestration.setup import RECONCILIATION_LIMIT, ensure_limit
 from orchestration.slots import ANOTHER_RECONCILIATION, SKIPPED, SlotTaken, leased_slots
 from usage_pipeline.settings import load_settings
 
+NOTHING_TO_COMPARE = "nothing materialized to compare with"
+
 
 @flow(name="usage-reconciliation")
 def usage_reconciliation() -> State:
@@ -31,5 +33,5 @@ def usage_reconciliation() -> State:
         logger.warning("Failed to query the source; nothing reconciled, the next run takes this slice: %s", exc)
         return Completed(name=SKIPPED, message=f"skipped: {exc}")
     if report is None:
-        return Completed(message="nothing materialized yet")
+        return Completed(message=NOTHING_TO_COMPARE)
     return Completed(message=report.summary(), data=report)

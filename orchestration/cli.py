@@ -148,6 +148,8 @@ Things to try, in another shell from this directory (export PREFECT_API_URL={ui}
   - Rebuild one partner's layers from the current bronze:  .venv/bin/prefect deployment run partner-silver/partner-silver -p partner_uuid={partner}
   - See what the pipeline knows:  .venv/bin/usage-pipeline cursor show
   - Ask why a dealer did (not) trigger:  .venv/bin/usage-pipeline explain {made['unmapped_dealers'][0]}
+  - Re-check the next slice of every dealer's fingerprint now (it also runs every 5 minutes):
+    .venv/bin/prefect deployment run usage-reconciliation/usage-reconciliation
 """, flush=True)
 
 

@@ -39,14 +39,15 @@ def load_reconciliation_state(root: LakePath) -> tuple[ReconciliationState | Non
 
 
 def run_reconciliation(settings: Settings) -> ReconciliationReport | None:
-    """One slice (None: nothing materialized yet to compare with). Its state is saved in one atomic
+    """One slice (None: nothing materialized to compare with). Its state is saved in one atomic
     write after the source answered, so a run that dies leaves the slice to the next one."""
     logger = get_run_logger()
     root, now = settings.lake_path, utc_now()
     pipeline_state, _ = read_state_document(root)
     cursor, _ = parse_cursor(read_cursor_value(), pipeline_state)  # a tick logs the cursor's problems
-    if cursor.dealer_seen is None:
-        logger.info("Nothing materialized yet (no pipeline state): nothing to reconcile; a tick checks every dealer")
+    if cursor.dealer_seen is None or cursor.is_first_run:
+        logger.info("Nothing to compare with (no pipeline state, or the cursor was reset): the next tick checks"
+                    " or rebuilds every dealer")
         return None
     state, problem = load_reconciliation_state(root)
     if problem:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import Flow, get_run_logger
@@ -71,6 +72,7 @@ from usage_pipeline.settings import Settings
 from usage_pipeline.tick_report import TickReport
 
 SLOW_PROBE_SECONDS = 1.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -190,23 +192,24 @@ def run_bronze(plan: Plan, layers: Layers, settings: Settings) -> RunOutcome:
     return run_layer(layers.bronze, {"dealer_ids": plan.bronze_dealers}, name, [layer_tag("bronze")], settings)
 
 
-def materialize_partition(partner: str, layers: Layers, settings: Settings, bronze_version: int,
-                          extract_checked: Future[RunOutcome] | None) -> PartitionOutcome:
-    """Silver of the bronze version the tick committed, checked and staged (not cascading: gold follows
-    here), then gold if silver succeeded and, on a start-over tick, its extract passed the totals check
-    (`extract_checked`, awaited only here: silver builds meanwhile). Gold publishes all four files, so
-    nothing is published from an extract that failed it."""
-    tags = [partner_tag(partner)]
-    silver = run_layer(layers.silver, {"partner_uuid": partner, "cascade": False, "bronze_version": bronze_version,
-                                       "publish": False}, f"silver-{partner}", [*tags, layer_tag("silver")], settings)
+def run_silver(partner: str, layers: Layers, settings: Settings, bronze_version: int) -> RunOutcome:
+    """Silver of the bronze version the tick committed, checked and staged (not cascading: gold follows)."""
+    return run_layer(layers.silver, {"partner_uuid": partner, "cascade": False, "bronze_version": bronze_version,
+                                     "publish": False}, f"silver-{partner}", [partner_tag(partner), layer_tag("silver")],
+                     settings)
+
+
+def run_gold(partner: str, silver: RunOutcome, layers: Layers, settings: Settings,
+             extract: RunOutcome | None = None) -> PartitionOutcome:
+    """Gold from the silver staged under the silver run's id, publishing all four files, if silver succeeded
+    and the extract passed its totals check (`extract`, None: no check awaited)."""
+    if silver.ok and extract is not None and not extract.ok:  # the tick reports it once, as bronze's failure
+        remove_staging(settings.lake_path, silver.flow_run_id)
+        return PartitionOutcome(partner, silver, RunOutcome(f"gold-{partner}", "NotStarted", False, extract.message))
     gold = None
-    bronze = None if extract_checked is None or not silver.ok else extract_checked.result()
-    if bronze is not None and not bronze.ok:  # the tick reports it once, as bronze's failure
-        remove_staging(settings.lake_path, silver.flow_run_id)  # staged under the silver run's id
-        return PartitionOutcome(partner, silver, RunOutcome(f"gold-{partner}", "NotStarted", False, bronze.message))
-    if silver.ok:  # gold builds from the silver staged under the silver run's id and publishes all four files
+    if silver.ok:
         gold = run_layer(layers.gold, {"partner_uuid": partner, "staged_silver": silver.flow_run_id},
-                         f"gold-{partner}", [*tags, layer_tag("gold")], settings)
+                         f"gold-{partner}", [partner_tag(partner), layer_tag("gold")], settings)
     outcome = PartitionOutcome(partner, silver, gold)
     if not outcome.ok:  # also when the run never started and so has no log of its own
         get_run_logger().error("Partition %s failed: %s", partner, outcome.error)
@@ -215,17 +218,23 @@ def materialize_partition(partner: str, layers: Layers, settings: Settings, bron
 
 def materialize_partitions(partners: list[str], layers: Layers, settings: Settings, bronze_version: int,
                            extract_checked: Future[RunOutcome] | None = None) -> dict[str, PartitionOutcome]:
-    """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS chains in flight.
+    """Run partitions concurrently, at most USAGE_MAX_CONCURRENT_PARTITIONS runs in flight: each partner's
+    silver, then its gold. While a start-over tick's extract awaits its totals check (`extract_checked`),
+    every silver builds first, then the golds (the publishes) once the check passed: nothing is
+    published from an extract that failed it, and no thread waits for the check holding a place.
 
     Each thread gets a copy of the flow-run context so its runs link to this tick as subflows.
     """
-    with ThreadPoolExecutor(max_workers=settings.max_concurrent_partitions, thread_name_prefix="partition") as pool:
-        futures = {
-            partner: pool.submit(contextvars.copy_context().run, materialize_partition, partner, layers, settings,
-                                 bronze_version, extract_checked)
-            for partner in partners
-        }
-        return {partner: future.result() for partner, future in futures.items()}
+    def in_parallel(work: Callable[[str], T]) -> dict[str, T]:
+        with ThreadPoolExecutor(max_workers=settings.max_concurrent_partitions, thread_name_prefix="partition") as pool:
+            futures = {partner: pool.submit(contextvars.copy_context().run, work, partner) for partner in partners}
+            return {partner: future.result() for partner, future in futures.items()}
+
+    if extract_checked is None:
+        return in_parallel(lambda p: run_gold(p, run_silver(p, layers, settings, bronze_version), layers, settings))
+    silvers = in_parallel(lambda p: run_silver(p, layers, settings, bronze_version))
+    extract = extract_checked.result()
+    return in_parallel(lambda p: run_gold(p, silvers[p], layers, settings, extract))
 
 
 def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: Settings, report: TickReport) -> SourceSnapshot:

@@ -111,6 +111,24 @@ def test_deployment_run_detection_with_each_documented_parameter(materialized, l
     assert read_cursor_value()["dealer_last_modified"] == entries
 
 
+# --- prefect deployment run usage-reconciliation ---------------------------------------------------------
+
+
+def test_deployment_run_reconciliation_starts_its_cycle_and_a_tick_then_reads_it(materialized, lake_root, prefect_server):
+    """README "The rolling reconciliation": `prefect deployment run usage-reconciliation/usage-reconciliation`."""
+    api = RestApi(prefect_server)
+    run = completed(deployment_run(api, "usage-reconciliation/usage-reconciliation"))
+    # Its first run begins its cycle (dealers 1, 2, 3, 4 and 9 are known): no dealer is due yet.
+    assert re.fullmatch(r"reconciled 0 of 5 dealers \(cycle 0 %\) in [\d.]+ s; no change", run["state"]["message"])
+    assert (lake_root / "_pipeline" / "reconciliation_state.parquet").exists()
+    shown = usage_pipeline("cursor", "show")
+    assert shown.returncode == 0 and "reconciliation: cycle started " in shown.stdout, shown.stderr
+    again = completed(deployment_run(api, "usage-reconciliation/usage-reconciliation"))
+    assert again["state"]["message"].startswith("reconciled ") and again["state"]["message"].endswith("; no change")
+    state, report = tick()
+    assert state.is_completed() and report.reconciliation_overdue_seconds == 0 and report.suspects == frozenset()
+
+
 # --- prefect deployment run partner-silver, with and without cascade ----------------------------------
 
 

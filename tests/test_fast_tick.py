@@ -95,7 +95,7 @@ def test_a_silent_change_is_found_by_a_reconciliation_run_and_rebuilt_by_the_nex
 
     billing, made, tick, lake = demo
     state = usage_reconciliation(return_state=True)
-    assert state.is_completed() and state.message == "nothing materialized yet"
+    assert state.is_completed() and state.message == "nothing materialized to compare with"
     assert tick()[0].is_completed()
     first = usage_reconciliation(return_state=True)  # starts its cycle: USAGE_RECONCILE_SECONDS is an hour
     assert first.result().slice.dealers == frozenset() and (lake / "_pipeline/reconciliation_state.parquet").exists()

@@ -333,3 +333,62 @@ def test_a_service_data_change_is_found_within_one_cycle_each_run_asking_for_its
     assert cursor.suspects_checked_through == state.slices  # taken: the next tick asks for nothing
     assert tick(cursor, state, now + timedelta(seconds=TICK_SECONDS))[1].checked == frozenset()
     billing.dispose()
+
+
+# --- a usage-reconciliation run killed at random moments ---------------------------------------------
+
+RECONCILE_IN_A_PROCESS = """
+from flows.usage_reconciliation import usage_reconciliation
+print(usage_reconciliation(return_state=True).message, flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_a_reconciliation_run_killed_at_a_random_moment_leaves_its_slice_to_the_next_run(materialized, lake_root):
+    """SIGKILL anywhere in a run (as a worker's OOM kill would): its state file is the old one or the new one,
+    the next run finds the change again, and the tick after it rebuilds it, once. Dealer 1 alone uses
+    service (501, 2); each round moves that service between two relevant statuses, which only the
+    fingerprint sees."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from flows.usage_reconciliation import usage_reconciliation
+    from orchestration.reconcile import load_reconciliation_state
+    from tests.pipeline_helpers import tick
+    from tests.sourcedata import PARTNER_A
+
+    env = {**os.environ, "USAGE_RECONCILE_SECONDS": "0.001"}  # every dealer on every run
+
+    def start() -> tuple[subprocess.Popen, float]:
+        return subprocess.Popen([sys.executable, "-c", RECONCILE_IN_A_PROCESS], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True), time.monotonic()
+
+    whole, started = start()  # how long a whole run takes here: the kills land anywhere within it
+    assert whole.wait(timeout=300) == 0 and whole.stdout.read().startswith("reconciled"), "an unkilled run completes"
+    duration = time.monotonic() - started
+    rng = random.Random(20261206)
+    for round_no, status in enumerate((10, 3, 10, 3)):
+        materialized.execute("UPDATE v4_wh_service_data SET service_data_FK_service_status_id = %s"
+                             " WHERE service_data_FK_customer_id = 501 AND service_data_FK_service_id = 2", status)
+        process, started = start()
+        delay = rng.uniform(0, duration)
+        while time.monotonic() - started < delay and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        with get_client(sync_client=True) as client:  # its lease would free the slot within 120 s: no waiting here
+            client.update_global_concurrency_limit("usage-reconciliation", GlobalConcurrencyLimitUpdate(active_slots=0))
+        assert load_reconciliation_state(lake_root)[1] is None, f"round {round_no}: the state file is readable"
+
+        found = usage_reconciliation(return_state=True).result()
+        assert found.changed == {1: "rows changed without a newer usage_modified"}, (round_no, delay)
+        state, report = tick()
+        assert state.is_completed(), state.message
+        assert report.suspects == {1} and set(report.partitions) == {PARTNER_A}, (round_no, delay)
+        assert tick()[0].message == "no changes"
