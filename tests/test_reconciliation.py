@@ -344,7 +344,8 @@ print(usage_reconciliation(return_state=True).message, flush=True)
 
 
 @pytest.mark.integration
-def test_a_reconciliation_run_killed_at_a_random_moment_leaves_its_slice_to_the_next_run(materialized, lake_root):
+def test_a_reconciliation_run_killed_at_a_random_moment_leaves_its_slice_to_the_next_run(materialized, lake_root,
+                                                                                          monkeypatch):
     """SIGKILL anywhere in a run (as a worker's OOM kill would): its state file is the old one or the new one,
     the next run finds the change again, and the tick after it rebuilds it, once. Dealer 1 alone uses
     service (501, 2); each round moves that service between two relevant statuses, which only the
@@ -363,7 +364,8 @@ def test_a_reconciliation_run_killed_at_a_random_moment_leaves_its_slice_to_the_
     from tests.pipeline_helpers import tick
     from tests.sourcedata import PARTNER_A
 
-    env = {**os.environ, "USAGE_RECONCILE_SECONDS": "0.001"}  # every dealer on every run
+    monkeypatch.setenv("USAGE_RECONCILE_SECONDS", "0.001")  # every dealer on every run, here and in the child
+    env = dict(os.environ)
 
     def start() -> tuple[subprocess.Popen, float]:
         return subprocess.Popen([sys.executable, "-c", RECONCILE_IN_A_PROCESS], env=env, stdout=subprocess.PIPE,
