@@ -57,7 +57,7 @@ def run_reconciliation(settings: Settings) -> ReconciliationReport | None:
         conn, cursor, state or ReconciliationState(cycle_started_at=now), now, settings.reconcile_seconds))
     report = ReconciliationReport(done, changed, time.perf_counter() - started)
     write_state_document(root, after.document(), RECONCILIATION_FILE)
-    logger.info("Reconciled %s", report.summary())
+    logger.info("Rolling reconciliation: %s", report.summary())
     for dealer, reason in changed.items():
         logger.info("Dealer %d: %s; the next detection tick re-checks and rebuilds it", dealer, reason)
     emit_reconciliation_event(report)
