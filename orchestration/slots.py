@@ -233,9 +233,9 @@ def possible_holders(client: SyncPrefectClient, name: str, lease_seconds: float,
 
 def found_the_slot_taken(run: FlowRun) -> bool:
     """A tick or reconciliation run that ended at once because its slot was taken: it never held it."""
-    message = "" if run.state is None else run.state.message or ""
-    return run.state is not None and run.state.name == SKIPPED and (ANOTHER_TICK in message
-                                                                     or ANOTHER_RECONCILIATION in message)
+    if run.state is None or run.state.name != SKIPPED:
+        return False
+    return any(why in (run.state.message or "") for why in (ANOTHER_TICK, ANOTHER_RECONCILIATION))
 
 
 class LeaseRenewal(threading.Thread):

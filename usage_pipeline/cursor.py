@@ -144,6 +144,11 @@ class Cursor:
         return not source_was_empty
 
     @property
+    def known_dealers(self) -> frozenset[int]:
+        """Every dealer the pipeline's state or the operator keys name: what the rolling reconciliation covers."""
+        return frozenset(self.dealer_seen or {}) | frozenset(self.dealer_last_modified)
+
+    @property
     def retry_partitions(self) -> set[str]:
         return {uuid for uuid, status in self.partitions.items() if status.failures > 0}
 

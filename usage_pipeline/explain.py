@@ -147,8 +147,8 @@ def recheck_time(cursor: Cursor, dealer: int, reconciliation: ReconciliationStat
                  now: datetime) -> datetime | None:
     """About when a tick acts on the rolling reconciliation's next check of the dealer's fingerprint (None:
     that time has passed, so the next run takes all that is left, the tick after it acts)."""
-    known = set(cursor.dealer_seen or {}) | set(cursor.dealer_last_modified)
-    by = checked_by(dealer, known, reconciliation.cycle_started_at, reconciliation.next_dealer, reconcile_seconds)
+    by = checked_by(dealer, cursor.known_dealers, reconciliation.cycle_started_at, reconciliation.next_dealer,
+                    reconcile_seconds)
     return None if by is None or by <= now else by + timedelta(seconds=TICK_SECONDS)
 
 

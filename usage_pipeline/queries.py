@@ -221,7 +221,7 @@ def reconcile_slice(billing: Connection, cursor: Cursor, state: ReconciliationSt
     """One run of the rolling reconciliation: its slice of every dealer the pipeline's state knows
     (`reconciliation.plan_slice` over USAGE_RECONCILE_SECONDS), asked for their fingerprints, the ones
     that differ from what was materialized (with why), and the state to save after it."""
-    known = frozenset(cursor.dealer_seen or {}) | frozenset(cursor.dealer_last_modified)
+    known = cursor.known_dealers
     done = plan_slice(known, state.cycle_started_at, state.next_dealer, now, period_seconds)
     found = relevant_stats(billing, None if done.dealers >= known else done.dealers) if done.dealers else {}
     changed = silent_changes(cursor, done.dealers, found)
