@@ -374,13 +374,13 @@ def run_ticks(dealer: int, reps: int, serve_log: Path, lake: Path) -> str:
     from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
     from flows.usage_change_detection import usage_change_detection
     from orchestration.runtime import read_cursor_value
-    from usage_pipeline.tick_report import as_report
+    from orchestration.tick import report_of
 
     def tick() -> tuple[float, Any]:
         started = time.perf_counter()
         state = usage_change_detection(return_state=True)
         elapsed = time.perf_counter() - started
-        report = as_report(state.result(raise_on_failure=False))
+        report = report_of(state)
         if report is None:
             raise RuntimeError(f"tick {state.name}: {state.message}")
         return elapsed, report

@@ -101,17 +101,17 @@ def build_demo_source():
 def run_demo_ticks(billing, made: dict) -> None:
     """A first tick, a tick after one dealer changed, and a tick that finds nothing; then the lake's files."""
     from orchestration.deployments import load_deployment_flow
+    from orchestration.tick import report_of
     from usage_pipeline import bronze, demo_data
     from usage_pipeline.lake import bronze_path
     from usage_pipeline.settings import load_settings
-    from usage_pipeline.tick_report import as_report
 
     usage_change_detection = load_deployment_flow(DETECTION)
 
     def tick(title: str) -> None:
         started = time.perf_counter()
         state = usage_change_detection(return_state=True)
-        report = as_report(state.result(raise_on_failure=False))
+        report = report_of(state)
         print(f"\n== {title}: {state.name} in {time.perf_counter() - started:.1f}s: {state.message}")
         for partner, outcome in (report.partitions if report else {}).items():
             print(f"   partner {partner}: silver {outcome.silver.state}, gold {outcome.gold.state if outcome.gold else '-'}")

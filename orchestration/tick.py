@@ -18,9 +18,10 @@ from decimal import Decimal
 from typing import Any, TypeVar
 from uuid import UUID
 
-from prefect import Flow, get_run_logger
+from prefect import Flow, State, get_run_logger
 from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
+from prefect.utilities.annotations import quote
 
 from orchestration.crashed_runs import crash_orphaned_runs, heartbeat_problem
 from orchestration.events import emit_pending_events
@@ -69,7 +70,7 @@ from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
 from usage_pipeline.reconciliation import ReconciliationState
 from usage_pipeline.schema import INDEX_ADVICE
 from usage_pipeline.settings import Settings
-from usage_pipeline.tick_report import TickReport
+from usage_pipeline.tick_report import TickFailed, TickReport
 
 SLOW_PROBE_SECONDS = 1.0
 T = TypeVar("T")
@@ -338,6 +339,17 @@ def clean_up_after_dead_processes(settings: Settings) -> None:
         logger.warning("Marked %d run(s) Crashed that a dead process had left open: %s", len(crashed), crashed)
     if removed := remove_stale_temp_files(settings.lake_path):
         logger.info("Removed %d temporary file(s) that killed writers left in the lake: %s", len(removed), removed)
+
+
+def report_of(state: State) -> TickReport | None:
+    """A finished tick flow run's report, for a caller in the same process: the flow returns it quoted, or
+    inside the TickFailed of its Failed state; None when the flow failed before its tick."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, quote):
+        result = result.unquote()
+    if isinstance(result, TickFailed):
+        result = result.report
+    return result if isinstance(result, TickReport) else None
 
 
 def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: frozenset[str], full_refresh: bool) -> TickReport:

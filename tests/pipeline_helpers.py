@@ -15,16 +15,17 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
 from flows.usage_change_detection import usage_change_detection
 from orchestration.runtime import read_cursor_value
+from orchestration.tick import report_of
 from usage_pipeline.cursor import Cursor, parse_cursor
 from usage_pipeline.lake import STAGING_DIR, STATE_FILE, read_state_document
 from usage_pipeline.settings import load_settings
-from usage_pipeline.tick_report import TickReport, as_report
+from usage_pipeline.tick_report import TickReport
 
 
 def tick(**parameters: object) -> tuple[object, TickReport | None]:
     """One detection tick in this process; the report is None when the flow failed before its tick."""
     state = usage_change_detection(**parameters, return_state=True)
-    return state, as_report(state.result(raise_on_failure=False))
+    return state, report_of(state)
 
 
 def cursor() -> Cursor:

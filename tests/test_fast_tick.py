@@ -147,6 +147,19 @@ def test_requested_partner_and_dry_run(demo):
     assert state.is_completed() and set(report.partitions) == {partner}
 
 
+def test_a_tick_returns_its_report_quoted_so_prefect_does_not_walk_the_cursor(demo):
+    """Prefect walks a flow's returned value for futures, and the report holds the cursor, an entry per
+    dealer (2 s of every tick at 20,000 dealers): quoted, it is not walked, and a caller unwraps it."""
+    from prefect.utilities.annotations import quote
+
+    _, made, tick, _ = demo
+    state, report = tick()
+    returned = state.result()
+    assert state.is_completed() and isinstance(returned, quote) and returned.unquote() is report
+    dealers = sum(len(d) for d in made["partners"].values()) + len(made["unmapped_dealers"])
+    assert len(report.cursor.dealer_seen) == dealers
+
+
 def partner_files(lake, partner: str) -> dict[str, bytes]:
     return {f"{layer}/{table}": (lake / layer / table / f"partner={partner}" / "data.parquet").read_bytes()
             for layer, tables in (("silver", SILVER_TABLES), ("gold", GOLD_TABLES)) for table in tables}

@@ -278,14 +278,15 @@ def plan_tick(
                 reasons.setdefault(partner, [reason])
             else:
                 reasons.setdefault(partner, []).append(f"dealer {dealer}: {reason}")
-    for partner in sorted(cursor.retry_partitions):
+    retrying = cursor.retry_partitions
+    for partner in sorted(retrying):
         reasons.setdefault(partner, []).append(f"retry after {cursor.partitions[partner].failures} failed tick(s)")
     unknown, requested_dealers = add_requested(cursor, partners, requested, reasons, dealer_partitions)
 
     if first_run or cursor.dealer_seen is None:
         bronze_dealers = None
     else:
-        retried = {d for d, p in partners.items() if p in cursor.retry_partitions}
+        retried = {d for d, p in partners.items() if p in retrying}
         bronze_dealers = sorted(set(changes) | retried | requested_dealers) if reasons or changes else []
     return Plan(
         first_run=first_run,

@@ -55,9 +55,3 @@ class TickFailed(Exception):
         super().__init__(report.summary())
         self.report = report
 
-
-def as_report(result: object) -> TickReport | None:
-    """A tick flow's result as its report (a failed tick's comes inside its TickFailed), else None."""
-    if isinstance(result, TickFailed):
-        result = result.report
-    return result if isinstance(result, TickReport) else None
