@@ -31,6 +31,7 @@ from tests.sourcedata import (
     active_services_truth,
     usage_report_truth,
 )
+from usage_pipeline.lake import read_state_document, state_path, write_state_document
 
 pytestmark = pytest.mark.integration
 ALL_PARTNERS = {PARTNER_A, PARTNER_B, PARTNER_C}
@@ -95,12 +96,29 @@ def test_child_runs_are_tagged_subflows_of_the_tick(source):
 
 def test_no_change_runs_nothing_and_rewrites_nothing(materialized, lake_root):
     before_files, before_cursor = file_ids(lake_root), read_cursor_value()
+    before_state = state_path(lake_root).stat()
     state, report = tick()
     assert state.is_completed() and state.message == "no changes"
-    assert report.bronze is None and not report.partitions
+    assert report.bronze is None and not report.partitions and not report.cursor_saved
     assert child_runs(state.state_details.flow_run_id) == []
     assert file_ids(lake_root) == before_files
     assert read_cursor_value() == before_cursor
+    after_state = state_path(lake_root).stat()
+    assert (after_state.st_ino, after_state.st_mtime_ns) == (before_state.st_ino, before_state.st_mtime_ns)
+
+
+def test_a_no_change_tick_rewrites_documents_it_read_with_a_problem(materialized, lake_root):
+    """An unchanged cursor is still saved when what it was read from had a problem or an older layout:
+    the block loses a bookkeeping key an older version kept there, the state an unreadable entry."""
+    value = read_cursor_value()
+    save_cursor_value({**value, "fingerprints": {}})
+    document, _ = read_state_document(lake_root)
+    write_state_document(lake_root, {**document, "partitions": {**document["partitions"], "not-a-uuid": {}}})
+    state, _ = tick()
+    assert state.message == "no changes"
+    assert read_cursor_value() == value
+    assert "not-a-uuid" not in read_state_document(lake_root)[0]["partitions"]
+    cursor()  # read back without a warning
 
 
 def test_one_dealer_changed_rewrites_bronze_and_only_its_partner(materialized, lake_root):

@@ -24,14 +24,13 @@ from typing import Any, TypedDict
 
 from usage_pipeline.partners import is_partner_uuid
 
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 OPERATOR_KEYS = ("global_last_modified", "dealer_last_modified")
 STATE_KEYS = ("dealer_seen", "partitions", "reconciled_at", "fingerprints")
 
 
 def format_timestamp(value: datetime | None) -> str | None:
-    """ISO-8601 UTC with microseconds, e.g. 2026-01-20T12:00:00.000000Z."""
-    return None if value is None else value.strftime(TIMESTAMP_FORMAT)
+    """A naive UTC datetime as ISO-8601 with microseconds, e.g. 2026-01-20T12:00:00.000000Z."""
+    return None if value is None else value.isoformat(timespec="microseconds") + "Z"  # strftime: 2.5x the time
 
 
 def utc_now() -> datetime:
@@ -337,6 +336,13 @@ def _bookkeeping(reader: _Reader) -> dict[str, Any]:
         "suspects_checked_through": _suspects_checked_through(reader),
         "fingerprints": reader.entries("fingerprints", _fingerprint_entry(reader), entry_errors) or {},
     }
+
+
+def is_current_layout(block_value: object, state: object) -> bool:
+    """Whether the block holds only the operator keys and the state document exactly this version's keys:
+    a legacy layout is rewritten by the next save, even of an unchanged cursor."""
+    return (isinstance(block_value, dict) and set(block_value) == set(OPERATOR_KEYS)
+            and isinstance(state, dict) and set(state) == set(StateDocument.__annotations__))
 
 
 def parse_cursor(block_value: object, state: object = None) -> tuple[Cursor, list[str]]:
