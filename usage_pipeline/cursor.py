@@ -30,7 +30,7 @@ STATE_KEYS = ("dealer_seen", "partitions", "reconciled_at", "fingerprints")
 
 def format_timestamp(value: datetime | None) -> str | None:
     """A naive UTC datetime as ISO-8601 with microseconds, e.g. 2026-01-20T12:00:00.000000Z."""
-    return None if value is None else value.isoformat(timespec="microseconds") + "Z"  # strftime: 2.5x the time
+    return None if value is None else value.isoformat(timespec="microseconds") + "Z"  # strftime takes 2.3x as long
 
 
 def utc_now() -> datetime:
