@@ -312,8 +312,8 @@ class StoredCursor:
     cursor: Cursor
     block_value: object
     state: dict | None
-    # Both read without a warning and in the current layout: an equal cursor would write them back as
-    # they read, so a tick that changed nothing skips building them (0.2 s at 20,000 dealers).
+    # Both read without a warning and with this version's keys: an equal cursor would write back what
+    # they already say, so a tick that changed nothing skips building them (0.2 s at 20,000 dealers).
     clean: bool
 
 
