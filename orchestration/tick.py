@@ -336,10 +336,10 @@ def save_cursor(root: LakePath, cursor: Cursor, stored: StoredCursor) -> bool:
     next tick reads as an operator edit of those dealers and redoes (never the reverse, which could skip)."""
     if stored.clean and cursor == stored.cursor:
         return False
-    if cursor.state_document() != stored.state:
-        write_state_document(root, cursor.state_document())
-    if cursor.block_value() != stored.block_value:
-        return write_cursor_value(cursor.block_value(), stored.block_value)
+    if (state := cursor.state_document()) != stored.state:
+        write_state_document(root, state)
+    if (block_value := cursor.block_value()) != stored.block_value:
+        return write_cursor_value(block_value, stored.block_value)
     return False
 
 
