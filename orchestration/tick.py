@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -27,6 +26,7 @@ from orchestration.crashed_runs import crash_orphaned_runs, heartbeat_problem
 from orchestration.events import emit_pending_events
 from orchestration.reconcile import load_reconciliation_state
 from orchestration.runtime import (
+    Source,
     SourceError,
     TickShared,
     load_source,
@@ -42,7 +42,7 @@ from orchestration.runtime import (
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
 from usage_pipeline.check_results import with_severity
-from usage_pipeline.checks import totals_check
+from usage_pipeline.checks import ExtractTotals, totals_check
 from usage_pipeline.cursor import Cursor, format_timestamp, is_current_layout, parse_cursor
 from usage_pipeline.detection import (
     PartitionOutcome,
@@ -56,7 +56,7 @@ from usage_pipeline.detection import (
     starts_over,
     with_bronze_stats,
 )
-from usage_pipeline.extract import relevant_totals
+from usage_pipeline.extract import source_totals
 from usage_pipeline.lake import (
     LakePath,
     read_state_document,
@@ -64,9 +64,9 @@ from usage_pipeline.lake import (
     remove_stale_temp_files,
     write_state_document,
 )
-from usage_pipeline.materialize import BronzeResult, bronze_dealer_stats
+from usage_pipeline.materialize import BronzeResult, bronze_dealer_stats, committed_totals
 from usage_pipeline.partners import layer_tag, partner_tag
-from usage_pipeline.queries import has_dealer_modified_index, read_snapshot
+from usage_pipeline.queries import has_dealer_modified_index, probe_raw_max, read_snapshot
 from usage_pipeline.reconciliation import ReconciliationState
 from usage_pipeline.schema import INDEX_ADVICE
 from usage_pipeline.settings import Settings
@@ -85,20 +85,50 @@ class Layers:
     gold: Flow
 
 
-def take_snapshot(
-    cursor: Cursor, requested: frozenset[str], stats_from_bronze: bool, reconciliation: ReconciliationState | None
-) -> SourceSnapshot:
-    """Read the v3 directory, then the billing state; a failure becomes a SourceError naming the database."""
+@dataclass(frozen=True)
+class SourceProbe:
+    """What a tick asks its sources without its cursor, so while it reads the cursor: the probe of the
+    billing source (whose engine the candidates' queries reuse) and the v3 directory."""
+
+    billing: Source
+    raw_max: dict[int, datetime | None]
+    probe_seconds: float
+    partners: dict[int, str | None]
+
+
+def start_probe(pool: ThreadPoolExecutor) -> Future[SourceProbe]:
+    """The v3 directory and the billing probe, each on a thread of `pool`; a failure is a SourceError
+    naming the database, raised by the future."""
+    directory = pool.submit(contextvars.copy_context().run, read_dealer_directory)
+
+    def probe() -> SourceProbe:
+        billing = load_source(BILLING_BLOCK)
+        try:
+            started = time.perf_counter()
+            with billing.engine.connect() as conn:
+                raw_max = probe_raw_max(conn)
+            return SourceProbe(billing, raw_max, time.perf_counter() - started, directory.result())
+        except Exception as exc:
+            billing.engine.dispose()
+            raise exc if isinstance(exc, SourceError) else billing.error(exc) from None
+
+    return pool.submit(contextvars.copy_context().run, probe)
+
+
+def take_snapshot(cursor: Cursor, requested: frozenset[str], stats_from_bronze: bool,
+                  reconciliation: ReconciliationState | None, probed: Future[SourceProbe]) -> SourceSnapshot:
+    """The probe's answer diffed against the cursor, then the candidates' stats asked of the billing
+    source; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
-    partners = read_dealer_directory()
-    billing = load_source(BILLING_BLOCK)
+    probe = probed.result()
+    billing = probe.billing
     try:
         with billing.engine.connect() as conn:
-            snapshot, probe_seconds = read_snapshot(
-                conn, cursor, partners, requested, stats_from_bronze, reconciliation
-            )
-        if probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
-            logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s", probe_seconds, INDEX_ADVICE)
+            snapshot = read_snapshot(conn, cursor, probe.partners, probe.raw_max, requested, stats_from_bronze,
+                                     reconciliation)
+        if probe.probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
+            logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s",
+                           probe.probe_seconds, INDEX_ADVICE)
     except Exception as exc:
         raise billing.error(exc) from None
     finally:
@@ -246,7 +276,7 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
             ThreadPoolExecutor(max_workers=2, thread_name_prefix="source-totals") as pool:
         # A start-over tick's independent number, asked as its extract starts (the source as it was
         # before the extract, like an incremental tick's fingerprints) and alongside it.
-        totals = pool.submit(contextvars.copy_context().run, query_source, BILLING_BLOCK, relevant_totals) \
+        totals = pool.submit(contextvars.copy_context().run, query_source, BILLING_BLOCK, source_totals) \
             if snapshot.awaiting_bronze else None
         report.bronze = run_bronze(plan, layers, settings)
         if not report.bronze.ok:
@@ -270,7 +300,7 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
 
 
 def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
-                         source_totals: Future[tuple[int, Decimal, Decimal]]) -> RunOutcome:
+                         totals_asked: Future[ExtractTotals]) -> RunOutcome:
     """A start-over tick's extract (bronze at `version`) against the source's totals asked as it started
     (its dealers' fingerprints come from the extract itself), or asked again after it. A mismatch fails
     bronze, so no partition is published. If the totals moved between the two asks, the source changed
@@ -278,11 +308,14 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
     each dealer the extract missed by its fingerprint, and rebuild it). Deferring instead would keep a
     busy source from ever finishing a first tick."""
     logger = get_run_logger()
-    extracted = bronze.totals(settings.lake_path, version)
+    extracted = committed_totals(settings.lake_path, version)
+    if extracted is None:
+        return replace(outcome, state="Failed", ok=False,
+                       message=f"reconciliation.totals: bronze version {version} is not a full refresh's commit")
     try:
-        source = source_totals.result()
+        source = totals_asked.result()
         result = totals_check(source, extracted)
-        after = None if result.passed else query_source(BILLING_BLOCK, relevant_totals)
+        after = None if result.passed else query_source(BILLING_BLOCK, source_totals)
     except SourceError as exc:
         return replace(outcome, state="Failed", ok=False, message=f"reconciliation.totals could not ask the source: {exc}")
     if after is not None and totals_check(after, extracted).passed:
@@ -372,24 +405,24 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     report = TickReport(dry_run=dry_run, requested=requested, full_refresh=full_refresh)
     now = datetime.now(UTC).replace(tzinfo=None)
     root = settings.lake_path
-    if not dry_run:  # a dry run changes nothing
-        clean_up_after_dead_processes(settings)
-
-    stored = read_cursor(root)
-    cursor = report.cursor = stored.cursor
-
     logger.info("Checking dealer timestamps for usage changes")
     started = time.perf_counter()
-    stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
-    reconciliation, report.reconciliation_overdue_seconds = read_reconciliation(
-        root, now, settings.reconcile_seconds, cursor)
-    try:
-        snapshot = take_snapshot(cursor, requested, stats_from_bronze, reconciliation)
-        report.source_seconds, report.suspects = time.perf_counter() - started, snapshot.suspects
-    except SourceError as exc:
-        logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
-        report.skipped = str(exc)
-        return report
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="source-probe") as pool:
+        probed = start_probe(pool)  # needs no cursor: asked while the cursor is read
+        if not dry_run:  # a dry run changes nothing
+            clean_up_after_dead_processes(settings)
+        stored = read_cursor(root)
+        cursor = report.cursor = stored.cursor
+        stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
+        reconciliation, report.reconciliation_overdue_seconds = read_reconciliation(
+            root, now, settings.reconcile_seconds, cursor)
+        try:
+            snapshot = take_snapshot(cursor, requested, stats_from_bronze, reconciliation, probed)
+            report.source_seconds, report.suspects = time.perf_counter() - started, snapshot.suspects
+        except SourceError as exc:
+            logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
+            report.skipped = str(exc)
+            return report
 
     plan = report.plan = plan_tick(cursor, snapshot, requested, full_refresh)
     log_plan(plan)

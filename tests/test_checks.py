@@ -22,7 +22,7 @@ from usage_pipeline.lake import (
     staged_path,
 )
 from usage_pipeline.materialize import SourceFingerprints, build_gold, build_silver, refresh_bronze
-from usage_pipeline.transforms import dealer_stats, normalize_bronze
+from usage_pipeline.transforms import MONEY, dealer_stats, normalize_bronze
 
 P = "aaaaaaaa-0000-4000-8000-000000000001"
 FILES = [("silver", t) for t in SILVER_TABLES] + [("gold", t) for t in GOLD_TABLES]
@@ -180,13 +180,21 @@ def test_a_dealer_the_source_says_has_no_rows_must_have_none_in_bronze():
     assert checks.mismatched({}, {}, [3]) == []
 
 
-def test_the_start_over_totals_check_compares_exact_units():
-    source = (4, Decimal("6.5001"), Decimal("15.7500"))
-    assert checks.totals_check(source, (4, Decimal("6.5001"), Decimal("15.75"))).passed
-    failed = checks.totals_check(source, (4, Decimal("6.5001"), Decimal("15.7501")))
-    assert not failed.passed and failed.describe() == ("reconciliation.totals FAILED: expected rows=4 quantity=6.5001"
-                                                       " amount=15.7500, got rows=4 quantity=6.5001 amount=15.7501")
-    assert checks.totals_check((0, None, None), (0, Decimal(0).scaleb(-4), None)).passed
+def test_the_start_over_totals_check_compares_exact_units_and_both_halves():
+    source = checks.ExtractTotals(checks.UsageTotals(4, Decimal("6.5001"), Decimal("15.7500")), 3, 12)
+    read = checks.UsageTotals()
+    read.add(pl.DataFrame({"quantity": [Decimal("6.5001"), None], "amount": [Decimal("15.75"), Decimal(0)]},
+                          schema={"quantity": MONEY, "amount": MONEY}))
+    read.add(pl.DataFrame({"quantity": [None, None], "amount": [None, None]}, schema={"quantity": MONEY, "amount": MONEY}))
+    assert read == checks.UsageTotals.from_json(read.to_json()) == source.usage
+    assert checks.totals_check(source, checks.ExtractTotals(read, 3, 12)).passed
+    moved_money = checks.UsageTotals(4, Decimal("6.5001"), Decimal("15.7501"))
+    failed = checks.totals_check(source, checks.ExtractTotals(moved_money, 3, 12))
+    assert not failed.passed and failed.describe() == (
+        "reconciliation.totals FAILED: expected usage rows=4 quantity=6.5001 amount=15.7500; relevant rows=3"
+        " usage_id_sum=12, got usage rows=4 quantity=6.5001 amount=15.7501; relevant rows=3 usage_id_sum=12")
+    assert not checks.totals_check(source, checks.ExtractTotals(read, 3, 13)).passed  # another row, same count
+    assert not checks.totals_check(source, checks.ExtractTotals(read, 2, 12)).passed
 
 
 def test_gold_without_staged_silver_builds_from_the_published_one_and_publishes_gold_alone(published, monkeypatch):

@@ -18,7 +18,14 @@ import sqlalchemy as sa
 
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
-from usage_pipeline.extract import BRONZE_FIELDS, extract_relevant_usage, join_services, stream_relevant_usage
+from usage_pipeline.checks import ExtractTotals, UsageTotals
+from usage_pipeline.extract import (
+    BRONZE_FIELDS,
+    extract_relevant_usage,
+    join_services,
+    source_totals,
+    stream_relevant_usage,
+)
 from usage_pipeline.queries import DEALER_BATCH, MIN_RANGE, dealer_conditions, relevant_stats
 from usage_pipeline.schema import billing_metadata, relevant_usage
 from usage_pipeline.transforms import (
@@ -89,6 +96,20 @@ def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport)
         sliced = extract_relevant_usage(billing_source, uri, dealers)
         assert sliced.schema == pl.Schema(BRONZE_SCHEMA)
         assert sliced.equals(truth.filter(pl.col("dealer_id").is_in(dealers)))
+
+
+@pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
+def test_a_full_extract_adds_up_to_the_sources_totals(billing_source, transport):
+    """The start-over check's two halves: every `usage` row the extract read (money at the edges of
+    DECIMAL(18,4) included) equals the source's scan of the table, and the rows it kept equal the source's
+    index-only count and id sum of relevant usage."""
+    read = UsageTotals()
+    kept = pl.concat(list(stream_relevant_usage(billing_source, connectorx_uri(transport), 4, read=read)))
+    with billing_source.connect() as conn:
+        source = source_totals(conn)
+        every_row = conn.exec_driver_sql("SELECT COUNT(*), SUM(usage_quantity), SUM(usage_amount) FROM `usage`").one()
+    assert (read.rows, read.quantity, read.amount) == tuple(every_row) and read.rows > kept.height
+    assert source == ExtractTotals(read, kept.height, int(kept["usage_id"].sum()))
 
 
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
@@ -173,8 +194,12 @@ def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
         conn.execute(sa.insert(usage), [dict(
             usage_FK_customer_id=1, usage_FK_service_id=1, usage_FK_dealer_id=1 + n % 2, usage_date=date(2026, 10, 1),
             usage_quantity=Decimal(v), usage_amount=Decimal(v), usage_modified=datetime(2026, 10, 1)) for n, v in enumerate(values)])
-    full = full_extract(engine, None, 3)
+    read = UsageTotals()
+    full = pl.concat(list(stream_relevant_usage(engine, None, 3, read=read))).sort("dealer_id", "usage_id")
     assert full.sort("usage_id")["amount"].to_list() == [Decimal(v) for v in values]
+    with engine.connect() as conn:
+        assert source_totals(conn) == ExtractTotals(read, len(values), sum(range(1, len(values) + 1)))
+    assert read.quantity == sum(Decimal(v) for v in values)
     assert full.equals(extract_relevant_usage(engine, None, [1, 2]))
     with engine.begin() as conn:
         conn.execute(sa.update(services).values(service_data_service_name="Téléphonie ✆"))

@@ -6,6 +6,7 @@ of the tick (the default). Seconds, for quick feedback; the real-server tests st
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import polars as pl
@@ -15,7 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from orchestration.setup import DEMO_FILES, DEMO_SOURCE_DIR, run_setup
 from tests.test_checks import with_a_duplicate_key
-from usage_pipeline import demo_data
+from usage_pipeline import demo_data, extract
 from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES
 from usage_pipeline.settings import load_settings
 
@@ -233,9 +234,8 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
     billing, made, tick, lake = demo
     assert tick()[0].is_completed()
     before = {p: partner_files(lake, p) for p in made["partners"]}
-    real_totals = tick_module.bronze.totals
-    monkeypatch.setattr(tick_module.bronze, "totals", lambda root, version: (real_totals(root, version)[0] - 1,
-                                                                            *real_totals(root, version)[1:]))
+    real_join = extract.join_services
+    monkeypatch.setattr(extract, "join_services", lambda rows, services: real_join(rows, services).slice(1))
     state, report = tick(full_refresh=True)
     assert state.is_failed() and "reconciliation.totals FAILED" in report.bronze.message
     # Silver built meanwhile and staged; no gold started, nothing published, nothing left staged.
@@ -244,28 +244,33 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
                for o in report.partitions.values())
     assert {p: partner_files(lake, p) for p in made["partners"]} == before
     assert all(s.failures == 1 for s in cursor().partitions.values())
-    monkeypatch.setattr(tick_module.bronze, "totals", real_totals)
+    monkeypatch.setattr(extract, "join_services", real_join)
 
     # The source's totals moved between the query alongside the extract and the one after it: the totals
     # cannot tell, so a warning; the partitions are published.
-    real_query, asked = tick_module.relevant_totals, []
+    real_query, asked = tick_module.source_totals, []
 
     def moving_totals(conn):
         asked.append(conn)
-        rows, *sums = real_query(conn)
-        return rows + len(asked), *sums
+        totals = real_query(conn)
+        return replace(totals, relevant_id_sum=totals.relevant_id_sum + len(asked))
 
-    monkeypatch.setattr(tick_module, "relevant_totals", moving_totals)
+    monkeypatch.setattr(tick_module, "source_totals", moving_totals)
     state, report = tick(full_refresh=True)
     assert state.is_completed() and len(asked) == 2, state.message
     (check,) = report.bronze.checks
     assert not check.passed and not check.blocking and "inconclusive: the source moved" in check.actual
     assert all(partner_files(lake, p) != before[p] for p in made["partners"])
-    monkeypatch.setattr(tick_module, "relevant_totals", real_query)
+    monkeypatch.setattr(tick_module, "source_totals", real_query)
 
     state, report = tick(full_refresh=True)
-    assert state.is_completed() and report.bronze.checks[0].passed
-    assert report.bronze.checks[0].name == "reconciliation.totals"
+    (check,) = report.bronze.checks
+    assert state.is_completed() and check.passed and check.name == "reconciliation.totals"
+    with billing.connect() as conn:
+        usage_rows = conn.exec_driver_sql("SELECT COUNT(*) FROM usage").scalar()
+    bronze_rows = pl.read_delta(str(lake / "bronze" / "billing_usage_raw")).height
+    assert f"usage rows={usage_rows} " in check.expected and f"relevant rows={bronze_rows} " in check.expected
+    assert usage_rows > bronze_rows  # the demo has usage outside the billing filters: both halves count
 
 
 def test_a_reader_sees_a_mix_of_versions_only_while_a_publish_renames(demo, monkeypatch):

@@ -29,7 +29,7 @@ from usage_pipeline.cursor import Cursor
 from usage_pipeline.detection import PartitionOutcome, RunOutcome, advance_cursor, plan_tick
 from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import build_gold, build_silver, refresh_bronze
-from usage_pipeline.queries import dealer_directory, read_snapshot, reconcile_slice
+from usage_pipeline.queries import dealer_directory, probe_raw_max, read_snapshot, reconcile_slice
 from usage_pipeline.reconciliation import ReconciliationState
 
 pytestmark = pytest.mark.integration
@@ -119,7 +119,7 @@ def run_tick(cursor: Cursor, reconciliation: ReconciliationState, root, billing:
     with billing.connect() as conn:
         if reconcile:
             _, _, reconciliation = reconcile_slice(conn, cursor, reconciliation, NOW, 1)
-        snapshot, _ = read_snapshot(conn, cursor, partners, reconciliation=reconciliation)
+        snapshot = read_snapshot(conn, cursor, partners, probe_raw_max(conn), reconciliation=reconciliation)
     plan = plan_tick(cursor, snapshot)
     outcomes = {}
     if plan.runs_bronze:

@@ -293,7 +293,7 @@ def test_a_service_data_change_is_found_within_one_cycle_each_run_asking_for_its
     def tick(cursor: Cursor, state: ReconciliationState | None, now: datetime):
         joins.clear()
         with billing.connect() as conn:
-            snapshot, _ = read_snapshot(conn, cursor, partners, reconciliation=state)
+            snapshot = read_snapshot(conn, cursor, partners, probe_raw_max(conn), reconciliation=state)
         plan = plan_tick(cursor, snapshot)
         outcomes = {p: PartitionOutcome(p, ok, ok) for p in plan.partitions}
         return advance_cursor(cursor, snapshot, plan, ok if plan.runs_bronze else None, outcomes, now), snapshot, plan

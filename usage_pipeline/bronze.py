@@ -60,6 +60,7 @@ FILE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "compression": COMPRESSION, "s
 STATS_COLUMNS = ("usage_id", "dealer_id", "customer_id", "service_id", "service_status_id", "usage_date")
 MAINTENANCE_KEY = "usage.maintenance"  # table property: what the last maintenance did, and when
 RUN_KEY = "usage.flow_run_id"  # commit metadata: the flow run that made a commit
+READ_KEY = "usage.read_totals"  # commit metadata of a full refresh: every `usage` row it read (UsageTotals)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def write_all_spilled(root: LakePath, batches: Iterable[pl.DataFrame], metadata:
     memory: each batch is sorted and spilled to a local temporary file, then the spills are read
     back a group of buckets at a time (row-group statistics skip the rest of each spill), sorted
     by dealer and written bucket by bucket into the one commit. Needs local disk for about the
-    compressed table."""
+    compressed table. Every batch is read before `metadata` is committed, so their source may add to it."""
     with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX) as spill:
         runs, counts = [], []
         for batch in batches:
@@ -281,10 +282,19 @@ def newest_version(root: LakePath) -> int:
     return DeltaTable(table_uri(root)).version()
 
 
-def totals(root: LakePath, version: int) -> tuple[int, object, object]:
-    """Rows, quantity and amount sums of the whole table at `version` (the start-over totals check)."""
-    row = scan(root, version).select(pl.len(), pl.col("quantity").sum(), pl.col("amount").sum()).collect().row(0)
-    return int(row[0]), row[1], row[2]
+def relevant_count(root: LakePath, version: int) -> tuple[int, int]:
+    """Rows and usage_id sum of the whole table at `version` (the start-over totals check)."""
+    rows, id_sum = scan(root, version).select(pl.len(), pl.col("usage_id").cast(pl.Int128).sum()).collect().row(0)
+    return int(rows), int(id_sum or 0)
+
+
+def commit_metadata(root: LakePath, version: int) -> dict:
+    """What the commit that made `version` recorded (RUN_KEY, READ_KEY); empty if it is no longer in the log."""
+    table = DeltaTable(table_uri(root))
+    for commit in table.history(limit=max(table.version() - version + 1, 1)):
+        if commit["version"] == version:
+            return commit
+    return {}
 
 
 def version_committed_by(root: LakePath, flow_run_id: str, look_back: int = 4 * MAINTENANCE_EVERY) -> int | None:

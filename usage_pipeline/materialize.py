@@ -12,7 +12,14 @@ import polars as pl
 from usage_pipeline import bronze
 from usage_pipeline.bronze import is_table, migrate_legacy, replace_dealers, write_all_spilled
 from usage_pipeline.check_results import RECONCILIATION_SOURCE, CheckResult, SourceMoved, as_json, gate
-from usage_pipeline.checks import gold_checks, mismatched, reconciliation_check, silver_checks
+from usage_pipeline.checks import (
+    ExtractTotals,
+    UsageTotals,
+    gold_checks,
+    mismatched,
+    reconciliation_check,
+    silver_checks,
+)
 from usage_pipeline.detection import DealerStats
 from usage_pipeline.lake import (
     GOLD_TABLES,
@@ -93,9 +100,10 @@ class SourceFingerprints:
 
 
 def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None,
-                   metadata: dict[str, str] | None = None) -> BronzeResult:
+                   metadata: dict[str, str] | None = None, usage_read: UsageTotals | None = None) -> BronzeResult:
     """Full refresh (no dealers, or no table yet), else replace only the dealers' rows: one commit,
-    after migrating an old-layout bronze if there is one. The caller holds the bronze slot."""
+    after migrating an old-layout bronze if there is one. The caller holds the bronze slot. A full
+    refresh's commit records `usage_read`, which its extract added up, for the start-over totals check."""
     migrated = migrate_legacy(root, metadata)
     dealers = None if dealer_ids is None or not is_table(root) else sorted(set(dealer_ids))
     if dealers is not None:
@@ -105,17 +113,30 @@ def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | Non
                             write.written_rows, migrated)
     extracted = extract(None)
     partials: list[pl.DataFrame] = []
+    commit_metadata = dict(metadata or {})
 
     def counted() -> Iterator[pl.DataFrame]:
-        """Each batch's stats as it streams past: no second read of the extract."""
+        """Each batch's stats as it streams past: no second read of the extract. After the last batch,
+        `usage_read` is complete; write_all_spilled commits only after it."""
         for batch in [extracted] if isinstance(extracted, pl.DataFrame) else extracted:
             partials.append(partial_dealer_stats(batch.lazy()).collect())
             yield batch
+        if usage_read is not None:
+            commit_metadata[bronze.READ_KEY] = usage_read.to_json()
 
-    write = write_all_spilled(root, counted(), metadata)
+    write = write_all_spilled(root, counted(), commit_metadata)
     stats = finish_dealer_stats(pl.concat(partials).lazy()) if partials else {}
     return BronzeResult("full", None, write.rows, write.rows, str(bronze_path(root)), write.version,
                         write.written_rows, migrated, stats=stats)
+
+
+def committed_totals(root: LakePath, version: int) -> ExtractTotals | None:
+    """A full refresh's totals as committed at `version`: what its extract read, and what the table holds.
+    None when the commit recorded no read (not a full refresh's)."""
+    read = bronze.commit_metadata(root, version).get(bronze.READ_KEY)
+    if read is None:
+        return None
+    return ExtractTotals(UsageTotals.from_json(read), *bronze.relevant_count(root, version))
 
 
 def bronze_dealer_stats(root: LakePath, version: int) -> dict[int, DealerStats]:

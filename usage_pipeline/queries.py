@@ -5,7 +5,6 @@ Everything here is a few aggregate rows per dealer; the bulk extract is in extra
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
@@ -185,22 +184,19 @@ def read_snapshot(
     billing: Connection,
     cursor: Cursor,
     partners: dict[int, str | None],
+    raw_max: dict[int, datetime | None],
     requested: frozenset[str] = frozenset(),
     stats_from_bronze: bool = False,
     reconciliation: ReconciliationState | None = None,
-) -> tuple[SourceSnapshot, float]:
-    """Probe, then query only the candidates, the suspects the rolling reconciliation left that no tick
-    re-checked yet (`reconciliation`, None: no state of it) and the dealers of `requested` partners
-    (their cursor entries advance to what is read now).
+) -> SourceSnapshot:
+    """Given the probe (`probe_raw_max`), query only the candidates, the suspects the rolling
+    reconciliation left that no tick re-checked yet (`reconciliation`, None: no state of it) and the
+    dealers of `requested` partners (their cursor entries advance to what is read now).
 
     `partners` is the v3 directory (`dealer_directory`). `stats_from_bronze`: a start-over tick
     (`detection.starts_over`) re-extracts all of bronze, so no stats are queried; the snapshot
-    awaits them from that extract. Returns the snapshot and the probe's duration in seconds (slow
-    means the index is missing).
+    awaits them from that extract.
     """
-    started = time.perf_counter()
-    raw_max = probe_raw_max(billing)
-    probe_seconds = time.perf_counter() - started
     candidates = probe_candidates(cursor, raw_max)
     known = frozenset(raw_max) | frozenset(cursor.dealer_last_modified)
     through = None if reconciliation is None else reconciliation.slices
@@ -208,12 +204,12 @@ def read_snapshot(
         reconciliation.unchecked_suspects(cursor.suspects_checked_through)
     if stats_from_bronze:  # every dealer counted once `with_bronze_stats` fills them in
         snapshot = assemble_snapshot(cursor, raw_max, known, {}, partners, suspects, through)
-        return replace(snapshot, awaiting_bronze=True), probe_seconds
+        return replace(snapshot, awaiting_bronze=True)
     # A retried partition's dealers too: their slices are re-extracted, so they are checked again.
     retried = dealers_of_partners(cursor, partners, requested | cursor.retry_partitions)
     checked = known if candidates is None else frozenset(candidates | retried | suspects)
     queried = relevant_stats(billing, None if checked >= known else checked)  # every dealer: one join, no IN lists
-    return assemble_snapshot(cursor, raw_max, checked, queried, partners, suspects, through), probe_seconds
+    return assemble_snapshot(cursor, raw_max, checked, queried, partners, suspects, through)
 
 
 def reconcile_slice(billing: Connection, cursor: Cursor, state: ReconciliationState, now: datetime,
