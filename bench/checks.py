@@ -34,11 +34,13 @@ import sqlalchemy as sa  # noqa: E402
 from load_data import FULL_ROWS, BenchSet, buffer_pool, ensure_loaded  # noqa: E402
 
 from usage_pipeline import bronze, checks  # noqa: E402
+from usage_pipeline.checks import ExtractRead, totals_check  # noqa: E402
 from usage_pipeline.extract import source_totals, stream_relevant_usage  # noqa: E402
 from usage_pipeline.materialize import (  # noqa: E402
     SourceFingerprints,
     build_gold,
     build_silver,
+    committed_totals,
     reconcile_with_source,
     refresh_bronze,
 )
@@ -85,14 +87,16 @@ def measure_checks(args: argparse.Namespace) -> int:
         root = Path(temp) / "lake"
 
         def full_refresh():
-            return refresh_bronze(root, lambda _: stream_relevant_usage(billing, bench.connectorx_uri()), None)
+            read = ExtractRead()
+            return refresh_bronze(root, lambda _: stream_relevant_usage(billing, bench.connectorx_uri(), read=read),
+                                  None, read=read)
 
         def full_refresh_with_totals():
-            """As a start-over tick runs them: the totals query alongside the extract."""
+            """As a start-over tick runs them: the totals queries alongside the extract, then the check."""
             with ThreadPoolExecutor(max_workers=1) as pool, billing.connect() as conn:
                 totals = pool.submit(source_totals, conn)
-                full_refresh()
-                totals.result()
+                written = full_refresh()
+                assert totals_check(totals.result(), committed_totals(root, written.version)).passed
 
         written = full_refresh()
         extract_seconds = median_seconds(full_refresh, 1)

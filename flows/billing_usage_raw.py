@@ -22,7 +22,7 @@ from orchestration.runtime import load_source, without_task_tags
 from orchestration.setup import BILLING_BLOCK
 from orchestration.slots import bronze_slot
 from usage_pipeline.bronze import RUN_KEY, maintain, remove_stale_spills
-from usage_pipeline.checks import UsageTotals
+from usage_pipeline.checks import ExtractRead
 from usage_pipeline.extract import extract_relevant_usage, stream_relevant_usage
 from usage_pipeline.materialize import BronzeResult, refresh_bronze
 from usage_pipeline.settings import load_settings
@@ -62,12 +62,12 @@ def write_bronze(dealer_ids: list[int] | None, metadata: dict[str, str]) -> Bron
                 raise source.error(exc) from None
             yield batch
 
-    usage_read = UsageTotals()
+    read = ExtractRead()  # new for each attempt: a retry reads every range again
 
     def extract(dealers: list[int] | None) -> pl.DataFrame | Iterator[pl.DataFrame]:
         if dealers is None:
             return from_source(stream_relevant_usage(source.engine, source.connectorx_uri, on_progress=report,
-                                                     read=usage_read))
+                                                     read=read))
         try:
             return extract_relevant_usage(source.engine, source.connectorx_uri, dealers, on_progress=report)
         except BadSourceRows:
@@ -77,7 +77,7 @@ def write_bronze(dealer_ids: list[int] | None, metadata: dict[str, str]) -> Bron
 
     started = time.perf_counter()
     try:
-        result = refresh_bronze(load_settings().lake_path, extract, dealer_ids, metadata, usage_read)
+        result = refresh_bronze(load_settings().lake_path, extract, dealer_ids, metadata, read)
     finally:
         source.engine.dispose()
     seconds = time.perf_counter() - started

@@ -41,8 +41,8 @@ from orchestration.runtime import (
 )
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
-from usage_pipeline.check_results import with_severity
-from usage_pipeline.checks import ExtractTotals, totals_check
+from usage_pipeline.check_results import RECONCILIATION_TOTALS, CheckResult, with_severity
+from usage_pipeline.checks import SourceTotals, totals_check, unexplained_by_the_source
 from usage_pipeline.cursor import Cursor, format_timestamp, is_current_layout, parse_cursor
 from usage_pipeline.detection import (
     PartitionOutcome,
@@ -92,22 +92,26 @@ class SourceProbe:
 
     billing: Source
     raw_max: dict[int, datetime | None]
-    probe_seconds: float
+    probe_seconds: float  # the probe's query alone: slow means its index is missing
     partners: dict[int, str | None]
+    seconds: float  # from asking both until both answered
 
 
 def start_probe(pool: ThreadPoolExecutor) -> Future[SourceProbe]:
     """The v3 directory and the billing probe, each on a thread of `pool`; a failure is a SourceError
     naming the database, raised by the future."""
+    started = time.perf_counter()
     directory = pool.submit(contextvars.copy_context().run, read_dealer_directory)
 
     def probe() -> SourceProbe:
         billing = load_source(BILLING_BLOCK)
         try:
-            started = time.perf_counter()
             with billing.engine.connect() as conn:
+                probe_started = time.perf_counter()
                 raw_max = probe_raw_max(conn)
-            return SourceProbe(billing, raw_max, time.perf_counter() - started, directory.result())
+                probe_seconds = time.perf_counter() - probe_started
+            partners = directory.result()
+            return SourceProbe(billing, raw_max, probe_seconds, partners, time.perf_counter() - started)
         except Exception as exc:
             billing.engine.dispose()
             raise exc if isinstance(exc, SourceError) else billing.error(exc) from None
@@ -115,17 +119,26 @@ def start_probe(pool: ThreadPoolExecutor) -> Future[SourceProbe]:
     return pool.submit(contextvars.copy_context().run, probe)
 
 
+def dispose_unused_probe(probed: Future[SourceProbe]) -> None:
+    """For a tick that failed before it used its probe: close the engine the probe kept open."""
+    if not probed.cancelled() and probed.exception() is None:
+        probed.result().billing.engine.dispose()
+
+
 def take_snapshot(cursor: Cursor, requested: frozenset[str], stats_from_bronze: bool,
-                  reconciliation: ReconciliationState | None, probed: Future[SourceProbe]) -> SourceSnapshot:
+                  reconciliation: ReconciliationState | None,
+                  probed: Future[SourceProbe]) -> tuple[SourceSnapshot, float]:
     """The probe's answer diffed against the cursor, then the candidates' stats asked of the billing
-    source; a failure becomes a SourceError naming the database."""
+    source, and the seconds the source reads took; a failure becomes a SourceError naming the database."""
     logger = get_run_logger()
     probe = probed.result()
     billing = probe.billing
+    started = time.perf_counter()
     try:
         with billing.engine.connect() as conn:
             snapshot = read_snapshot(conn, cursor, probe.partners, probe.raw_max, requested, stats_from_bronze,
                                      reconciliation)
+        source_seconds = probe.seconds + time.perf_counter() - started
         if probe.probe_seconds > SLOW_PROBE_SECONDS and not has_dealer_modified_index(billing.engine):
             logger.warning("Slow usage probe (%.1fs): index missing; ask the DBA for: %s",
                            probe.probe_seconds, INDEX_ADVICE)
@@ -144,7 +157,7 @@ def take_snapshot(cursor: Cursor, requested: frozenset[str], stats_from_bronze: 
             " by the rolling reconciliation%s", len(snapshot.raw_max), len(snapshot.checked), len(snapshot.suspects),
             f" {sorted(snapshot.suspects)}" if snapshot.suspects else "",
         )
-    return snapshot
+    return snapshot, source_seconds
 
 
 def read_reconciliation(root: LakePath, now: datetime, period_seconds: float,
@@ -300,29 +313,32 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
 
 
 def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
-                         totals_asked: Future[ExtractTotals]) -> RunOutcome:
+                         totals_asked: Future[SourceTotals]) -> RunOutcome:
     """A start-over tick's extract (bronze at `version`) against the source's totals asked as it started
     (its dealers' fingerprints come from the extract itself), or asked again after it. A mismatch fails
-    bronze, so no partition is published. If the totals moved between the two asks, the source changed
-    during the extract and the totals cannot tell: a warning, not a failure (the ticks after it find
-    each dealer the extract missed by its fingerprint, and rebuild it). Deferring instead would keep a
-    busy source from ever finishing a first tick."""
+    bronze, so no partition is published. Where only parts that the source's answer moved on differ, the
+    source changed during the extract and the totals cannot tell: a warning, not a failure (the ticks
+    after it find each dealer the extract missed by its fingerprint, and rebuild it). Deferring instead
+    would keep a busy source from ever finishing a first tick."""
     logger = get_run_logger()
-    extracted = committed_totals(settings.lake_path, version)
-    if extracted is None:
-        return replace(outcome, state="Failed", ok=False,
-                       message=f"reconciliation.totals: bronze version {version} is not a full refresh's commit")
     try:
-        source = totals_asked.result()
-        result = totals_check(source, extracted)
-        after = None if result.passed else query_source(BILLING_BLOCK, source_totals)
-    except SourceError as exc:
-        return replace(outcome, state="Failed", ok=False, message=f"reconciliation.totals could not ask the source: {exc}")
-    if after is not None and totals_check(after, extracted).passed:
-        result = replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
-    elif after is not None and after != source:
-        result = replace(result, blocking=False,
-                         actual=f"{result.actual} (inconclusive: the source moved during the extract)")
+        extracted = committed_totals(settings.lake_path, version)
+    except Exception as exc:  # an older worker's commit, or a log that lost it: checked it cannot be
+        result = CheckResult(RECONCILIATION_TOTALS, f"the totals of bronze version {version}'s extract",
+                             f"unreadable: {type(exc).__name__}: {exc}", False)
+    else:
+        try:
+            source = totals_asked.result()
+            result = totals_check(source, extracted)
+            after = None if result.passed else query_source(BILLING_BLOCK, source_totals)
+        except SourceError as exc:
+            return replace(outcome, state="Failed", ok=False,
+                           message=f"{RECONCILIATION_TOTALS} could not ask the source: {exc}")
+        if after is not None and totals_check(after, extracted).passed:
+            result = replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
+        elif after is not None and not unexplained_by_the_source(source, after, extracted):
+            result = replace(result, blocking=False,
+                             actual=f"{result.actual} (inconclusive: the source moved during the extract)")
     result = with_severity(result, settings.warn_only_checks)
     logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())
     if result.passed or not result.blocking:
@@ -406,19 +422,23 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
     now = datetime.now(UTC).replace(tzinfo=None)
     root = settings.lake_path
     logger.info("Checking dealer timestamps for usage changes")
-    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="source-probe") as pool:
         probed = start_probe(pool)  # needs no cursor: asked while the cursor is read
-        if not dry_run:  # a dry run changes nothing
-            clean_up_after_dead_processes(settings)
-        stored = read_cursor(root)
-        cursor = report.cursor = stored.cursor
-        stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
-        reconciliation, report.reconciliation_overdue_seconds = read_reconciliation(
-            root, now, settings.reconcile_seconds, cursor)
         try:
-            snapshot = take_snapshot(cursor, requested, stats_from_bronze, reconciliation, probed)
-            report.source_seconds, report.suspects = time.perf_counter() - started, snapshot.suspects
+            if not dry_run:  # a dry run changes nothing
+                clean_up_after_dead_processes(settings)
+            stored = read_cursor(root)
+            cursor = report.cursor = stored.cursor
+            stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
+            reconciliation, report.reconciliation_overdue_seconds = read_reconciliation(
+                root, now, settings.reconcile_seconds, cursor)
+        except BaseException:
+            probed.add_done_callback(dispose_unused_probe)
+            raise
+        try:
+            snapshot, report.source_seconds = take_snapshot(cursor, requested, stats_from_bronze, reconciliation,
+                                                            probed)
+            report.suspects = snapshot.suspects
         except SourceError as exc:
             logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
             report.skipped = str(exc)

@@ -4,6 +4,7 @@ files byte-identical; staged silver and gold publish together; provenance in eve
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -180,21 +181,40 @@ def test_a_dealer_the_source_says_has_no_rows_must_have_none_in_bronze():
     assert checks.mismatched({}, {}, [3]) == []
 
 
-def test_the_start_over_totals_check_compares_exact_units_and_both_halves():
-    source = checks.ExtractTotals(checks.UsageTotals(4, Decimal("6.5001"), Decimal("15.7500")), 3, 12)
-    read = checks.UsageTotals()
-    read.add(pl.DataFrame({"quantity": [Decimal("6.5001"), None], "amount": [Decimal("15.75"), Decimal(0)]},
-                          schema={"quantity": MONEY, "amount": MONEY}))
-    read.add(pl.DataFrame({"quantity": [None, None], "amount": [None, None]}, schema={"quantity": MONEY, "amount": MONEY}))
-    assert read == checks.UsageTotals.from_json(read.to_json()) == source.usage
-    assert checks.totals_check(source, checks.ExtractTotals(read, 3, 12)).passed
-    moved_money = checks.UsageTotals(4, Decimal("6.5001"), Decimal("15.7501"))
-    failed = checks.totals_check(source, checks.ExtractTotals(moved_money, 3, 12))
+def money_frame(quantity: list, amount: list) -> pl.DataFrame:
+    return pl.DataFrame({"quantity": quantity, "amount": amount}, schema={"quantity": MONEY, "amount": MONEY})
+
+
+def test_the_start_over_totals_check_compares_exact_units_and_every_part():
+    read = checks.ExtractRead()
+    read.every.add(money_frame([Decimal("6.5001"), None, Decimal(1)], [Decimal("15.75"), Decimal(0), Decimal(2)]))
+    read.every.add(money_frame([None], [None]))
+    read.kept.add(money_frame([Decimal("6.5001"), None], [Decimal("15.75"), Decimal(0)]))
+    assert read == checks.ExtractRead.from_json(read.to_json())
+    assert read.every == checks.UsageTotals(4, Decimal("7.5001"), Decimal("17.7500"))
+    source = checks.SourceTotals(checks.UsageTotals(4, Decimal("7.5001"), Decimal("17.75")), 2, 12)
+    table = checks.UsageTotals(2, Decimal("6.5001"), Decimal("15.75"))
+    assert checks.totals_check(source, checks.ExtractTotals(read, table, 12)).passed
+
+    wrong_write = checks.ExtractTotals(read, checks.UsageTotals(2, Decimal("6.5001"), Decimal("15.7501")), 12)
+    failed = checks.totals_check(source, wrong_write)
     assert not failed.passed and failed.describe() == (
-        "reconciliation.totals FAILED: expected usage rows=4 quantity=6.5001 amount=15.7500; relevant rows=3"
-        " usage_id_sum=12, got usage rows=4 quantity=6.5001 amount=15.7501; relevant rows=3 usage_id_sum=12")
-    assert not checks.totals_check(source, checks.ExtractTotals(read, 3, 13)).passed  # another row, same count
-    assert not checks.totals_check(source, checks.ExtractTotals(read, 2, 12)).passed
+        "reconciliation.totals FAILED: expected usage rows=4 quantity=7.5001 amount=17.7500; relevant rows=2"
+        " usage_id_sum=12; relevant quantity=6.5001 amount=15.7500, got usage rows=4 quantity=7.5001"
+        " amount=17.7500; relevant rows=2 usage_id_sum=12; relevant quantity=6.5001 amount=15.7501")
+    assert not checks.totals_check(source, checks.ExtractTotals(read, table, 13)).passed  # another row, same count
+    other_read = checks.ExtractRead(checks.UsageTotals(4, Decimal("7.5002"), Decimal("17.75")), read.kept)
+    assert not checks.totals_check(source, checks.ExtractTotals(other_read, table, 12)).passed
+
+    # Asked again after the extract: only a part the source's answer moved on may differ unexplained.
+    busy = replace(source, usage=checks.UsageTotals(5, Decimal("8.5001"), Decimal("18.75")))
+    extract = checks.ExtractTotals(read, table, 12)
+    assert not checks.unexplained_by_the_source(source, busy, extract)  # the usage scan moved: inconclusive
+    row_lost = checks.ExtractTotals(read, table, 11)
+    assert checks.unexplained_by_the_source(source, busy, row_lost)  # the relevant rows did not move
+    assert checks.unexplained_by_the_source(source, busy, wrong_write)  # nothing on the source explains a write
+    moved_rows = replace(busy, relevant_rows=3, relevant_id_sum=20)
+    assert not checks.unexplained_by_the_source(source, moved_rows, row_lost)
 
 
 def test_gold_without_staged_silver_builds_from_the_published_one_and_publishes_gold_alone(published, monkeypatch):

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
-from usage_pipeline.checks import ExtractTotals, UsageTotals
+from usage_pipeline.checks import ExtractRead, SourceTotals
 from usage_pipeline.extract import (
     BRONZE_FIELDS,
     extract_relevant_usage,
@@ -100,16 +100,19 @@ def test_full_and_slice_extracts_equal_the_plain_join(billing_source, transport)
 
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
 def test_a_full_extract_adds_up_to_the_sources_totals(billing_source, transport):
-    """The start-over check's two halves: every `usage` row the extract read (money at the edges of
-    DECIMAL(18,4) included) equals the source's scan of the table, and the rows it kept equal the source's
-    index-only count and id sum of relevant usage."""
-    read = UsageTotals()
+    """The start-over check's parts: every `usage` row the extract read (money at the edges of
+    DECIMAL(18,4) included) equals the source's scan of the table; the rows it kept equal the source's
+    index-only count and id sum of relevant usage, and their money as read is what bronze gets."""
+    read = ExtractRead()
     kept = pl.concat(list(stream_relevant_usage(billing_source, connectorx_uri(transport), 4, read=read)))
     with billing_source.connect() as conn:
         source = source_totals(conn)
         every_row = conn.exec_driver_sql("SELECT COUNT(*), SUM(usage_quantity), SUM(usage_amount) FROM `usage`").one()
-    assert (read.rows, read.quantity, read.amount) == tuple(every_row) and read.rows > kept.height
-    assert source == ExtractTotals(read, kept.height, int(kept["usage_id"].sum()))
+    assert (read.every.rows, read.every.quantity, read.every.amount) == tuple(every_row)
+    assert read.every.rows > kept.height and source.usage == read.every
+    assert (source.relevant_rows, source.relevant_id_sum) == (kept.height, int(kept["usage_id"].sum()))
+    assert (read.kept.rows, read.kept.quantity, read.kept.amount) == (kept.height, kept["quantity"].sum(),
+                                                                      kept["amount"].sum())
 
 
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
@@ -194,12 +197,12 @@ def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
         conn.execute(sa.insert(usage), [dict(
             usage_FK_customer_id=1, usage_FK_service_id=1, usage_FK_dealer_id=1 + n % 2, usage_date=date(2026, 10, 1),
             usage_quantity=Decimal(v), usage_amount=Decimal(v), usage_modified=datetime(2026, 10, 1)) for n, v in enumerate(values)])
-    read = UsageTotals()
+    read = ExtractRead()
     full = pl.concat(list(stream_relevant_usage(engine, None, 3, read=read))).sort("dealer_id", "usage_id")
     assert full.sort("usage_id")["amount"].to_list() == [Decimal(v) for v in values]
     with engine.connect() as conn:
-        assert source_totals(conn) == ExtractTotals(read, len(values), sum(range(1, len(values) + 1)))
-    assert read.quantity == sum(Decimal(v) for v in values)
+        assert source_totals(conn) == SourceTotals(read.every, len(values), sum(range(1, len(values) + 1)))
+    assert read.every.quantity == read.kept.amount == sum(Decimal(v) for v in values)
     assert full.equals(extract_relevant_usage(engine, None, [1, 2]))
     with engine.begin() as conn:
         conn.execute(sa.update(services).values(service_data_service_name="Téléphonie ✆"))

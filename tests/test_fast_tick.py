@@ -19,6 +19,7 @@ from tests.test_checks import with_a_duplicate_key
 from usage_pipeline import demo_data, extract
 from usage_pipeline.lake import GOLD_TABLES, SILVER_TABLES
 from usage_pipeline.settings import load_settings
+from usage_pipeline.transforms import MONEY
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +272,50 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
     bronze_rows = pl.read_delta(str(lake / "bronze" / "billing_usage_raw")).height
     assert f"usage rows={usage_rows} " in check.expected and f"relevant rows={bronze_rows} " in check.expected
     assert usage_rows > bronze_rows  # the demo has usage outside the billing filters: both halves count
+
+
+def test_each_part_of_the_start_over_check_fails_the_tick_that_breaks_it(demo, monkeypatch):
+    """Real breaks, one at a time, each on a full_refresh tick: no partition is published."""
+    from orchestration import tick as tick_module
+    from usage_pipeline import bronze as bronze_module
+
+    billing, made, tick, lake = demo
+    assert tick()[0].is_completed()
+    before = {p: partner_files(lake, p) for p in made["partners"]}
+    real_money, real_normalize, real_join = extract.money_from_units, extract.normalize_bronze, extract.join_services
+    real_query = tick_module.source_totals
+
+    def busy_source(conn):  # every answer about all of `usage` differs: rows keep arriving
+        totals = real_query(conn)
+        return replace(totals, usage=replace(totals.usage, rows=totals.usage.rows + len(busy)))
+
+    busy: list[int] = []
+    breaks = {  # what breaks -> (module, name, replacement, the part the check names as wrong)
+        "money doubled as read": (extract, "money_from_units", lambda frame, columns: real_money(frame, columns)
+                                  .with_columns((pl.col("quantity") * 2).cast(MONEY)), "usage rows="),
+        "kept money changed before the write": (extract, "normalize_bronze", lambda frame: real_normalize(
+            frame.with_columns((pl.col("amount") + 1).cast(MONEY))), "relevant quantity="),
+        "the commit's read totals lost": (bronze_module, "commit_metadata", lambda root, version: {},
+                                          "unreadable: KeyError"),
+        "a row dropped while the source is busy": (extract, "join_services", lambda rows, services: real_join(
+            rows, services).slice(1), "relevant rows="),
+    }
+    for why, (module, name, replacement, part) in breaks.items():
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, replacement)
+        if module is extract and name == "join_services":
+            monkeypatch.setattr(tick_module, "source_totals", lambda conn: busy.append(1) or busy_source(conn))
+        state, report = tick(full_refresh=True)
+        monkeypatch.setattr(module, name, real)
+        monkeypatch.setattr(tick_module, "source_totals", real_query)
+        (check,) = report.bronze.checks
+        assert state.is_failed() and not check.passed and check.blocking, why
+        assert part in check.actual and "inconclusive" not in check.actual, (why, check)
+        assert {p: partner_files(lake, p) for p in made["partners"]} == before, why
+    assert len(busy) == 2  # asked alongside the extract and after it: the usage part moved, the relevant one not
+
+    state, report = tick(full_refresh=True)
+    assert state.is_completed() and report.bronze.checks[0].passed
 
 
 def test_a_reader_sees_a_mix_of_versions_only_while_a_publish_renames(demo, monkeypatch):

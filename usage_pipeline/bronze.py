@@ -60,7 +60,7 @@ FILE_OPTIONS = {"row_group_size": ROW_GROUP_ROWS, "compression": COMPRESSION, "s
 STATS_COLUMNS = ("usage_id", "dealer_id", "customer_id", "service_id", "service_status_id", "usage_date")
 MAINTENANCE_KEY = "usage.maintenance"  # table property: what the last maintenance did, and when
 RUN_KEY = "usage.flow_run_id"  # commit metadata: the flow run that made a commit
-READ_KEY = "usage.read_totals"  # commit metadata of a full refresh: every `usage` row it read (UsageTotals)
+READ_KEY = "usage.read_totals"  # commit metadata of a full refresh: what its extract read (checks.ExtractRead)
 
 
 @dataclass(frozen=True)
@@ -280,12 +280,6 @@ def read_dealers(root: LakePath, dealers: list[int], version: int | None) -> pl.
 
 def newest_version(root: LakePath) -> int:
     return DeltaTable(table_uri(root)).version()
-
-
-def relevant_count(root: LakePath, version: int) -> tuple[int, int]:
-    """Rows and usage_id sum of the whole table at `version` (the start-over totals check)."""
-    rows, id_sum = scan(root, version).select(pl.len(), pl.col("usage_id").cast(pl.Int128).sum()).collect().row(0)
-    return int(rows), int(id_sum or 0)
 
 
 def commit_metadata(root: LakePath, version: int) -> dict:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.compiler import compiles
 
-from usage_pipeline.checks import ExtractTotals, UsageTotals
+from usage_pipeline.checks import EXACT, ExtractRead, SourceTotals, UsageTotals
 from usage_pipeline.queries import dealer_batches
 from usage_pipeline.schema import RELEVANT_SERVICE, relevant_usage, service_data, usage
 from usage_pipeline.transforms import BRONZE_SCHEMA, MONEY, BadSourceRows, empty, money_from_units, normalize_bronze
@@ -80,12 +80,12 @@ def relevant_count_statement() -> sa.Select:
     return sa.select(sa.func.count(), sa.func.sum(usage.c.usage_id)).select_from(relevant_usage)
 
 
-def source_totals(conn: sa.Connection) -> ExtractTotals:
+def source_totals(conn: sa.Connection) -> SourceTotals:
     """The independent numbers a start-over tick checks its whole extract against, exact."""
     rows, quantity, amount = conn.execute(usage_totals_statement()).one()
     relevant_rows, id_sum = conn.execute(relevant_count_statement()).one()
-    money = (Decimal(int(units or 0)).scaleb(-MONEY.scale) for units in (quantity, amount))
-    return ExtractTotals(UsageTotals(int(rows), *money), int(relevant_rows), int(id_sum or 0))
+    money = (Decimal(int(units or 0)).scaleb(-MONEY.scale, EXACT) for units in (quantity, amount))
+    return SourceTotals(UsageTotals(int(rows), *money), int(relevant_rows), int(id_sum or 0))
 
 
 def on_the_wire(fields: tuple[sa.Label, ...]) -> tuple[sa.Label, ...]:
@@ -159,7 +159,7 @@ def _check_int_keys(frame: pl.DataFrame, table: str) -> None:
 
 def stream_relevant_usage(
     engine: Engine, connectorx_uri: str | None, batch_rows: int = BATCH_ROWS,
-    on_progress: Callable[[int, int], None] | None = None, read: UsageTotals | None = None,
+    on_progress: Callable[[int, int], None] | None = None, read: ExtractRead | None = None,
 ) -> Iterator[pl.DataFrame]:
     """All relevant usage, batch by batch in the bronze schema: `usage` in keyed ranges of
     `batch_rows`, each joined here with the relevant service rows (read once, held meanwhile).
@@ -168,7 +168,8 @@ def stream_relevant_usage(
     and the client each keep a core busy: a K = 10 full refresh alone took 64.5 s instead of 83.6 s),
     so memory holds two ranges. The ranges are separate reads, like the service read already was; a
     row changed meanwhile has a newer `usage_modified`, so a later tick sees it. `on_progress(done,
-    total)` in usage ids; `read` adds up every range, relevant or not (the start-over totals check).
+    total)` in usage ids; `read` adds up every range and the relevant rows kept of it, before they are
+    cast to the bronze schema (the start-over totals check).
     """
     with engine.connect() as conn:
         top = conn.execute(sa.select(sa.func.max(usage.c.usage_id))).scalar() or 0
@@ -182,13 +183,15 @@ def stream_relevant_usage(
         services = read_frame(engine, services_statement(), connectorx_uri)
         while True:
             raw = pending.result()
-            if read is not None:
-                read.add(raw)
             more = raw.height == batch_rows
             if more:
                 pending = reader.submit(read_range, raw["usage_id"].max())
             if raw.height:
-                yield normalize_bronze(join_services(raw, services))
+                kept = join_services(raw, services)
+                if read is not None:
+                    read.every.add(raw)
+                    read.kept.add(kept)
+                yield normalize_bronze(kept)
             if on_progress is not None:
                 on_progress(min(raw["usage_id"].max(), top) if more else top, top)
             if not more:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Literal
 
 import polars as pl
@@ -13,6 +14,7 @@ from usage_pipeline import bronze
 from usage_pipeline.bronze import is_table, migrate_legacy, replace_dealers, write_all_spilled
 from usage_pipeline.check_results import RECONCILIATION_SOURCE, CheckResult, SourceMoved, as_json, gate
 from usage_pipeline.checks import (
+    ExtractRead,
     ExtractTotals,
     UsageTotals,
     gold_checks,
@@ -100,10 +102,10 @@ class SourceFingerprints:
 
 
 def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | None,
-                   metadata: dict[str, str] | None = None, usage_read: UsageTotals | None = None) -> BronzeResult:
+                   metadata: dict[str, str] | None = None, read: ExtractRead | None = None) -> BronzeResult:
     """Full refresh (no dealers, or no table yet), else replace only the dealers' rows: one commit,
     after migrating an old-layout bronze if there is one. The caller holds the bronze slot. A full
-    refresh's commit records `usage_read`, which its extract added up, for the start-over totals check."""
+    refresh's commit records `read`, which its extract added up, for the start-over totals check."""
     migrated = migrate_legacy(root, metadata)
     dealers = None if dealer_ids is None or not is_table(root) else sorted(set(dealer_ids))
     if dealers is not None:
@@ -117,12 +119,12 @@ def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | Non
 
     def counted() -> Iterator[pl.DataFrame]:
         """Each batch's stats as it streams past: no second read of the extract. After the last batch,
-        `usage_read` is complete; write_all_spilled commits only after it."""
+        `read` is complete; write_all_spilled commits only after it."""
         for batch in [extracted] if isinstance(extracted, pl.DataFrame) else extracted:
             partials.append(partial_dealer_stats(batch.lazy()).collect())
             yield batch
-        if usage_read is not None:
-            commit_metadata[bronze.READ_KEY] = usage_read.to_json()
+        if read is not None:
+            commit_metadata[bronze.READ_KEY] = read.to_json()
 
     write = write_all_spilled(root, counted(), commit_metadata)
     stats = finish_dealer_stats(pl.concat(partials).lazy()) if partials else {}
@@ -130,13 +132,18 @@ def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | Non
                         write.written_rows, migrated, stats=stats)
 
 
-def committed_totals(root: LakePath, version: int) -> ExtractTotals | None:
+def committed_totals(root: LakePath, version: int) -> ExtractTotals:
     """A full refresh's totals as committed at `version`: what its extract read, and what the table holds.
-    None when the commit recorded no read (not a full refresh's)."""
+    A commit that recorded no read (not a full refresh's, or an older version's) raises KeyError."""
     read = bronze.commit_metadata(root, version).get(bronze.READ_KEY)
     if read is None:
-        return None
-    return ExtractTotals(UsageTotals.from_json(read), *bronze.relevant_count(root, version))
+        raise KeyError(f"bronze version {version}'s commit records no {bronze.READ_KEY}")
+    table = bronze.scan(root, version).select(
+        pl.len(), pl.col("quantity").sum(), pl.col("amount").sum(), pl.col("usage_id").cast(pl.Int128).sum(),
+    ).collect().row(0)
+    rows, quantity, amount, id_sum = table
+    return ExtractTotals(ExtractRead.from_json(read), UsageTotals(int(rows), quantity or Decimal(0),
+                                                                  amount or Decimal(0)), int(id_sum or 0))
 
 
 def bronze_dealer_stats(root: LakePath, version: int) -> dict[int, DealerStats]:

@@ -21,7 +21,7 @@ class TickReport:
     episodes: dict[str, str] = field(default_factory=dict)  # planned partner -> its pending episode (cursor.py)
     cursor: Cursor | None = None
     cursor_saved: bool = False
-    source_seconds: float | None = None  # from asking v3 and billing until the snapshot (the cursor is read meanwhile)
+    source_seconds: float | None = None  # the v3 and billing reads for the snapshot (the first two alongside the cursor read)
     suspects: frozenset[int] = frozenset()  # dealers the rolling reconciliation found changed, re-checked here
     reconciliation_overdue_seconds: float | None = None  # how late its cycle is (None: it has not run yet)
     skipped: str | None = None  # why the tick did nothing (source down, another tick running)
