@@ -119,8 +119,8 @@ def start_probe(pool: ThreadPoolExecutor) -> Future[SourceProbe]:
     return pool.submit(contextvars.copy_context().run, probe)
 
 
-def dispose_unused_probe(probed: Future[SourceProbe]) -> None:
-    """For a tick that failed before it used its probe: close the engine the probe kept open."""
+def dispose_probe(probed: Future[SourceProbe]) -> None:
+    """Close the engine the probe opened for the candidates' queries (they reuse its connection)."""
     if not probed.cancelled() and probed.exception() is None:
         probed.result().billing.engine.dispose()
 
@@ -144,8 +144,6 @@ def take_snapshot(cursor: Cursor, requested: frozenset[str], stats_from_bronze: 
                            probe.probe_seconds, INDEX_ADVICE)
     except Exception as exc:
         raise billing.error(exc) from None
-    finally:
-        billing.engine.dispose()
     if snapshot.awaiting_bronze:
         logger.info(
             "Found usage data for %d dealer(s); bronze is re-extracted in full, so their relevant rows are"
@@ -334,11 +332,14 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
         except SourceError as exc:
             return replace(outcome, state="Failed", ok=False,
                            message=f"{RECONCILIATION_TOTALS} could not ask the source: {exc}")
-        if after is not None and totals_check(after, extracted).passed:
+        second = None if after is None else totals_check(after, extracted)
+        if second is not None and second.passed:
             result = replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
-        elif after is not None and not unexplained_by_the_source(source, after, extracted):
-            result = replace(result, blocking=False,
-                             actual=f"{result.actual} (inconclusive: the source moved during the extract)")
+        elif second is not None and not unexplained_by_the_source(source, after, extracted):
+            result = replace(second, blocking=False,
+                             actual=f"{second.actual} (inconclusive: the source moved during the extract)")
+        elif second is not None:
+            result = replace(second, actual=f"{second.actual} (asked again after the extract)")
     result = with_severity(result, settings.warn_only_checks)
     logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())
     if result.passed or not result.blocking:
@@ -432,10 +433,6 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
             stats_from_bronze = starts_over(cursor, full_refresh) and not dry_run
             reconciliation, report.reconciliation_overdue_seconds = read_reconciliation(
                 root, now, settings.reconcile_seconds, cursor)
-        except BaseException:
-            probed.add_done_callback(dispose_unused_probe)
-            raise
-        try:
             snapshot, report.source_seconds = take_snapshot(cursor, requested, stats_from_bronze, reconciliation,
                                                             probed)
             report.suspects = snapshot.suspects
@@ -443,6 +440,8 @@ def run_tick(settings: Settings, layers: Layers, dry_run: bool, requested: froze
             logger.warning("Failed to query the source, nothing submitted, cursor unchanged: %s", exc)
             report.skipped = str(exc)
             return report
+        finally:  # however the tick leaves this, once the probe has ended
+            probed.add_done_callback(dispose_probe)
 
     plan = report.plan = plan_tick(cursor, snapshot, requested, full_refresh)
     log_plan(plan)

@@ -201,7 +201,7 @@ def test_the_start_over_totals_check_compares_exact_units_and_every_part():
     assert not failed.passed and failed.describe() == (
         "reconciliation.totals FAILED: expected usage rows=4 quantity=7.5001 amount=17.7500; relevant rows=2"
         " usage_id_sum=12; relevant quantity=6.5001 amount=15.7500, got usage rows=4 quantity=7.5001"
-        " amount=17.7500; relevant rows=2 usage_id_sum=12; relevant quantity=6.5001 amount=15.7501")
+        " amount=17.7500; relevant rows=2 usage_id_sum=12; relevant quantity=6.5001 amount=15.7501 (differs: relevant money)")
     assert not checks.totals_check(source, checks.ExtractTotals(read, table, 13)).passed  # another row, same count
     other_read = checks.ExtractRead(checks.UsageTotals(4, Decimal("7.5002"), Decimal("17.75")), read.kept)
     assert not checks.totals_check(source, checks.ExtractTotals(other_read, table, 12)).passed

@@ -18,6 +18,7 @@ from usage_pipeline.detection import DealerStats
 from usage_pipeline.transforms import (
     ACTIVE_SERVICES_SCHEMA,
     AGGREGATED_SCHEMA,
+    MONEY,
     MONTHLY_BY_SERVICE_SCHEMA,
     USAGE_REPORT_SCHEMA,
 )
@@ -146,6 +147,7 @@ def reconciliation_check(expected: Mapping[int, DealerStats], actual: Mapping[in
 
 
 EXACT = Context(prec=60)  # sums of DECIMAL(18,4) over billions of rows, with no rounding
+MONEY_SUM = pl.Decimal(38, MONEY.scale)  # what a MONEY column is summed as: a sum outgrows 18 digits
 
 
 @dataclass
@@ -158,8 +160,8 @@ class UsageTotals:
 
     def add(self, frame: pl.DataFrame) -> None:
         self.rows += frame.height
-        self.quantity = EXACT.add(self.quantity, frame["quantity"].sum() or Decimal(0))
-        self.amount = EXACT.add(self.amount, frame["amount"].sum() or Decimal(0))
+        self.quantity = EXACT.add(self.quantity, frame["quantity"].cast(MONEY_SUM).sum() or Decimal(0))
+        self.amount = EXACT.add(self.amount, frame["amount"].cast(MONEY_SUM).sum() or Decimal(0))
 
     def to_json(self) -> dict[str, object]:
         return {"rows": self.rows, "quantity": str(self.quantity), "amount": str(self.amount)}
@@ -208,34 +210,40 @@ class ExtractTotals:
     table_id_sum: int
 
 
-def totals_parts(source: SourceTotals, extract: ExtractTotals) -> list[tuple[str, str]]:
-    """(expected, actual) of each thing the start-over check compares: every usage row, as the source
+def totals_parts(source: SourceTotals, extract: ExtractTotals) -> list[tuple[str, str, str]]:
+    """(name, expected, actual) of each thing the start-over check compares: every usage row, as the source
     scans it and as the extract read it; the relevant rows, as the source counts them and as the table
     holds them; their money, as the extract read it and as the table holds it."""
     source_usage, read = source.usage, extract.read.every
     kept, table = extract.read.kept, extract.table
     return [
-        (f"usage {totals_text(source_usage.rows, source_usage.quantity, source_usage.amount)}",
+        ("usage read",
+         f"usage {totals_text(source_usage.rows, source_usage.quantity, source_usage.amount)}",
          f"usage {totals_text(read.rows, read.quantity, read.amount)}"),
-        (f"relevant rows={source.relevant_rows} usage_id_sum={source.relevant_id_sum}",
+        ("relevant rows",
+         f"relevant rows={source.relevant_rows} usage_id_sum={source.relevant_id_sum}",
          f"relevant rows={table.rows} usage_id_sum={extract.table_id_sum}"),
-        (f"relevant quantity={_money(kept.quantity)} amount={_money(kept.amount)}",
+        ("relevant money",
+         f"relevant quantity={_money(kept.quantity)} amount={_money(kept.amount)}",
          f"relevant quantity={_money(table.quantity)} amount={_money(table.amount)}"),
     ]
 
 
 def totals_check(source: SourceTotals, extract: ExtractTotals) -> CheckResult:
     """A lost or doubled range, a money value changed as it was read, a relevant row the join or the write
-    dropped or added, or a kept row's money changed before it was written fails it."""
+    dropped or added, or a kept row's money changed before it was written fails it; `actual` names the
+    parts that differ."""
     parts = totals_parts(source, extract)
-    return compare(RECONCILIATION_TOTALS, "; ".join(e for e, _ in parts), "; ".join(a for _, a in parts))
+    differing = [name for name, expected, actual in parts if expected != actual]
+    actual = "; ".join(a for _, _, a in parts) + (f" (differs: {', '.join(differing)})" if differing else "")
+    return CheckResult(RECONCILIATION_TOTALS, "; ".join(e for _, e, _ in parts), actual, not differing)
 
 
 def unexplained_by_the_source(before: SourceTotals, after: SourceTotals, extract: ExtractTotals) -> bool:
     """Whether a part of the extract differs from the source's second answer though the source's answer to
     that part did not move between the two: the extract is wrong, not the source busy meanwhile."""
     return any(expected_after != actual and expected_before == expected_after
-               for (expected_before, _), (expected_after, actual)
+               for (_, expected_before, _), (_, expected_after, actual)
                in zip(totals_parts(before, extract), totals_parts(after, extract), strict=True))
 
 

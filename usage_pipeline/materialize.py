@@ -14,6 +14,7 @@ from usage_pipeline import bronze
 from usage_pipeline.bronze import is_table, migrate_legacy, replace_dealers, write_all_spilled
 from usage_pipeline.check_results import RECONCILIATION_SOURCE, CheckResult, SourceMoved, as_json, gate
 from usage_pipeline.checks import (
+    MONEY_SUM,
     ExtractRead,
     ExtractTotals,
     UsageTotals,
@@ -134,12 +135,13 @@ def refresh_bronze(root: LakePath, extract: Extract, dealer_ids: list[int] | Non
 
 def committed_totals(root: LakePath, version: int) -> ExtractTotals:
     """A full refresh's totals as committed at `version`: what its extract read, and what the table holds.
-    A commit that recorded no read (not a full refresh's, or an older version's) raises KeyError."""
+    A commit that recorded no read (not a full refresh's, or an older version's) raises LookupError."""
     read = bronze.commit_metadata(root, version).get(bronze.READ_KEY)
     if read is None:
-        raise KeyError(f"bronze version {version}'s commit records no {bronze.READ_KEY}")
+        raise LookupError(f"bronze version {version}'s commit records no {bronze.READ_KEY}")
     table = bronze.scan(root, version).select(
-        pl.len(), pl.col("quantity").sum(), pl.col("amount").sum(), pl.col("usage_id").cast(pl.Int128).sum(),
+        pl.len(), *(pl.col(c).cast(MONEY_SUM).sum() for c in ("quantity", "amount")),
+        pl.col("usage_id").cast(pl.Int128).sum(),
     ).collect().row(0)
     rows, quantity, amount, id_sum = table
     return ExtractTotals(ExtractRead.from_json(read), UsageTotals(int(rows), quantity or Decimal(0),
