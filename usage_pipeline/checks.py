@@ -173,8 +173,9 @@ class UsageTotals:
 
 @dataclass
 class ExtractRead:
-    """What a full extract read, range by range: every `usage` row, and the relevant ones it kept (before
-    anything else touched them). Its bronze commit records it (`bronze.READ_KEY`)."""
+    """What a full extract read, range by range: every `usage` row, and the relevant ones it kept as the
+    join gave them (before they were cast, spilled and written). Its bronze commit records it
+    (`bronze.READ_KEY`)."""
 
     every: UsageTotals = field(default_factory=UsageTotals)
     kept: UsageTotals = field(default_factory=UsageTotals)
