@@ -11,7 +11,9 @@ real first tick of the project's flow writes to it (bronze, 200 silver and 200 g
 the state file, the cursor block, the artifacts). Then:
 
 1. no-change ticks of the real flow, in this process, with the time of each of their parts
-   (the tick's own functions, wrapped with a timer);
+   (the tick's own functions, wrapped with a timer); then one-dealer ticks (one dealer's usage
+   touched in the source before each), which also save both documents, with the parts of that
+   save;
 2. the bookkeeping on its own, medians of `--reps`: the state document serialised and parsed,
    written and read as the state file; the cursor block loaded and saved through Prefect; each
    artifact the tick creates built and created (freshness at 200 partners, the first tick's runs
@@ -53,6 +55,10 @@ UI_TARGET_SECONDS = 5.0
 TICK_PARTS = ("clean_up_after_dead_processes", "read_cursor", "take_snapshot", "plan_tick", "advance_cursor",
               "save_cursor")
 FLOW_PARTS = ("run_tick", "emit_partition_events", "publish_tick_artifacts", "emit_tick_event", "ensure_limit")
+# What a one-dealer tick's `save_cursor` does: both documents built, the state file written, the block read
+# back (also once at the tick's start: the median is one read) and updated.
+SAVE_PARTS = ("Cursor.state_document", "write_state_document", "Cursor.block_value", "read_cursor_document",
+              "write_cursor_value")
 
 
 def median_time(action: Callable[[], object], reps: int) -> tuple[float, object]:
@@ -152,6 +158,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path, url: str) -> list[tuple[str, str, str, str]]:
+    import sqlalchemy as sa
     from prefect.artifacts import create_table_artifact
     from prefect.client.orchestration import get_client
 
@@ -159,11 +166,13 @@ def run(args: argparse.Namespace, work: Path, url: str) -> list[tuple[str, str, 
     import orchestration.tick as tick_module
     from blocks.usage_cursor import CURSOR_DOCUMENT, UsageCursor
     from orchestration import report as report_module
+    from orchestration import runtime
     from orchestration.events import freshness_lags
     from orchestration.runtime import read_cursor_value, write_cursor_value
-    from orchestration.setup import run_setup
+    from orchestration.setup import BILLING_BLOCK, DEMO_FILES, DEMO_SOURCE_DIR, run_setup
     from tests.pipeline_helpers import RestApi, tick
-    from usage_pipeline.cursor import parse_cursor, utc_now
+    from usage_pipeline import demo_data
+    from usage_pipeline.cursor import Cursor, parse_cursor, utc_now
     from usage_pipeline.lake import read_state_document, state_path, write_state_document
     from usage_pipeline.settings import load_settings
 
@@ -181,31 +190,53 @@ def run(args: argparse.Namespace, work: Path, url: str) -> list[tuple[str, str, 
     out.append(("first tick (bronze + every partition), for scale", "", f"{first_seconds:.1f}",
                 f"{state.message}; {dealers:,} dealers, {made['usage_rows']:,} usage rows"))
 
-    # 1. No-change ticks, each part timed.
+    # 1. No-change ticks, then one-dealer ticks, each part timed.
     timer = PhaseTimer()
     for name in TICK_PARTS:
         timer.wrap(tick_module, name)
     timer.wrap(tick_module.bronze, "status", "bronze.status")
     for name in FLOW_PARTS:
         timer.wrap(detection_flow, name)
-    walls = []
-    for _ in range(args.ticks):
-        started = time.perf_counter()
-        state, _ = tick()
-        walls.append(time.perf_counter() - started)
-        if state.message != "no changes":
-            raise RuntimeError(f"a no-change tick said {state.message!r}")
-    tick_wall = statistics.median(walls)
-    phase = {name: statistics.median(values) for name, values in timer.seconds.items()}
-    out.append(("**no-change tick**, flow call in process (wall)", "", f"{tick_wall:.3f}",
-                f"median of {args.ticks}; runs {len(walls)}: {', '.join(f'{w:.2f}' for w in walls)}"))
-    for name in (FLOW_PARTS[0], *TICK_PARTS, "bronze.status", *FLOW_PARTS[1:]):
-        out.append((f"  tick part `{name}`", "", f"{phase.get(name, 0):.3f}",
-                    f"{100 * phase.get(name, 0) / tick_wall:.0f} % of the tick"))
+    for name in ("state_document", "block_value"):
+        timer.wrap(Cursor, name, f"Cursor.{name}")
+    timer.wrap(tick_module, "write_state_document")
+    timer.wrap(tick_module, "write_cursor_value")
+    timer.wrap(runtime, "read_cursor_document")
+
+    def timed_ticks(label: str, expected: str, before_each: Callable[[], object]) -> tuple[float, dict[str, float]]:
+        timer.seconds.clear()
+        walls = []
+        for _ in range(args.ticks):
+            before_each()
+            started = time.perf_counter()
+            state, _ = tick()
+            walls.append(time.perf_counter() - started)
+            if state.message != expected:
+                raise RuntimeError(f"a {label} tick said {state.message!r}")
+        tick_wall = statistics.median(walls)
+        phase = {name: statistics.median(values) for name, values in timer.seconds.items()}
+        out.append((f"**{label} tick**, flow call in process (wall)", "", f"{tick_wall:.3f}",
+                    f"median of {args.ticks}; runs {len(walls)}: {fmt(walls)}"))
+        for name in (FLOW_PARTS[0], *TICK_PARTS, "bronze.status", *FLOW_PARTS[1:]):
+            out.append((f"  tick part `{name}`", "", f"{phase.get(name, 0):.3f}",
+                        f"{100 * phase.get(name, 0) / tick_wall:.0f} % of the tick"))
+        return tick_wall, phase
+
+    tick_wall, phase = timed_ticks("no-change", "no changes", lambda: None)
     bookkeeping = sum(phase.get(n, 0) for n in ("read_cursor", "advance_cursor", "save_cursor",
                                                  "publish_tick_artifacts", "emit_tick_event"))
     out.append(("  **bookkeeping parts together** (read_cursor + advance_cursor + save_cursor + artifacts"
                 " + tick event)", "", f"{bookkeeping:.3f}", f"{100 * bookkeeping / tick_wall:.0f} % of the tick"))
+
+    billing = sa.create_engine(f"sqlite:///{(DEMO_SOURCE_DIR / DEMO_FILES[BILLING_BLOCK]).resolve()}")
+    dealer = next(d for d, seen in sorted(first.cursor.dealer_seen.items()) if seen.relevant and seen.partner)
+    tick_wall, phase = timed_ticks("one-dealer", "1 dealer(s) -> 1 partition(s), 1/1 ok",
+                                   lambda: demo_data.touch_dealer(billing, dealer, utc_now()))
+    billing.dispose()
+    for name in SAVE_PARTS:
+        out.append((f"    part of `save_cursor`: `{name}`", "", f"{phase.get(name, 0):.3f}",
+                    f"{100 * phase.get(name, 0) / tick_wall:.0f} % of the tick" + (
+                        "; median of its two calls a tick (start and save)" if name == "read_cursor_document" else "")))
 
     # 2. The bookkeeping on its own.
     root = settings.lake_path

@@ -42,7 +42,7 @@ from orchestration.runtime import (
 from orchestration.setup import BILLING_BLOCK
 from usage_pipeline import bronze
 from usage_pipeline.check_results import RECONCILIATION_TOTALS, CheckResult, with_severity
-from usage_pipeline.checks import SourceTotals, totals_check, unexplained_by_the_source
+from usage_pipeline.checks import ExtractTotals, SourceTotals, totals_check, unexplained_by_the_source
 from usage_pipeline.cursor import Cursor, format_timestamp, is_current_layout, parse_cursor
 from usage_pipeline.detection import (
     PartitionOutcome,
@@ -314,10 +314,8 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
                          totals_asked: Future[SourceTotals]) -> RunOutcome:
     """A start-over tick's extract (bronze at `version`) against the source's totals asked as it started
     (its dealers' fingerprints come from the extract itself), or asked again after it. A mismatch fails
-    bronze, so no partition is published. Where only parts that the source's answer moved on differ, the
-    source changed during the extract and the totals cannot tell: a warning, not a failure (the ticks
-    after it find each dealer the extract missed by its fingerprint, and rebuild it). Deferring instead
-    would keep a busy source from ever finishing a first tick."""
+    bronze, so no partition is published; so does a source that does not answer, unless
+    USAGE_CHECKS_WARN_ONLY names the check (a source too slow to answer must not stop the reports)."""
     logger = get_run_logger()
     try:
         extracted = committed_totals(settings.lake_path, version)
@@ -326,25 +324,36 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
                              f"unreadable: {type(exc).__name__}: {exc}", False)
     else:
         try:
-            source = totals_asked.result()
-            result = totals_check(source, extracted)
-            after = None if result.passed else query_source(BILLING_BLOCK, source_totals)
+            result = compare_with_the_source(totals_asked.result(), extracted)
         except SourceError as exc:
-            return replace(outcome, state="Failed", ok=False,
-                           message=f"{RECONCILIATION_TOTALS} could not ask the source: {exc}")
-        second = None if after is None else totals_check(after, extracted)
-        if second is not None and second.passed:
-            result = replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
-        elif second is not None and not unexplained_by_the_source(source, after, extracted):
-            result = replace(second, blocking=False,
-                             actual=f"{second.actual} (inconclusive: the source moved during the extract)")
-        elif second is not None:
-            result = replace(second, actual=f"{second.actual} (asked again after the extract)")
+            result = CheckResult(RECONCILIATION_TOTALS, "the billing source's totals", f"unanswered: {exc}", False)
     result = with_severity(result, settings.warn_only_checks)
     logger.log(logging.INFO if result.passed else logging.WARNING, "Start-over check %s", result.describe())
     if result.passed or not result.blocking:
         return replace(outcome, checks=(result,))
     return replace(outcome, state="Failed", ok=False, message=f"check failed: {result.describe()}", checks=(result,))
+
+
+def compare_with_the_source(source: SourceTotals, extracted: ExtractTotals) -> CheckResult:
+    """The extract against the source's first answer; on a mismatch, against a second answer asked now.
+    Where only parts that the source's answer moved on differ, the source changed during the extract and
+    the totals cannot tell: a warning, not a failure (the ticks after it find each dealer the extract
+    missed by its fingerprint, and rebuild it). Deferring instead would keep a busy source from ever
+    finishing a first tick. A second ask left unanswered keeps the first comparison."""
+    result = totals_check(source, extracted)
+    if result.passed:
+        return result
+    try:
+        after = query_source(BILLING_BLOCK, source_totals)
+    except SourceError as exc:
+        return replace(result, actual=f"{result.actual} (not asked again, the source did not answer: {exc})")
+    second = totals_check(after, extracted)
+    if second.passed:
+        return replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")
+    if not unexplained_by_the_source(source, after, extracted):
+        return replace(second, blocking=False,
+                       actual=f"{second.actual} (inconclusive: the source moved during the extract)")
+    return replace(second, actual=f"{second.actual} (asked again after the extract)")
 
 
 def committed_version(root: LakePath, outcome: RunOutcome) -> int:

@@ -274,6 +274,48 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
     assert usage_rows > bronze_rows  # the demo has usage outside the billing filters: both halves count
 
 
+def test_a_start_over_check_the_source_leaves_unanswered_blocks_unless_downgraded(demo, monkeypatch):
+    """The source's totals unanswered, on the first ask or on the second after a mismatch: the check fails,
+    its artifact row says why, nothing is published; USAGE_CHECKS_WARN_ONLY naming it publishes with a warning."""
+    from orchestration import report as report_module
+    from orchestration import tick as tick_module
+
+    billing, made, tick, lake = demo
+    assert tick()[0].is_completed()
+    before = {p: partner_files(lake, p) for p in made["partners"]}
+    real_query, asked = tick_module.source_totals, []
+
+    def lost_connection(conn):
+        raise sa.exc.OperationalError("SELECT ... FROM usage", {}, Exception("Lost connection to server during query"))
+
+    def busy_then_lost(conn):  # the first answer differs in the rows read; asked again, no answer
+        asked.append(conn)
+        if len(asked) > 1:
+            lost_connection(conn)
+        totals = real_query(conn)
+        return replace(totals, usage=replace(totals.usage, rows=totals.usage.rows + 1))
+
+    for query, says in ((lost_connection, "unanswered: billing-db: OperationalError"),
+                        (busy_then_lost, "(differs: usage read) (not asked again, the source did not answer:")):
+        monkeypatch.setattr(tick_module, "source_totals", query)
+        state, report = tick(full_refresh=True)
+        (check,) = report.bronze.checks
+        assert state.is_failed() and not check.passed and check.blocking, state.message
+        assert says in check.actual and "Lost connection to server during query" in check.actual, check
+        (row,) = [r for r in report_module.check_rows(report) if r["layer"] == "bronze"]
+        assert (row["check"], row["passed"], row["severity"]) == ("reconciliation.totals", False, "blocking")
+        assert {p: partner_files(lake, p) for p in made["partners"]} == before
+    assert len(asked) == 2
+
+    monkeypatch.setenv("USAGE_CHECKS_WARN_ONLY", "reconciliation.totals")
+    monkeypatch.setattr(tick_module, "source_totals", lost_connection)
+    state, report = tick(full_refresh=True)
+    (check,) = report.bronze.checks
+    assert state.is_completed() and not check.passed and not check.blocking, state.message
+    assert check.actual.startswith("unanswered: ")
+    assert all(partner_files(lake, p) != before[p] for p in made["partners"])
+
+
 def test_each_part_of_the_start_over_check_fails_the_tick_that_breaks_it(demo, monkeypatch):
     """Real breaks, one at a time, each on a full_refresh tick: no partition is published."""
     from orchestration import tick as tick_module
