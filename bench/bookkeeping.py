@@ -50,15 +50,20 @@ from orchestration import local_prefect  # noqa: E402 (imports no Prefect: the s
 warnings.filterwarnings("ignore", "Artifact creation outside of a flow", FutureWarning)  # the bench creates some
 
 UI_TARGET_SECONDS = 5.0
-# What a no-change tick is timed by: functions of orchestration/tick.py, then of the flow module (its
-# `run_tick` first, which holds the others).
+# What a tick is timed by: functions of orchestration/tick.py, then of the flow module (its `run_tick`
+# first, which holds the others).
 TICK_PARTS = ("clean_up_after_dead_processes", "read_cursor", "take_snapshot", "plan_tick", "advance_cursor",
               "save_cursor")
 FLOW_PARTS = ("run_tick", "emit_partition_events", "publish_tick_artifacts", "emit_tick_event", "ensure_limit")
-# What a one-dealer tick's `save_cursor` does: both documents built, the state file written, the block read
-# back (also once at the tick's start: the median is one read) and updated.
-SAVE_PARTS = ("Cursor.state_document", "write_state_document", "Cursor.block_value", "read_cursor_document",
-              "write_cursor_value")
+# What a one-dealer tick's `save_cursor` does, by timed name. The block is read twice a tick (at its start
+# and inside `write_cursor_value`), so its row is the median of both and overlaps that one's.
+SAVE_PARTS = {
+    "Cursor.state_document": "in `save_cursor`: the state document built",
+    "write_state_document": "in `save_cursor`: the state file written",
+    "Cursor.block_value": "in `save_cursor`: the block value built",
+    "write_cursor_value": "in `save_cursor`: the block read back, compared and updated",
+    "read_cursor_document": "of which one read of the block (median of the tick's two)",
+}
 
 
 def median_time(action: Callable[[], object], reps: int) -> tuple[float, object]:
@@ -89,7 +94,8 @@ def prefect_server(kind: str, home: Path) -> Iterator[str]:
 
 
 class PhaseTimer:
-    """Wraps module functions so each call's wall time is recorded under a name (last call wins per tick)."""
+    """Wraps functions of a module or methods of a class so each call's wall time is recorded under a name
+    (every call: a part called twice a tick has two times a tick)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = {}
@@ -135,7 +141,7 @@ def main() -> None:
     parser.add_argument("--partners", type=int, default=200)
     parser.add_argument("--dealers-per-partner", type=int, default=100)
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each in-process measurement")
-    parser.add_argument("--ticks", type=int, default=3, help="no-change ticks to time")
+    parser.add_argument("--ticks", type=int, default=3, help="no-change ticks to time, then as many one-dealer ticks")
     parser.add_argument("--ui-reps", type=int, default=3, help="repetitions of each browser measurement")
     parser.add_argument("--no-ui", action="store_true", help="skip the browser measurements")
     args = parser.parse_args()
@@ -203,7 +209,8 @@ def run(args: argparse.Namespace, work: Path, url: str) -> list[tuple[str, str, 
     timer.wrap(tick_module, "write_cursor_value")
     timer.wrap(runtime, "read_cursor_document")
 
-    def timed_ticks(label: str, expected: str, before_each: Callable[[], object]) -> tuple[float, dict[str, float]]:
+    def timed_ticks(label: str, expected: str, before_each: Callable[[], object]) -> tuple[float, dict, object]:
+        """`args.ticks` ticks with their parts' rows; the median wall, the parts' medians, the last tick's state."""
         timer.seconds.clear()
         walls = []
         for _ in range(args.ticks):
@@ -220,9 +227,9 @@ def run(args: argparse.Namespace, work: Path, url: str) -> list[tuple[str, str, 
         for name in (FLOW_PARTS[0], *TICK_PARTS, "bronze.status", *FLOW_PARTS[1:]):
             out.append((f"  tick part `{name}`", "", f"{phase.get(name, 0):.3f}",
                         f"{100 * phase.get(name, 0) / tick_wall:.0f} % of the tick"))
-        return tick_wall, phase
+        return tick_wall, phase, state
 
-    tick_wall, phase = timed_ticks("no-change", "no changes", lambda: None)
+    tick_wall, phase, _ = timed_ticks("no-change", "no changes", lambda: None)
     bookkeeping = sum(phase.get(n, 0) for n in ("read_cursor", "advance_cursor", "save_cursor",
                                                  "publish_tick_artifacts", "emit_tick_event"))
     out.append(("  **bookkeeping parts together** (read_cursor + advance_cursor + save_cursor + artifacts"
@@ -230,13 +237,12 @@ def run(args: argparse.Namespace, work: Path, url: str) -> list[tuple[str, str, 
 
     billing = sa.create_engine(f"sqlite:///{(DEMO_SOURCE_DIR / DEMO_FILES[BILLING_BLOCK]).resolve()}")
     dealer = next(d for d, seen in sorted(first.cursor.dealer_seen.items()) if seen.relevant and seen.partner)
-    tick_wall, phase = timed_ticks("one-dealer", "1 dealer(s) -> 1 partition(s), 1/1 ok",
+    tick_wall, phase, state = timed_ticks("one-dealer", "1 dealer(s) -> 1 partition(s), 1/1 ok",
                                    lambda: demo_data.touch_dealer(billing, dealer, utc_now()))
     billing.dispose()
-    for name in SAVE_PARTS:
-        out.append((f"    part of `save_cursor`: `{name}`", "", f"{phase.get(name, 0):.3f}",
-                    f"{100 * phase.get(name, 0) / tick_wall:.0f} % of the tick" + (
-                        "; median of its two calls a tick (start and save)" if name == "read_cursor_document" else "")))
+    for name, what in SAVE_PARTS.items():
+        out.append((f"    {what} (`{name}`)", "", f"{phase.get(name, 0):.3f}",
+                    f"{100 * phase.get(name, 0) / tick_wall:.0f} % of the tick"))
 
     # 2. The bookkeeping on its own.
     root = settings.lake_path

@@ -313,9 +313,9 @@ def run_layers(plan: Plan, snapshot: SourceSnapshot, layers: Layers, settings: S
 def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
                          totals_asked: Future[SourceTotals]) -> RunOutcome:
     """A start-over tick's extract (bronze at `version`) against the source's totals asked as it started
-    (its dealers' fingerprints come from the extract itself), or asked again after it. A mismatch fails
-    bronze, so no partition is published; so does a source that does not answer, unless
-    USAGE_CHECKS_WARN_ONLY names the check (a source too slow to answer must not stop the reports)."""
+    (its dealers' fingerprints come from the extract itself), or asked again after it. A mismatch, or a
+    source that does not answer, fails bronze, so no partition is published; USAGE_CHECKS_WARN_ONLY
+    naming the check makes either a warning."""
     logger = get_run_logger()
     try:
         extracted = committed_totals(settings.lake_path, version)
@@ -324,7 +324,7 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
                              f"unreadable: {type(exc).__name__}: {exc}", False)
     else:
         try:
-            result = compare_with_the_source(totals_asked.result(), extracted)
+            result = compare_asking_again_on_a_mismatch(totals_asked.result(), extracted)
         except SourceError as exc:
             result = CheckResult(RECONCILIATION_TOTALS, "the billing source's totals", f"unanswered: {exc}", False)
     result = with_severity(result, settings.warn_only_checks)
@@ -334,19 +334,20 @@ def check_extract_totals(settings: Settings, outcome: RunOutcome, version: int,
     return replace(outcome, state="Failed", ok=False, message=f"check failed: {result.describe()}", checks=(result,))
 
 
-def compare_with_the_source(source: SourceTotals, extracted: ExtractTotals) -> CheckResult:
-    """The extract against the source's first answer; on a mismatch, against a second answer asked now.
-    Where only parts that the source's answer moved on differ, the source changed during the extract and
-    the totals cannot tell: a warning, not a failure (the ticks after it find each dealer the extract
-    missed by its fingerprint, and rebuild it). Deferring instead would keep a busy source from ever
-    finishing a first tick. A second ask left unanswered keeps the first comparison."""
+def compare_asking_again_on_a_mismatch(source: SourceTotals, extracted: ExtractTotals) -> CheckResult:
+    """The extract against the source's first answer; on a mismatch, the source is asked again (a query as
+    long as the first) and the extract compared with that answer. Where only parts that the source's
+    answer moved on differ, the source changed during the extract and the totals cannot tell: a warning,
+    not a failure (the ticks after it find each dealer the extract missed by its fingerprint, and rebuild
+    it). Deferring instead would keep a busy source from ever finishing a first tick. A second ask left
+    unanswered keeps the first comparison."""
     result = totals_check(source, extracted)
     if result.passed:
         return result
     try:
         after = query_source(BILLING_BLOCK, source_totals)
     except SourceError as exc:
-        return replace(result, actual=f"{result.actual} (not asked again, the source did not answer: {exc})")
+        return replace(result, actual=f"{result.actual} (asked again, no answer: {exc})")
     second = totals_check(after, extracted)
     if second.passed:
         return replace(result, passed=True, actual=f"{result.actual} (as the source after the extract)")

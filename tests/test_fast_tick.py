@@ -274,7 +274,7 @@ def test_a_start_over_tick_checks_its_extract_against_the_source_totals(demo, mo
     assert usage_rows > bronze_rows  # the demo has usage outside the billing filters: both halves count
 
 
-def test_a_start_over_check_the_source_leaves_unanswered_blocks_unless_downgraded(demo, monkeypatch):
+def test_a_start_over_check_unanswered_by_the_source_blocks_unless_downgraded(demo, monkeypatch):
     """The source's totals unanswered, on the first ask or on the second after a mismatch: the check fails,
     its artifact row says why, nothing is published; USAGE_CHECKS_WARN_ONLY naming it publishes with a warning."""
     from orchestration import report as report_module
@@ -296,12 +296,14 @@ def test_a_start_over_check_the_source_leaves_unanswered_blocks_unless_downgrade
         return replace(totals, usage=replace(totals.usage, rows=totals.usage.rows + 1))
 
     for query, says in ((lost_connection, "unanswered: billing-db: OperationalError"),
-                        (busy_then_lost, "(differs: usage read) (not asked again, the source did not answer:")):
+                        (busy_then_lost, "(differs: usage read) (asked again, no answer:")):
         monkeypatch.setattr(tick_module, "source_totals", query)
         state, report = tick(full_refresh=True)
         (check,) = report.bronze.checks
         assert state.is_failed() and not check.passed and check.blocking, state.message
         assert says in check.actual and "Lost connection to server during query" in check.actual, check
+        assert state.message and "reconciliation.totals FAILED" in report.bronze.message
+        assert all(o.silver.ok and o.gold.state == "NotStarted" for o in report.partitions.values())
         (row,) = [r for r in report_module.check_rows(report) if r["layer"] == "bronze"]
         assert (row["check"], row["passed"], row["severity"]) == ("reconciliation.totals", False, "blocking")
         assert {p: partner_files(lake, p) for p in made["partners"]} == before
