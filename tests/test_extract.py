@@ -23,6 +23,7 @@ from usage_pipeline.extract import (
     BRONZE_FIELDS,
     extract_relevant_usage,
     join_services,
+    service_lookup,
     source_totals,
     stream_relevant_usage,
 )
@@ -213,20 +214,32 @@ def test_the_embedded_sqlite_source_gives_exact_money_too(tmp_path):
 
 def test_join_services_matches_both_keys_and_keeps_usage_order():
     usage_rows = pl.DataFrame({
-        "usage_id": [1, 2, 3, 4, 5],
-        "customer_id": [7, 1, 7, 0, 2],
-        "service_id": [-1, 1, 2, -1, 1],  # a negative service id packs into the customer block below: must still match only itself
+        "usage_id": [1, 2, 3, 4, 5, 6, 7],
+        "customer_id": [7, 1, 7, 0, 2, None, 8],
+        # a negative service id packs into the customer block below: must still match only itself; a key
+        # beyond the last service key (8) and a NULL one match nothing
+        "service_id": [-1, 1, 2, -1, 1, 2, 1],
     })
     services = pl.DataFrame({"customer_id": [7, 7, 2, 6], "service_id": [2, -1, 1, 2**31 - 1], "service_name": ["b", "a", "c", "x"]})
-    joined = join_services(usage_rows, services)
+    joined = join_services(usage_rows, service_lookup(services))
     assert joined.rows() == [(1, 7, -1, "a"), (3, 7, 2, "b"), (5, 2, 1, "c")]
     assert joined.columns == ["usage_id", "customer_id", "service_id", "service_name"]
+    assert joined.equals(usage_rows.join(services, on=["customer_id", "service_id"], maintain_order="left"))
+    nothing = join_services(usage_rows, service_lookup(services.clear()))
+    assert nothing.is_empty() and nothing.columns == joined.columns
+
+
+def test_service_lookup_rejects_a_pair_on_two_rows():
+    """The contract's unique key: a join would repeat a usage row for each duplicate, the lookup would keep one."""
+    services = pl.DataFrame({"customer_id": [7, 2, 7], "service_id": [2, 1, 2], "service_name": ["b", "c", "b2"]})
+    with pytest.raises(BadSourceRows, match=r"service data has 1 \(customer_id, service_id\) pair\(s\) on more than one row, e.g. \[\(7, 2\)\]"):
+        service_lookup(services)
 
 
 def test_join_services_rejects_ids_beyond_int():
     usage_rows = pl.DataFrame({"usage_id": [1, 2], "customer_id": [2**31, 5], "service_id": [1, None]})
     services = pl.DataFrame({"customer_id": [0], "service_id": [1], "service_name": ["a"]})
     with pytest.raises(BadSourceRows, match=r"usage has 1 customer_id value\(s\) beyond INT, e.g. \[2147483648\]"):
-        join_services(usage_rows, services)
+        join_services(usage_rows, service_lookup(services))
     with pytest.raises(BadSourceRows, match="service data has 1 service_id"):
-        join_services(services.with_columns(usage_id=0), services.with_columns(service_id=pl.lit(-(2**31) - 1)))
+        service_lookup(services.with_columns(service_id=pl.lit(-(2**31) - 1)))

@@ -131,21 +131,45 @@ def read_frame(engine: Engine, stmt: sa.Select, connectorx_uri: str | None) -> p
         return pl.read_database(stmt, conn, infer_schema_length=None)
 
 
-def join_services(usage_rows: pl.DataFrame, services: pl.DataFrame) -> pl.DataFrame:
-    """Usage rows with their relevant service's columns (inner join on SERVICE_KEYS), in `usage` order.
+SERVICE_KEY = "_service_key"  # SERVICE_KEYS packed into one Int64: customer * 2**32 + service, one-to-one for INT ids
 
-    The two INT keys are packed into one Int64 (customer * 2**32 + service, one-to-one
-    for 32-bit ids), which joins in about half the time of a two-column key.
-    """
-    _check_int_keys(usage_rows, "usage")
-    _check_int_keys(services, "service data")
+
+def packed_service_key() -> pl.Expr:
     customer, service = (pl.col(k).cast(pl.Int32) for k in SERVICE_KEYS)
-    packed = (customer.cast(pl.Int64) * 2**32 + service).alias("_service_key")
-    return (
-        usage_rows.with_columns(packed)
-        .join(services.with_columns(packed).drop(SERVICE_KEYS), on="_service_key", how="inner", maintain_order="left")
-        .drop("_service_key")
-    )
+    return (customer.cast(pl.Int64) * 2**32 + service).alias(SERVICE_KEY)
+
+
+def service_lookup(services: pl.DataFrame) -> pl.DataFrame:
+    """The relevant service rows sorted by their packed key, once per extract, for `join_services`.
+
+    A hash join builds over every service row for every batch of usage, so a full extract's joins
+    grew with batches × service rows: with both 10× as many, 100× the time. A batch now finds its
+    rows by binary search, at a cost of its own size. The contract's unique key is checked here:
+    the search finds one row per key, where a join would repeat a usage row for each duplicate.
+    """
+    _check_int_keys(services, "service data")
+    lookup = services.select(packed_service_key(), pl.exclude(SERVICE_KEYS)).sort(SERVICE_KEY)
+    if (lookup[SERVICE_KEY].diff() == 0).any():
+        repeated = services.filter(pl.struct(SERVICE_KEYS).is_duplicated()).select(SERVICE_KEYS).unique()
+        raise BadSourceRows(f"service data has {repeated.height} (customer_id, service_id) pair(s) on more than one row,"
+                            f" e.g. {sorted(repeated.rows())[:3]}")
+    return lookup
+
+
+def join_services(usage_rows: pl.DataFrame, lookup: pl.DataFrame) -> pl.DataFrame:
+    """Usage rows with their relevant service's columns (an inner join on SERVICE_KEYS against
+    `service_lookup`), in `usage` order. The batch's keys are searched in sorted order: consecutive
+    searches then walk nearby keys, about twice as fast as in `usage` order."""
+    _check_int_keys(usage_rows, "usage")
+    if lookup.is_empty():
+        return pl.concat([usage_rows.clear(), lookup.drop(SERVICE_KEY)], how="horizontal")
+    keys, known = usage_rows.select(packed_service_key()).to_series(), lookup[SERVICE_KEY]
+    order = keys.arg_sort()  # a NULL key sorts first, is found nowhere, and its row is dropped like the join's
+    positions = known.search_sorted(keys.gather(order))
+    at = pl.zeros(keys.len(), dtype=positions.dtype, eager=True).scatter(order, positions)
+    at = at.clip(upper_bound=known.len() - 1)  # past the last key: no match
+    found = known.gather(at) == keys
+    return pl.concat([usage_rows.filter(found), lookup.drop(SERVICE_KEY)[at.filter(found)]], how="horizontal")
 
 
 def _check_int_keys(frame: pl.DataFrame, table: str) -> None:
@@ -180,7 +204,7 @@ def stream_relevant_usage(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-range") as reader:
         pending = reader.submit(read_range, None)
-        services = read_frame(engine, services_statement(), connectorx_uri)
+        services = service_lookup(read_frame(engine, services_statement(), connectorx_uri))
         while True:
             raw = pending.result()
             more = raw.height == batch_rows
