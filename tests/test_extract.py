@@ -15,6 +15,7 @@ from decimal import Decimal
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from polars.testing import assert_frame_equal
 
 from tests.conftest import BILLING_DB, PIPELINE_CONNECTORX_URI, PIPELINE_SERVER_URL, recreate_source_tables
 from tests.sourcedata import SourceBuilder
@@ -224,7 +225,7 @@ def test_join_services_matches_both_keys_and_keeps_usage_order():
     joined = join_services(usage_rows, service_lookup(services))
     assert joined.rows() == [(1, 7, -1, "a"), (3, 7, 2, "b"), (5, 2, 1, "c")]
     assert joined.columns == ["usage_id", "customer_id", "service_id", "service_name"]
-    assert joined.equals(usage_rows.join(services, on=["customer_id", "service_id"], maintain_order="left"))
+    assert_frame_equal(joined, usage_rows.join(services, on=["customer_id", "service_id"], maintain_order="left"))
     nothing = join_services(usage_rows, service_lookup(services.clear()))
     assert nothing.is_empty() and nothing.columns == joined.columns
 
