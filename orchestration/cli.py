@@ -108,15 +108,20 @@ def run_demo_ticks(billing, made: dict) -> None:
 
     usage_change_detection = load_deployment_flow(DETECTION)
 
-    def tick(title: str) -> None:
+    def tick(title: str, title_if_resumed: str | None = None) -> None:
+        """`title_if_resumed`: the title when the tick did not start over (an earlier demo run's cursor,
+        kept with its server state and lake in this directory)."""
         started = time.perf_counter()
         state = usage_change_detection(return_state=True)
         report = report_of(state)
+        if title_if_resumed and report is not None and report.plan is not None and not report.plan.first_run:
+            title = title_if_resumed
         print(f"\n== {title}: {state.name} in {time.perf_counter() - started:.1f}s: {state.message}")
         for partner, outcome in (report.partitions if report else {}).items():
             print(f"   partner {partner}: silver {outcome.silver.state}, gold {outcome.gold.state if outcome.gold else '-'}")
 
-    tick("First tick (no cursor: bronze and every partition)")
+    tick("First tick (no cursor: bronze and every partition)",
+         title_if_resumed="First tick (an earlier demo's cursor: only the dealers changed since)")
     partner, dealers = next(iter(made["partners"].items()))
     touched = demo_data.touch_dealer(billing, dealers[0], datetime.now(UTC).replace(tzinfo=None))
     print(f"\nTouched {touched} usage row(s) of dealer {dealers[0]} (partner {partner})")

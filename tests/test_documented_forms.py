@@ -2,7 +2,7 @@
 
 `prefect deployment run` with each `-p` form against the session's served deployments,
 `usage-pipeline cursor reset` with repeated flags, `usage-pipeline setup` with bad and changed
-configuration, and `usage-pipeline demo --exit` with and without `PREFECT_API_URL`, all as
+configuration, and `usage-pipeline demo --exit` with and without `PREFECT_API_URL` and run again, all as
 subprocesses of the real CLIs, checked by their exit codes, output and what they left in the
 lake, the cursor block and the Prefect server. Also the bugs the audit behind these tests found
 (a cursor reset on a block a tick tolerates, `explain` on a deployment without a schedule).
@@ -370,6 +370,28 @@ def test_demo_exit_starts_its_own_server_runs_three_ticks_and_stops_it(demos):
     assert (workdir / ".usage-pipeline" / "prefect-home").is_dir()
     with pytest.raises(httpx.ConnectError):  # stopped with the demo
         httpx.get(f"{started.group(1)}/api/health", timeout=5)
+
+
+def test_demo_exit_again_in_the_same_directory_says_so_and_rebuilds_only_what_changed(demos):
+    """The README's re-run: the demo rebuilds its source but keeps the first run's server state and lake,
+    so its first tick starts from that cursor (it says so) and finds only the dealer the first run touched."""
+    runs, _ = demos
+    workdir, _ = runs["own server"]
+    process = subprocess.Popen([str(USAGE_PIPELINE), "demo", "--exit"], cwd=workdir, env=demo_environ(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:  # timed out: the demo, and the server and serve it started
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, (stdout[-4000:], stderr[-4000:])
+    ticks = {name: (state, message) for name, state, message in TICK_LINE.findall(stdout)}
+    assert "\n== First tick (an earlier demo's cursor: only the dealers changed since): Completed" in stdout, stdout
+    assert ticks == {"First": ("Completed", "1 dealer(s) -> 1 partition(s), 1/1 ok"),
+                     "Second": ("Completed", "1 dealer(s) -> 1 partition(s), 1/1 ok"),
+                     "Third": ("Completed", "no changes")}, stdout
+    assert "(no cursor: bronze and every partition)" not in stdout
 
 
 def test_demo_exit_with_prefect_api_url_uses_that_server(demos, prefect_server):
