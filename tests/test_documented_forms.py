@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,11 +373,7 @@ def test_demo_exit_starts_its_own_server_runs_three_ticks_and_stops_it(demos):
         httpx.get(f"{started.group(1)}/api/health", timeout=5)
 
 
-def test_demo_exit_again_in_the_same_directory_says_so_and_rebuilds_only_what_changed(demos):
-    """The README's re-run: the demo rebuilds its source but keeps the first run's server state and lake,
-    so its first tick starts from that cursor (it says so) and finds only the dealer the first run touched."""
-    runs, _ = demos
-    workdir, _ = runs["own server"]
+def demo_exit(workdir: Path) -> subprocess.CompletedProcess:
     process = subprocess.Popen([str(USAGE_PIPELINE), "demo", "--exit"], cwd=workdir, env=demo_environ(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -385,13 +382,29 @@ def test_demo_exit_again_in_the_same_directory_says_so_and_rebuilds_only_what_ch
         if process.poll() is None:  # timed out: the demo, and the server and serve it started
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 0, (stdout[-4000:], stderr[-4000:])
-    ticks = {name: (state, message) for name, state, message in TICK_LINE.findall(stdout)}
-    assert "\n== First tick (an earlier demo's cursor: only the dealers changed since): Completed" in stdout, stdout
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_demo_exit_again_in_the_same_directory_says_so_and_rebuilds_only_what_changed(demos):
+    """The README's re-run: the demo rebuilds its source but keeps the first run's server state and lake,
+    so its first tick starts from that cursor (it says so) and finds only the dealer the first run touched.
+    Then the README's way to start over: `rm -r .usage-pipeline lake`, and the demo runs as new."""
+    runs, _ = demos
+    workdir, _ = runs["own server"]
+    again = demo_exit(workdir)
+    assert again.returncode == 0, (again.stdout[-4000:], again.stderr[-4000:])
+    ticks = {name: (state, message) for name, state, message in TICK_LINE.findall(again.stdout)}
+    assert "\n== First tick (an earlier demo's cursor: only the dealers changed since): Completed" in again.stdout
     assert ticks == {"First": ("Completed", "1 dealer(s) -> 1 partition(s), 1/1 ok"),
                      "Second": ("Completed", "1 dealer(s) -> 1 partition(s), 1/1 ok"),
-                     "Third": ("Completed", "no changes")}, stdout
-    assert "(no cursor: bronze and every partition)" not in stdout
+                     "Third": ("Completed", "no changes")}, again.stdout
+    assert "(no cursor: bronze and every partition)" not in again.stdout
+
+    for kept in (".usage-pipeline", "lake"):
+        shutil.rmtree(workdir / kept)
+    over = demo_exit(workdir)
+    assert "\n== First tick (no cursor: bronze and every partition): Completed" in over.stdout, over.stdout
+    assert_demo_ran(over, workdir)
 
 
 def test_demo_exit_with_prefect_api_url_uses_that_server(demos, prefect_server):
