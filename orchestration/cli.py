@@ -195,6 +195,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_prefect_server() -> None:
+    """Without PREFECT_API_URL, Prefect starts a throwaway server for one command: a `cursor reset` or a
+    `setup` there would report success and change nothing that the operator's server holds."""
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise ValueError("no Prefect server to talk to: set PREFECT_API_URL to its API (e.g."
+                         " export PREFECT_API_URL=http://127.0.0.1:4200/api; `make demo` prints its own)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="usage-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(filter(None, ["usage-pipeline", args.command, getattr(args, "cursor_command", None)]))
     try:
+        if args.command != "demo":  # the demo starts a server of its own when none is set
+            require_prefect_server()
         return args.func(args)
     except ValueError as exc:  # bad input or configuration: the message names it, nothing was changed
         print(f"{command}: {exc}", file=sys.stderr)

@@ -183,6 +183,19 @@ def test_cursor_reset_with_repeated_partner_and_dealer_flags(materialized, lake_
     assert rewritten(before, file_ids(lake_root)) == {BRONZE_TABLE} | partition_files(PARTNER_B) | partition_files(PARTNER_C)
 
 
+def test_commands_without_prefect_api_url_exit_2_and_change_nothing(materialized):
+    """Prefect would answer them from a throwaway server: a reset would say it worked and change nothing."""
+    before = read_cursor_value()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    for args in (("cursor", "reset", "--all"), ("cursor", "show"), ("setup",), ("explain", "3")):
+        result = usage_pipeline(*args, env=env)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert result.stderr.startswith(f"usage-pipeline {' '.join(args[:2] if args[0] == 'cursor' else args[:1])}:"
+                                        " no Prefect server to talk to: set PREFECT_API_URL"), result.stderr
+        assert "Cursor reset" not in result.stdout
+    assert read_cursor_value() == before
+
+
 def test_cursor_reset_reads_the_block_as_leniently_as_a_tick(materialized, lake_root):
     """Bug: the reset rebuilt the block with int(key) and dict(value), so a block a tick reads with a
     warning (a non-integer dealer key, an unparsable timestamp, the value stored as a JSON string)
