@@ -22,7 +22,14 @@ from polars.testing import assert_frame_equal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from usage_pipeline.extract import BATCH_ROWS, SERVICE_KEY, join_services, packed_service_key, service_lookup  # noqa: E402
+from usage_pipeline.extract import (  # noqa: E402
+    BATCH_ROWS,
+    SERVICE_KEY,
+    SERVICE_KEYS,
+    join_services,
+    packed_service_key,
+    service_lookup,
+)
 
 CUSTOMERS = 200_000
 SERVICES = 5
@@ -42,7 +49,7 @@ def batch(scale: int, seed: int) -> pl.DataFrame:
 
 
 def hash_join(usage_rows: pl.DataFrame, relevant: pl.DataFrame) -> pl.DataFrame:
-    keyed = relevant.select(packed_service_key(), pl.exclude("customer_id", "service_id"))
+    keyed = relevant.select(packed_service_key(), pl.exclude(SERVICE_KEYS))
     return (usage_rows.with_columns(packed_service_key())
             .join(keyed, on=SERVICE_KEY, how="inner", maintain_order="left").drop(SERVICE_KEY))
 

@@ -187,11 +187,11 @@ def test_commands_without_prefect_api_url_exit_2_and_change_nothing(materialized
     """Prefect would answer them from a throwaway server: a reset would say it worked and change nothing."""
     before = read_cursor_value()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    for args in (("cursor", "reset", "--all"), ("cursor", "show"), ("setup",), ("explain", "3")):
-        result = usage_pipeline(*args, env=env)
-        assert result.returncode == 2, (args, result.stdout, result.stderr)
-        assert result.stderr.startswith(f"usage-pipeline {' '.join(args[:2] if args[0] == 'cursor' else args[:1])}:"
-                                        " no Prefect server to talk to: set PREFECT_API_URL"), result.stderr
+    for command, arguments in (("cursor reset", ["--all"]), ("cursor show", []), ("setup", []), ("explain", ["3"])):
+        result = usage_pipeline(*command.split(), *arguments, env=env)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.startswith(f"usage-pipeline {command}: no Prefect server to talk to: set PREFECT_API_URL"), \
+            result.stderr
         assert "Cursor reset" not in result.stdout
     assert read_cursor_value() == before
 
@@ -369,10 +369,15 @@ def demos(tmp_path_factory, pipeline, prefect_server) -> Iterator[tuple[dict, st
             yield finished, url
         finally:
             for _, process in running.values():
-                if process.poll() is None:  # timed out: the demo, and the server and serve it started
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+                stop_demo_if_running(process)
             local_prefect.stop(server)
+
+
+def stop_demo_if_running(process: subprocess.Popen) -> None:
+    """A demo that timed out: it, and the server and serve it started (its own process group)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_demo_exit_starts_its_own_server_runs_three_ticks_and_stops_it(demos):
@@ -392,9 +397,7 @@ def demo_exit(workdir: Path) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = process.communicate(timeout=600)
     finally:
-        if process.poll() is None:  # timed out: the demo, and the server and serve it started
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_demo_if_running(process)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
