@@ -117,6 +117,21 @@ def test_a_full_extract_adds_up_to_the_sources_totals(billing_source, transport)
                                                                       kept["amount"].sum())
 
 
+def test_the_sources_totals_stay_exact_past_bigint(billing_source, source_engines):
+    """Eleven rows at DECIMAL(18,4)'s top add up to more 0.0001 units than a BIGINT holds: the source
+    sums the decimals, then converts the sum."""
+    builder = SourceBuilder(*source_engines)
+    top = "99999999999999.9999"
+    for n in range(11):
+        builder.usage(5, 501, 1, date(2026, 11, 1 + n), top, None, quantity=top)
+    read = ExtractRead()
+    list(stream_relevant_usage(billing_source, None, 500_000, read=read))
+    with billing_source.connect() as conn:
+        totals = source_totals(conn)
+    assert totals.usage == read.every
+    assert totals.usage.quantity * 10**4 > 2**63 and totals.usage.amount == read.every.amount
+
+
 @pytest.mark.parametrize("transport", ["connectorx", "pymysql"])
 def test_dealer_stats_from_a_full_extract_equal_the_sources(billing_source, source_engines, transport):
     """A start-over tick counts each dealer's relevant rows from its full extract instead of a second

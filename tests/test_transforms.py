@@ -18,8 +18,10 @@ from usage_pipeline.transforms import (
     active_services,
     billing_monthly_usage_by_service,
     billing_usage_aggregated,
+    in_dealer_order,
     money_from_units,
     normalize_bronze,
+    sort_by_dealer,
     usage_report,
 )
 
@@ -111,6 +113,18 @@ def test_normalize_bronze_sorts_by_dealer_then_usage_id_whatever_the_input_order
     shuffled = normalize_bronze(raw_frame(ROWS[3:] + ROWS[:3]))
     for frame in (in_usage_order, shuffled):
         assert frame.select("dealer_id", "usage_id").rows() == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 8), (2, 5), (2, 6), (2, 7)]
+
+
+def test_sort_by_dealer_returns_a_frame_already_in_order_as_it_is_and_sorts_any_other(bronze):
+    """A batch is sorted once on its way into the table: the second sort_by_dealer only checks."""
+    assert in_dealer_order(bronze) and sort_by_dealer(bronze) is bronze
+    for unordered in (bronze.reverse(), pl.concat([bronze.tail(3), bronze.head(5)])):
+        assert not in_dealer_order(unordered)
+        assert sort_by_dealer(unordered).equals(bronze)
+    repeated = pl.DataFrame({"dealer_id": [1, 1], "usage_id": [7, 7]})
+    with_null = pl.DataFrame({"dealer_id": [1, None, 2], "usage_id": [1, 2, 3]})
+    assert not in_dealer_order(repeated) and not in_dealer_order(with_null)
+    assert in_dealer_order(bronze.head(1)) and in_dealer_order(bronze.clear())
 
 
 def test_money_from_units_is_exact_over_the_whole_decimal_18_4_range():
@@ -218,6 +232,11 @@ def test_billing_usage_aggregated_by_hand(aggregated):
     assert all(r["partner_uuid"] == P for r in rows)
     assert aggregated["usage_rows"].sum() == len(ROWS)
     assert aggregated["amount"].sum() == Decimal("33.0834")
+
+
+def test_billing_usage_aggregated_is_the_same_whatever_the_order_of_its_rows(bronze, aggregated):
+    for shuffled in (bronze.reverse(), bronze.sample(fraction=1.0, shuffle=True, seed=7)):
+        assert billing_usage_aggregated(shuffled, P).equals(aggregated)
 
 
 # --- silver: billing_monthly_usage_by_service -------------------------------------------------------

@@ -32,7 +32,7 @@ from deltalake.fs import DeltaStorageHandler
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from usage_pipeline.lake import DATA_FILE, STALE_TEMP_SECONDS, LakePath, bronze_path
-from usage_pipeline.transforms import BRONZE_SCHEMA, empty
+from usage_pipeline.transforms import BRONZE_SCHEMA, empty, sort_by_dealer
 
 BUCKET_COLUMN = "dealer_bucket"
 # 32 dealers a bucket: a one-dealer tick on the bench set (1,650 rows a dealer) rewrites about
@@ -202,7 +202,7 @@ def write_all_spilled(root: LakePath, batches: Iterable[pl.DataFrame], metadata:
     with tempfile.TemporaryDirectory(prefix=SPILL_PREFIX) as spill:
         runs, counts = [], []
         for batch in batches:
-            run = with_bucket(batch).sort("dealer_id", "usage_id")
+            run = with_bucket(sort_by_dealer(batch))
             runs.append(f"{spill}/{len(runs)}.parquet")
             run.write_parquet(runs[-1], compression="lz4", row_group_size=SPILL_ROW_GROUP_ROWS, statistics=True)
             counts.append(run.group_by(BUCKET_COLUMN).len())
@@ -238,7 +238,7 @@ def replace_dealers(root: LakePath, frame: pl.DataFrame, dealers: list[int],
     buckets = sorted({bucket_of(d) for d in dealers})
     predicate = (f"{BUCKET_COLUMN} IN ({', '.join(map(str, buckets))})"
                  f" AND dealer_id IN ({', '.join(map(str, dealers))})") if dealers else "false"
-    write_deltalake(table_uri(root), with_bucket(frame.sort("dealer_id", "usage_id")).to_arrow().cast(TABLE_SCHEMA),
+    write_deltalake(table_uri(root), with_bucket(sort_by_dealer(frame)).to_arrow().cast(TABLE_SCHEMA),
                     mode="overwrite", predicate=predicate, target_file_size=TARGET_FILE_BYTES,
                     writer_properties=WRITER, commit_properties=_commit(metadata))
     return _written(root)

@@ -68,9 +68,31 @@ def _money_units_sqlite(element: money_units, compiler, **kw) -> str:
     return compiler.process(sa.case((whole, scaled), else_=sa.cast(sa.func.round(scaled), sa.BigInteger)), **kw)
 
 
+class money_units_sum(sa.sql.functions.FunctionElement):
+    """The sum of a DECIMAL(18,4) column in 0.0001 units, exact (a sum of 50 M rows can pass BIGINT)."""
+
+    type = sa.Numeric()
+    inherit_cache = True
+
+
+@compiles(money_units_sum)
+def _money_units_sum(element: money_units_sum, compiler, **kw) -> str:
+    """MySQL and MariaDB sum DECIMAL exactly; converting the sum, not each row, halves the scan's work
+    (bench/checks.py: the K = 10 scan took 17.5 s with a conversion per row, 9.3 s without)."""
+    (column,) = element.clauses
+    return compiler.process(sa.func.sum(column) * MONEY_UNITS, **kw)
+
+
+@compiles(money_units_sum, "sqlite")
+def _money_units_sum_sqlite(element: money_units_sum, compiler, **kw) -> str:
+    """SQLite sums NUMERIC as REAL: each row as exact integer units first."""
+    (column,) = element.clauses
+    return compiler.process(sa.func.sum(money_units(column)), **kw)
+
+
 def usage_totals_statement() -> sa.Select:
     """Rows, quantity and amount sums (in units) of every `usage` row: one scan, no join."""
-    money = (sa.func.sum(money_units(c)) for c in (usage.c.usage_quantity, usage.c.usage_amount))
+    money = (money_units_sum(c) for c in (usage.c.usage_quantity, usage.c.usage_amount))
     return sa.select(sa.func.count(), *money).select_from(usage)
 
 
