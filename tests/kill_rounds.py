@@ -1,8 +1,8 @@
 """Random-kill rounds: change the source at random, start a tick, SIGKILL something at a random moment,
 restart it, let the next ticks run, then check everything an operator relies on.
 
-Shared by tests/test_random_kills.py (a few rounds of each kind, in the suite) and
-bench/kill_rounds.py (30 rounds and more, reported). Each kind kills one thing a
+Run by tests/test_random_kills.py: a few rounds of each kind in the suite, more with
+USAGE_KILL_ROUNDS_PER_KIND (README, "Crash recovery, measured"). Each kind kills one thing a
 production run can lose:
 
 - `serve`: `usage-pipeline serve` and every process under it (a rebooted or OOM-killed worker);

@@ -77,8 +77,8 @@ class money_units_sum(sa.sql.functions.FunctionElement):
 
 @compiles(money_units_sum)
 def _money_units_sum(element: money_units_sum, compiler, **kw) -> str:
-    """MySQL and MariaDB sum DECIMAL exactly; converting the sum, not each row, halves the scan's work
-    (bench/checks.py: the K = 10 scan took 17.5 s with a conversion per row, 9.3 s without)."""
+    """MySQL and MariaDB sum DECIMAL exactly; converting the sum, not each row, nearly halves the scan
+    (the K = 10 scan of 50 M rows: 15.0 s of MariaDB CPU with a conversion per row, 8.3 s without)."""
     (column,) = element.clauses
     return compiler.process(sa.func.sum(column) * MONEY_UNITS, **kw)
 
