@@ -4,8 +4,8 @@ A start-over tick runs, in this order: the full refresh (`materialize.refresh_br
 `extract.stream_relevant_usage`) with the start-over totals queries (`extract.source_totals`)
 alongside it, then the totals check, then every partner's silver (staged), then every partner's
 gold, USAGE_MAX_CONCURRENT_PARTITIONS at a time (8). This script does the same in one process per
-`--code` checkout (its `usage_pipeline`), the checkouts taking turns `--rounds` times, so that a
-pair shares the machine's moment. Each phase's wall time, the process's CPU time and MariaDB's
+`--code` checkout (its `usage_pipeline`), the checkouts taking turns `--rounds` times (in the
+given order, then the reverse, and so on), so that a pair shares the machine's moment. Each phase's wall time, the process's CPU time and MariaDB's
 (from /proc), into a temporary lake:
 
     .venv/bin/python bench/first_tick_work.py --scale 10 --code /tmp/before . --rounds 2 --buffer-pool-mib 8192
@@ -22,6 +22,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import sqlalchemy as sa
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -83,19 +85,20 @@ print(json.dumps(phases))
 """
 
 
-def source_pid() -> int:
-    """MariaDB's server process, whose CPU time the source's share of each phase is."""
-    for name in ("mariadbd", "mysqld"):
-        found = subprocess.run(["pidof", name], capture_output=True, text=True).stdout.split()
-        if found:
-            return int(found[0])
-    raise SystemExit("no MariaDB server process (mariadbd or mysqld) to measure")
+def source_pid(bench: BenchSet) -> int:
+    """The bench source's server process (by its own pid file: tests may run MariaDB servers of their
+    own), whose CPU time is the source's share of each phase."""
+    engine = sa.create_engine(bench.billing_url())
+    with engine.connect() as conn:
+        pid_file = conn.exec_driver_sql("SELECT @@pid_file").scalar_one()
+    engine.dispose()
+    return int(Path(pid_file).read_text().split()[0])
 
 
 def run(code: Path, bench: BenchSet, workers: int) -> dict:
     """The child imports only `code`'s usage_pipeline (load_data would put this checkout's first)."""
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, bench.billing_url(), bench.v3_url(), bench.connectorx_uri(), str(source_pid()),
+        [sys.executable, "-c", CHILD, bench.billing_url(), bench.v3_url(), bench.connectorx_uri(), str(source_pid(bench)),
          str(workers)],
         cwd=code, env=dict(os.environ, PYTHONPATH=str(code)), capture_output=True, text=True)
     if child.returncode:
@@ -118,7 +121,7 @@ def main() -> None:
     totals: dict[Path, list[float]] = {code: [] for code in args.code}
     with buffer_pool(args.buffer_pool_mib):
         for round_ in range(1, args.rounds + 1):
-            for code in args.code:
+            for code in args.code if round_ % 2 else reversed(args.code):  # who goes first alternates
                 phases = run(code, bench, args.workers)
                 for name, p in phases.items():
                     print(f"| {code} | {round_} | {name} | {p['wall']:.1f} s | {p['cpu']:.1f} s | {p['source_cpu']:.1f} s |",

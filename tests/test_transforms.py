@@ -121,9 +121,12 @@ def test_sort_by_dealer_returns_a_frame_already_in_order_as_it_is_and_sorts_any_
     for unordered in (bronze.reverse(), pl.concat([bronze.tail(3), bronze.head(5)])):
         assert not in_dealer_order(unordered)
         assert sort_by_dealer(unordered).equals(bronze)
-    repeated = pl.DataFrame({"dealer_id": [1, 1], "usage_id": [7, 7]})
-    with_null = pl.DataFrame({"dealer_id": [1, None, 2], "usage_id": [1, 2, 3]})
-    assert not in_dealer_order(repeated) and not in_dealer_order(with_null)
+    in_usage_order = bronze.sort("usage_id")  # as a scan of `usage` gives them: the stable sort's path
+    assert not in_dealer_order(in_usage_order) and sort_by_dealer(in_usage_order).equals(bronze)
+    for dealers, ids in (([1, 1], [7, 7]), ([2, 1], [1, 2]), ([1, None, 2], [1, 2, 3]), ([1, 1], [1, None]),
+                         ([2**63 - 1, -(2**63)], [1, 2])):
+        assert not in_dealer_order(pl.DataFrame({"dealer_id": dealers, "usage_id": ids}, schema=dict.fromkeys(
+            ("dealer_id", "usage_id"), pl.Int64))), (dealers, ids)
     assert in_dealer_order(bronze.head(1)) and in_dealer_order(bronze.clear())
 
 

@@ -69,9 +69,9 @@ def _money_units_sqlite(element: money_units, compiler, **kw) -> str:
 
 
 class money_units_sum(sa.sql.functions.FunctionElement):
-    """The sum of a DECIMAL(18,4) column in 0.0001 units, exact (a sum of 50 M rows can pass BIGINT).
-    Untyped, so the driver's exact value (MySQL's DECIMAL, SQLite's integer) is not converted: a
-    Numeric would pass SQLite's through a float."""
+    """The sum of a DECIMAL(18,4) column in 0.0001 units, exact: MySQL's is a DECIMAL, past BIGINT too
+    (50 M rows can get there); SQLite's an integer, which fails with an overflow error past it.
+    Untyped, so the driver's value is not converted: a Numeric would pass SQLite's through a float."""
 
     type = sa.types.NullType()
     inherit_cache = True

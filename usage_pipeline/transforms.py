@@ -142,8 +142,8 @@ def sort_by_dealer(frame: pl.DataFrame) -> pl.DataFrame:
 
 def in_dealer_order(frame: pl.DataFrame) -> bool:
     """Strictly ascending by (dealer_id, usage_id) from row to row; a NULL between two rows breaks it."""
-    dealer_step, id_step = pl.col("dealer_id").diff(), pl.col("usage_id").diff()
-    ascending = (dealer_step > 0) | ((dealer_step == 0) & (id_step > 0))
+    dealer, usage_id = pl.col("dealer_id"), pl.col("usage_id")
+    ascending = (dealer > dealer.shift()) | ((dealer == dealer.shift()) & (usage_id > usage_id.shift()))
     return frame.select(ascending.slice(1).fill_null(False).all()).item()
 
 
