@@ -5,10 +5,11 @@ A start-over tick runs, in this order: the full refresh (`materialize.refresh_br
 alongside it, then the totals check, then every partner's silver (staged), then every partner's
 gold, USAGE_MAX_CONCURRENT_PARTITIONS at a time (8). This script does the same in one process per
 `--code` checkout (its `usage_pipeline`), the checkouts taking turns `--rounds` times (in the
-given order, then the reverse, and so on), so that a pair shares the machine's moment. Each phase's wall time, the process's CPU time and MariaDB's
-(from /proc), into a temporary lake:
+given order, then the reverse, and so on), so that a pair shares the machine's moment. It prints
+each phase's wall time, the process's CPU time and MariaDB's (from /proc); the lake is temporary:
 
-    .venv/bin/python bench/first_tick_work.py --scale 10 --code /tmp/before . --rounds 2 --buffer-pool-mib 8192
+    git worktree add /tmp/before <commit>
+    .venv/bin/python bench/first_tick_work.py --scale 10 --code /tmp/before . --rounds 4 --buffer-pool-mib 8192
 
 What it leaves out is Prefect's share, which `bench/e2e_cli.py`'s partitions floor measures.
 """
@@ -35,12 +36,14 @@ import json, os, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import sqlalchemy as sa
+import usage_pipeline
 from usage_pipeline.checks import ExtractRead, totals_check
 from usage_pipeline.extract import source_totals, stream_relevant_usage
 from usage_pipeline.materialize import build_gold, build_silver, committed_totals, refresh_bronze
 from usage_pipeline.partners import dealers_of
 from usage_pipeline.queries import dealer_directory
 
+assert Path(usage_pipeline.__file__).resolve().parent == Path.cwd().resolve() / "usage_pipeline", usage_pipeline.__file__
 billing_url, v3_url, connectorx_uri, source_pid, workers = sys.argv[1:4] + [int(a) for a in sys.argv[4:6]]
 billing, v3 = sa.create_engine(billing_url), sa.create_engine(v3_url)
 with v3.connect() as conn:
@@ -62,8 +65,6 @@ def each_partner(build):
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip(partners, pool.map(build, partners)))
 
-import usage_pipeline
-assert Path(usage_pipeline.__file__).resolve().parent == Path.cwd().resolve() / "usage_pipeline", usage_pipeline.__file__
 phases = {}
 with tempfile.TemporaryDirectory(prefix="bench-first-tick-") as lake:
     root = Path(lake)
